@@ -1,0 +1,67 @@
+"""minigun: composable, high-throughput data pipelines with a Rust runtime.
+
+    import minigun as mg
+
+    class Double(mg.Task):
+        @mg.producer
+        def numbers(self):
+            yield from range(1000)
+
+        @mg.processor(threads=4)
+        def double(self, n):
+            return n * 2
+
+        @mg.consumer
+        def show(self, n):
+            print(n)
+
+    print(Double().run().summary())
+"""
+
+from __future__ import annotations
+
+from .context import emit, trigger
+from .dsl import Task, accumulator, consumer, nested, processor, producer
+from .errors import (
+    DefinitionError,
+    MinigunError,
+    PipelineError,
+    RoutingError,
+    UnsupportedStrategy,
+    WorkerError,
+)
+from .hooks import after, after_fork, after_run, before, before_fork, before_run, on_error
+from .pipeline import Pipeline
+from .run import Run, RunResult, StageStats
+from .stage import Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DefinitionError",
+    "MinigunError",
+    "Pipeline",
+    "PipelineError",
+    "RoutingError",
+    "Run",
+    "RunResult",
+    "Stage",
+    "StageStats",
+    "Task",
+    "UnsupportedStrategy",
+    "WorkerError",
+    "accumulator",
+    "after",
+    "after_fork",
+    "after_run",
+    "before",
+    "before_fork",
+    "before_run",
+    "consumer",
+    "emit",
+    "nested",
+    "on_error",
+    "processor",
+    "producer",
+    "trigger",
+]

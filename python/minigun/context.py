@@ -1,0 +1,68 @@
+"""What user code calls from inside a running stage: ``mg.emit`` and ``mg.trigger``.
+
+``emit`` goes straight to the Rust emitter bound to the current worker thread. A forked
+child or a subinterpreter worker has no runtime; there the process-local override set by
+the worker (``set_child_emitter``) carries values back to the parent instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _minigun
+from .errors import MinigunError, RoutingError
+
+if TYPE_CHECKING:
+    from .run import Run
+
+_native_emit = _minigun.emit
+_child_emit: Callable[[Any, str | None], None] | None = None
+
+_runs_lock = threading.Lock()
+_active_runs: list[Run] = []
+
+
+def emit(value: Any, to: str | None = None) -> None:
+    """Send ``value`` to the current stage's downstream stages, or only to the one named
+    ``to`` (which must be one of them)."""
+    if _child_emit is not None:
+        _child_emit(value, to)
+        return
+    try:
+        _native_emit(value, to)
+    except RuntimeError as exc:
+        if "outside a running stage" in str(exc):
+            raise MinigunError(str(exc)) from None
+        raise
+
+
+def set_child_emitter(fn: Callable[[Any, str | None], None] | None) -> None:
+    """In a worker process: route ``emit`` through ``fn`` (``None`` restores the default)."""
+    global _child_emit
+    _child_emit = fn
+
+
+def register_run(run: Run) -> None:
+    with _runs_lock:
+        _active_runs.append(run)
+
+
+def unregister_run(run: Run) -> None:
+    with _runs_lock:
+        if run in _active_runs:
+            _active_runs.remove(run)
+
+
+def trigger(name: str) -> None:
+    """Start the ``auto_start=False`` producer called ``name`` in the running pipeline."""
+    with _runs_lock:
+        runs = list(_active_runs)
+    for run in reversed(runs):
+        if run.has_stage(name):
+            run.trigger(name)
+            return
+    if not runs:
+        raise RoutingError(f"trigger({name!r}) was called while no pipeline is running")
+    raise RoutingError(f"trigger({name!r}): no stage named {name!r} in the running pipeline")

@@ -1,0 +1,203 @@
+"""The class DSL: ``mg.Task`` and the stage decorators (API.md section 1).
+
+The decorators turn methods into :class:`~minigun.stage.FunctionStage` objects; the Task
+collects them in definition order when the class is created (base classes' stages first,
+a redefined method replacing its base stage in place) and builds one
+:class:`~minigun.pipeline.Pipeline` per class from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import config as _config
+from . import hooks as _hooks
+from .context import emit as _emit
+from .context import trigger as _trigger
+from .errors import DefinitionError
+from .pipeline import Pipeline
+from .stage import ACCUMULATOR, PRODUCER, PROCESSOR, FunctionStage, NestedStage, Stage
+
+if TYPE_CHECKING:
+    from .run import Run, RunResult
+
+
+def _decorator(kind: str, doc: str) -> Callable[..., Any]:
+    def decorator(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        if fn is None:
+            return lambda f: FunctionStage(kind, f, takes_self=True, **options)
+        return FunctionStage(kind, fn, takes_self=True, **options)
+
+    decorator.__name__ = kind
+    decorator.__doc__ = doc
+    return decorator
+
+
+producer = _decorator(PRODUCER, "A stage that makes items: ``def users(self): yield ...``.")
+processor = _decorator(
+    PROCESSOR, "A stage that handles one item; a non-None return value is emitted."
+)
+consumer = _decorator(
+    PROCESSOR, "The same as ``processor``; the name says the stage ends a branch."
+)
+
+
+def accumulator(fn: Callable[..., Any] | str | None = None, /, **options: Any) -> Any:
+    """A stage that collects items into lists of up to ``max_size`` (per ``key=``).
+
+    ``@mg.accumulator(max_size=500)`` above a method gives the batch to the method;
+    ``batch = mg.accumulator("batch", max_size=500)`` as a class attribute emits each batch.
+    """
+    if isinstance(fn, str):
+        options["name"] = fn
+        fn = None
+    if fn is not None:
+        return FunctionStage(ACCUMULATOR, fn, takes_self=True, **options)
+    stage = FunctionStage(ACCUMULATOR, None, takes_self=True, **options)
+    stage._auto_named = options.get("name") is None
+    return stage
+
+
+def nested(target: Any, *, name: str | None = None, **options: Any) -> NestedStage:
+    """Use another Task (class or instance) as one stage of this Task."""
+    return NestedStage(target, name=name, **options)
+
+
+class _HybridMethod:
+    """A method that works on the class and on instances (``Task.to_mermaid()``)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        return self.fn.__get__(owner if instance is None else instance, owner)
+
+
+class _ClassProperty:
+    def __init__(self, fn: Callable[[type], Any]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return self.fn(owner)
+
+
+def task_settings(cls: type, owner: Any) -> dict[str, Any]:
+    """The settings a Task class (or its instance ``owner``) sets itself, as attributes."""
+    found: dict[str, Any] = {}
+    names = list(_config.DEFAULTS) + list(_config.ALIASES)
+    for klass in reversed(cls.__mro__):
+        if klass in (Task, object):
+            continue
+        for name in names:
+            if name in klass.__dict__:
+                found[_config.ALIASES.get(name, name)] = klass.__dict__[name]
+    if owner is not None:
+        for name in names:
+            if name in getattr(owner, "__dict__", {}):
+                found[_config.ALIASES.get(name, name)] = owner.__dict__[name]
+    return _config.normalize(found, f"Task {cls.__name__}")
+
+
+class Task:
+    """Base class of a job defined with the class DSL::
+
+        class Double(mg.Task):
+            @mg.producer
+            def numbers(self):
+                yield from range(10)
+
+            @mg.processor(threads=4)
+            def double(self, n):
+                return n * 2
+
+        Double().run()
+    """
+
+    _minigun_members: dict[str, Stage] = {}
+    _minigun_hooks: list[_hooks.Hook] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        members: dict[str, Stage] = {}
+        hooks = _hooks.HookSet()
+        for base in reversed(cls.__mro__[1:]):
+            if isinstance(base, type) and issubclass(base, Task) and base is not Task:
+                members.update(base.__dict__.get("_minigun_members", {}))
+                for hook in base.__dict__.get("_minigun_hooks", []):
+                    hooks.add(hook)
+        for attr, value in list(cls.__dict__.items()):
+            if isinstance(value, Stage):
+                if value.name is None:
+                    value.name = attr
+                members[attr] = value
+            elif attr in members and callable(value):
+                base_stage = members[attr]
+                if not isinstance(base_stage, FunctionStage):
+                    raise DefinitionError(
+                        f"{cls.__name__}.{attr} replaces the {base_stage.kind} stage "
+                        f"{base_stage.name!r} with a plain method; only function stages can "
+                        "be overridden that way"
+                    )
+                stage = base_stage.with_body(value)
+                members[attr] = stage
+                setattr(cls, attr, stage)
+        for hook in _hooks.collect(dict(cls.__dict__)):
+            hooks.add(hook)
+        seen: dict[str, str] = {}
+        for attr, stage in members.items():
+            if stage.name in seen:
+                raise DefinitionError(
+                    f"{cls.__name__} has two stages named {stage.name!r} ({seen[stage.name]} "
+                    f"and {attr}); give one of them another name= (two unnamed lambdas "
+                    "collide: name them)"
+                )
+            seen[stage.name] = attr
+        cls._minigun_members = members
+        cls._minigun_hooks = hooks.all()
+        _config.normalize(task_settings(cls, None), f"Task {cls.__name__}")
+
+    @_ClassProperty
+    def root_pipeline(cls) -> Pipeline:  # noqa: N805 - a class property
+        """The :class:`Pipeline` this Task class builds."""
+        cached = cls.__dict__.get("_minigun_pipeline")
+        if cached is None:
+            cached = Pipeline(cls.__name__)
+            cached.stages = list(cls._minigun_members.values())
+            cached.hooks = _hooks.HookSet(list(cls._minigun_hooks))
+            cached.task_class = cls
+            type.__setattr__(cls, "_minigun_pipeline", cached)
+        return cached
+
+    def run(self, **options: Any) -> RunResult:
+        """Run the job to completion and return its :class:`RunResult`. Keyword options
+        override the Task's limits for this run (``run(max_threads=8)``)."""
+        from .run import Run  # noqa: PLC0415
+
+        return Run(type(self).root_pipeline, self, options).run()
+
+    def start(self, **options: Any) -> Run:
+        """Start the job in the background and return its :class:`Run`."""
+        from .run import Run  # noqa: PLC0415
+
+        return Run(type(self).root_pipeline, self, options).start()
+
+    def emit(self, value: Any, to: str | None = None) -> None:
+        """Send ``value`` downstream from the running stage (to ``to`` only, if given)."""
+        _emit(value, to)
+
+    def trigger(self, name: str) -> None:
+        """Start the ``auto_start=False`` producer called ``name``."""
+        _trigger(name)
+
+    @_HybridMethod
+    def to_mermaid(self_or_cls) -> str:  # noqa: N805 - works on the class and instances
+        """A Mermaid ``flowchart`` of the job's graph."""
+        from .graph import compile_graph  # noqa: PLC0415
+        from .mermaid import render  # noqa: PLC0415
+
+        cls = self_or_cls if isinstance(self_or_cls, type) else type(self_or_cls)
+        owner = None if isinstance(self_or_cls, type) else self_or_cls
+        return render(compile_graph(cls.root_pipeline, owner))

@@ -1,0 +1,348 @@
+"""Compiling a pipeline tree into the flat graph the runtime runs.
+
+Nested pipelines are flattened: each stage becomes one :class:`Node` keyed by its dotted
+path (``"sub.plus_one"``), and an edge into a nested pipeline becomes edges into its entry
+stages (those nothing inside feeds), an edge out of it edges out of its exit stages (those
+that feed nothing). Edges follow API.md section 1:
+
+* ``to=`` / ``from_=`` declare edges and replace the implicit ones on the side they declare;
+* otherwise a stage feeds the next stage defined after it that is neither a producer nor
+  already fed explicitly (named in some ``to=``, or declaring ``from_=``). So
+  ``gen(to=["a", "b"]); a; b; c`` is a diamond: ``a`` and ``b`` both feed ``c``.
+
+Names resolve in the stage's own pipeline first, then outward; ``"sub.stage"`` reaches
+into a nested pipeline, and a bare name found in exactly one nested pipeline works too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import config as _config
+from .errors import DefinitionError
+from .hooks import HookSet
+from .stage import PIPELINE, PRODUCER, NestedStage, Stage
+
+Ref = tuple["Scope", str]
+
+
+@dataclass(eq=False)
+class Scope:
+    """One pipeline of the tree, with the Task instance its stages see as ``self``."""
+
+    pipeline: Any
+    owner: Any
+    path: str
+    parent: Scope | None
+    settings: dict[str, Any]
+    hooks: HookSet
+    members: dict[str, Stage] = field(default_factory=dict)
+    children: dict[str, Scope] = field(default_factory=dict)
+
+    def qualified(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def lineage(self) -> list[Scope]:
+        """This scope and its parents, innermost first."""
+        out, s = [], self
+        while s is not None:
+            out.append(s)
+            s = s.parent
+        return out
+
+    def descendants(self) -> list[Scope]:
+        out = []
+        for child in self.children.values():
+            out.append(child)
+            out.extend(child.descendants())
+        return out
+
+
+@dataclass(eq=False)
+class Node:
+    """One stage of the flat graph."""
+
+    index: int
+    path: str
+    local: str
+    stage: Stage
+    scope: Scope
+    downstream: list[int] = field(default_factory=list)
+    upstream: list[int] = field(default_factory=list)
+    #: ``emit(to=name)``: each accepted name and the downstream positions it reaches.
+    route_names: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Graph:
+    root: Scope
+    nodes: list[Node]
+    by_path: dict[str, Node]
+
+    def scopes(self) -> list[Scope]:
+        return [self.root, *self.root.descendants()]
+
+    def members_of(self, scope: Scope, name: str) -> list[Node]:
+        """The flat nodes a member of ``scope`` stands for (several for a nested pipeline)."""
+        prefix = scope.qualified(name)
+        return [n for n in self.nodes if n.path == prefix or n.path.startswith(prefix + ".")]
+
+
+def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:
+    """The pipeline a nested stage runs and the Task instance its stages see."""
+    from .dsl import Task  # noqa: PLC0415 - dsl builds on graph's callers
+    from .pipeline import Pipeline  # noqa: PLC0415
+
+    target = stage.target
+    if isinstance(target, Pipeline):
+        return target, None
+    if isinstance(target, Task):
+        return type(target).root_pipeline, target
+    # A Task class: one instance per outer instance, made with no arguments.
+    if owner is None:
+        return target.root_pipeline, None
+    cache = owner.__dict__.setdefault("_minigun_nested", {})
+    if stage.name not in cache:
+        try:
+            cache[stage.name] = target()
+        except TypeError as exc:
+            raise DefinitionError(
+                f"nested pipeline {stage.name!r}: {target.__name__}() failed ({exc}); nest an "
+                f"instance instead: mg.nested({target.__name__}(...), name={stage.name!r})"
+            ) from exc
+    return target.root_pipeline, cache[stage.name]
+
+
+def build_scope(pipeline: Any, owner: Any, parent: Scope | None, path: str,
+                overrides: dict[str, Any] | None = None) -> Scope:
+    own = dict(pipeline.settings_for(owner))
+    if overrides:
+        own.update(_config.normalize(overrides, f"run() of {pipeline.name!r}"))
+    scope = Scope(
+        pipeline=pipeline,
+        owner=owner,
+        path=path,
+        parent=parent,
+        settings=_config.scope(parent.settings if parent else None, own),
+        hooks=pipeline.hooks,
+    )
+    for stage in pipeline.stages:
+        name = stage.name or type(stage).__name__
+        if name in scope.members:
+            where = f"pipeline {path!r}" if path else f"pipeline {pipeline.name!r}"
+            raise DefinitionError(
+                f"{where} has two stages named {name!r}; give one of them another name "
+                "(name=...)"
+            )
+        if "." in name:
+            raise DefinitionError(f"stage name {name!r} may not contain '.'")
+        scope.members[name] = stage
+        if isinstance(stage, NestedStage):
+            sub_pipeline, sub_owner = _nested_target(stage, owner)
+            scope.children[name] = build_scope(sub_pipeline, sub_owner, scope,
+                                               scope.qualified(name))
+    return scope
+
+
+def _lookup(scope: Scope, name: str) -> Ref | None:
+    if name in scope.members:
+        return (scope, name)
+    head, dot, rest = name.partition(".")
+    if dot and head in scope.children:
+        return _lookup(scope.children[head], rest)
+    return None
+
+
+def resolve(scope: Scope, name: str, asking: str) -> Ref:
+    """Find the member ``name`` as seen from ``scope``: locally, then outward."""
+    for s in scope.lineage():
+        found = _lookup(s, name)
+        if found:
+            return found
+        deep = [r for d in s.descendants() if (r := _lookup(d, name))]
+        if len(deep) > 1:
+            where = ", ".join(sorted(r[0].qualified(r[1]) for r in deep))
+            raise DefinitionError(
+                f"stage {asking!r}: {name!r} is ambiguous, it matches {where}; "
+                "use the dotted name"
+            )
+        if deep:
+            return deep[0]
+    known = ", ".join(sorted(scope.members)) or "none"
+    raise DefinitionError(
+        f"stage {asking!r} names {name!r}, but no stage has that name (stages here: {known})"
+    )
+
+
+class _Edges:
+    """Member-level edges of every scope, possibly crossing scopes."""
+
+    def __init__(self) -> None:
+        self.out: dict[tuple[int, str], list[Ref]] = {}
+        self.into: dict[tuple[int, str], list[Ref]] = {}
+        self.pairs: list[tuple[Ref, Ref]] = []
+
+    @staticmethod
+    def key(ref: Ref) -> tuple[int, str]:
+        # By scope and name, not by Stage object: one Task class nested twice shares them.
+        return (id(ref[0]), ref[1])
+
+    def add(self, src: Ref, dst: Ref) -> None:
+        if any(self.key(s) == self.key(src) and self.key(d) == self.key(dst)
+               for s, d in self.pairs):
+            return
+        self.pairs.append((src, dst))
+        self.out.setdefault(self.key(src), []).append(dst)
+        self.into.setdefault(self.key(dst), []).append(src)
+
+
+def _member_edges(root: Scope) -> _Edges:
+    edges = _Edges()
+    explicitly_fed: set[tuple[int, str]] = set()
+    scopes = [root, *root.descendants()]
+    for scope in scopes:
+        for name, stage in scope.members.items():
+            me = (scope, name)
+            label = scope.qualified(name)
+            for target in stage.to:
+                dst = resolve(scope, target, label)
+                dst_stage = dst[0].members[dst[1]]
+                if dst_stage.kind == PRODUCER:
+                    raise DefinitionError(
+                        f"stage {label!r} sends to {target!r}, which is a producer; producers "
+                        "make items and cannot receive them: remove it from to="
+                    )
+                edges.add(me, dst)
+                explicitly_fed.add(edges.key(dst))
+            for source in stage.from_:
+                edges.add(resolve(scope, source, label), me)
+            if stage.from_:
+                explicitly_fed.add(edges.key(me))
+            if stage.from_ and stage.kind == PRODUCER:
+                raise DefinitionError(
+                    f"producer {label!r} declares from_=, but producers cannot receive items"
+                )
+    for scope in scopes:
+        names = list(scope.members)
+        for i, name in enumerate(names):
+            if scope.members[name].to:
+                continue
+            for later in names[i + 1:]:
+                stage = scope.members[later]
+                if stage.kind == PRODUCER or (id(scope), later) in explicitly_fed:
+                    continue
+                edges.add((scope, name), (scope, later))
+                break
+    return edges
+
+
+def compile_graph(pipeline: Any, owner: Any, overrides: dict[str, Any] | None = None) -> Graph:
+    """Flatten and validate ``pipeline`` (run by ``owner``); DefinitionError if it is wrong."""
+    root = build_scope(pipeline, owner, None, "", overrides)
+    edges = _member_edges(root)
+
+    nodes: list[Node] = []
+    flat: dict[tuple[int, str], list[int]] = {}
+
+    def add_nodes(scope: Scope) -> None:
+        for name, stage in scope.members.items():
+            if stage.kind == PIPELINE:
+                add_nodes(scope.children[name])
+            else:
+                node = Node(len(nodes), scope.qualified(name), name, stage, scope)
+                nodes.append(node)
+                flat[(id(scope), name)] = [node.index]
+
+    add_nodes(root)
+
+    def entries(ref: Ref) -> list[int]:
+        scope, name = ref
+        stage = scope.members[name]
+        if stage.kind != PIPELINE:
+            return flat[(id(scope), name)]
+        child = scope.children[name]
+        out = []
+        for sub, s in child.members.items():
+            if s.kind != PRODUCER and (id(child), sub) not in edges.into:
+                out.extend(entries((child, sub)))
+        return out
+
+    def exits(ref: Ref) -> list[int]:
+        scope, name = ref
+        stage = scope.members[name]
+        if stage.kind != PIPELINE:
+            return flat[(id(scope), name)]
+        child = scope.children[name]
+        return [i for sub in child.members if (id(child), sub) not in edges.out
+                for i in exits((child, sub))]
+
+    for src, dst in edges.pairs:
+        targets = entries(dst)
+        if not targets:
+            raise DefinitionError(
+                f"{dst[0].qualified(dst[1])!r} receives items from "
+                f"{src[0].qualified(src[1])!r}, but none of its stages can take them"
+            )
+        accepted = {dst[1], dst[0].qualified(dst[1])}
+        for s in exits(src):
+            node = nodes[s]
+            for d in targets:
+                if d not in node.downstream:
+                    node.downstream.append(d)
+                    nodes[d].upstream.append(s)
+                pos = node.downstream.index(d)
+                for name in accepted | {nodes[d].path, nodes[d].local}:
+                    slot = node.route_names.setdefault(name, [])
+                    if pos not in slot:
+                        slot.append(pos)
+
+    graph = Graph(root, nodes, {n.path: n for n in nodes})
+    _check_cycles(graph)
+    _check_reachable(graph)
+    return graph
+
+
+def _check_cycles(graph: Graph) -> None:
+    state = [0] * len(graph.nodes)  # 0 new, 1 on the stack, 2 done
+
+    def visit(i: int, trail: list[int]) -> None:
+        state[i] = 1
+        trail.append(i)
+        for j in graph.nodes[i].downstream:
+            if state[j] == 1:
+                loop = [graph.nodes[k].path for k in trail[trail.index(j):]] + [graph.nodes[j].path]
+                raise DefinitionError(
+                    f"the pipeline has a cycle: {' -> '.join(loop)}; items may only flow "
+                    "forward, so remove one of these edges"
+                )
+            if state[j] == 0:
+                visit(j, trail)
+        trail.pop()
+        state[i] = 2
+
+    for i in range(len(graph.nodes)):
+        if state[i] == 0:
+            visit(i, [])
+
+
+def _check_reachable(graph: Graph) -> None:
+    seen = set()
+    todo = [n.index for n in graph.nodes if n.stage.kind == PRODUCER]
+    if not todo:
+        raise DefinitionError(
+            f"pipeline {graph.root.pipeline.name!r} has no producer: add a stage with "
+            "@producer that yields the items to process"
+        )
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        todo.extend(graph.nodes[i].downstream)
+    lost = [n.path for n in graph.nodes if n.index not in seen]
+    if lost:
+        raise DefinitionError(
+            f"no producer reaches stage(s) {', '.join(map(repr, lost))}: connect them with "
+            "to= or from_=, or remove them"
+        )

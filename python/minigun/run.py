@@ -1,0 +1,444 @@
+"""Running a pipeline: ``Run`` (a run in progress), ``RunResult`` and ``StageStats``.
+
+A run compiles the pipeline tree into a flat graph, turns every node into a stage spec for
+the Rust runtime, runs the hooks around it, and waits without holding the GIL in slices of
+50 ms so Ctrl-C and SIGTERM are handled promptly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _minigun, context
+from . import hooks as _hooks
+from .config import CapWarnings
+from .errors import DefinitionError, PipelineError, RoutingError
+from .graph import Graph, Node, Scope, compile_graph
+from .stage import ACCUMULATOR, PRODUCER, FunctionStage
+from .strategies import FORKING, plan
+
+logger = logging.getLogger("minigun")
+
+_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """Counters of one stage. Latencies are in seconds, throughput in items per second."""
+
+    items_in: int = 0
+    items_out: int = 0
+    errors: int = 0
+    retries: int = 0
+    latency_p50: float = 0.0
+    latency_p99: float = 0.0
+    throughput: float = 0.0
+    queued: int = 0
+
+    @classmethod
+    def from_runtime(cls, raw: dict[str, Any]) -> StageStats:
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+@dataclass
+class RunResult:
+    """What a run did: ``status`` ("ok", "failed" or "cancelled"), ``duration`` in seconds
+    and ``stats`` per stage (nested stages by dotted path)."""
+
+    status: str
+    duration: float
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> str:
+        """An aligned text table of the per-stage counters."""
+        head = ("stage", "in", "out", "errors", "retries", "p50", "p99", "items/s")
+        rows = [head]
+        for name, s in self.stats.items():
+            rows.append((name, f"{s.items_in:,}", f"{s.items_out:,}", f"{s.errors:,}",
+                         f"{s.retries:,}", _duration(s.latency_p50), _duration(s.latency_p99),
+                         f"{s.throughput:,.0f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"run {self.status} in {self.duration:.3f}s"]
+        for k, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by our SIGTERM handler while run() waits."""
+
+
+def _bind(hook: _hooks.Hook, scope: Scope) -> Any:
+    if hook.attr is not None and scope.owner is not None:
+        return getattr(scope.owner, hook.attr)
+    return hook.fn
+
+
+class Run:
+    """A pipeline run. ``Task().start()`` returns one running in the background."""
+
+    def __init__(self, pipeline: Any, owner: Any, options: dict[str, Any]) -> None:
+        self._graph: Graph = compile_graph(pipeline, owner, options)
+        self._caps = CapWarnings()
+        self._runtime = _minigun.Runtime([self._spec(node) for node in self._graph.nodes])
+        self._started_at = 0.0
+        self._done = threading.Event()
+        self._finish_lock = threading.Lock()
+        self._result: RunResult | None = None
+        self._failure: BaseException | None = None
+        self._cancelled = False
+        self._hook_error: tuple[str | None, BaseException] | None = None
+        self._scope_left = {id(s): len(self._graph_nodes_in(s)) for s in self._graph.scopes()}
+        self._scopes_closed: set[int] = set()
+        self._scope_lock = threading.Lock()
+
+    # -- building specs ---------------------------------------------------------------
+
+    def _graph_nodes_in(self, scope: Scope) -> list[Node]:
+        prefix = scope.path + "." if scope.path else ""
+        return [n for n in self._graph.nodes if n.path.startswith(prefix)]
+
+    def _spec(self, node: Node) -> dict[str, Any]:
+        stage, settings = node.stage, node.scope.settings
+        strategy, workers = plan(stage, settings, self._caps)
+        call: Any = None
+        make_worker = None
+        mode = "iterate" if stage.kind == PRODUCER or stage.is_generator else "value"
+        if isinstance(stage, FunctionStage):
+            fn = stage.fn
+            if fn is not None and stage.takes_self:
+                owner = node.scope.owner
+                if owner is None:
+                    raise DefinitionError(f"stage {node.path!r} is a Task method but has no Task")
+                fn = fn.__get__(owner, type(owner))
+            call = fn
+        else:
+            make_worker = _custom_worker_factory(stage)
+        if strategy in FORKING:
+            from .forking import fork_call  # noqa: PLC0415
+
+            call, mode, workers, make_worker = fork_call(self, node, strategy, workers,
+                                                         call, mode, make_worker)
+        retries = self._caps.cap(node.path, "retries", stage.retries, settings["max_retries"],
+                                 "max_retries")
+        return {
+            "name": node.path,
+            "kind": "processor" if stage.kind not in (PRODUCER, ACCUMULATOR) else stage.kind,
+            "call": call,
+            "mode": mode,
+            "make_worker": make_worker,
+            "workers": workers,
+            "spawn_per_item": strategy == "spawn_thread",
+            "queue_size": stage.queue_size,
+            "downstream": list(node.downstream),
+            "routing": stage.routing,
+            "route_names": node.route_names,
+            "route_error": self._route_error_factory(node),
+            "retries": retries,
+            "retry_on": stage.retry_on,
+            "retry_backoff": stage.retry_backoff,
+            "on_failure": lambda error, item, name, _node=node: self._on_failure(_node, error, item),
+            "on_finish": lambda _node=node: self._on_stage_finished(_node),
+            "auto_start": stage.auto_start,
+            "max_size": getattr(stage, "max_size", None) or settings["accumulator_max_single"],
+            "max_all": settings["accumulator_max_all"],
+            "check_interval": settings["accumulator_check_interval"],
+            "max_wait": getattr(stage, "max_wait", None),
+            "key": getattr(stage, "key", None),
+        }
+
+    def _route_error_factory(self, node: Node) -> Any:
+        def route_error(name: str) -> RoutingError:
+            downstream = [self._graph.nodes[d].path for d in node.downstream]
+            exists = name in self._graph.by_path or any(
+                n.local == name for n in self._graph.nodes)
+            if exists:
+                declared = sorted({*node.stage.to, *downstream, name})
+                return RoutingError(
+                    f"stage {node.path!r} emitted to {name!r}, which is not one of its "
+                    f"downstream stages ({', '.join(map(repr, downstream)) or 'none'}); "
+                    f"declare the edge with to={declared!r} on {node.local!r}"
+                )
+            return RoutingError(
+                f"stage {node.path!r} emitted to {name!r}, but no stage has that name; "
+                f"its downstream stages are {', '.join(map(repr, downstream)) or 'none'}"
+            )
+
+        return route_error
+
+    # -- callbacks from the runtime ---------------------------------------------------
+
+    def _on_failure(self, node: Node, error: BaseException, item: Any) -> bool:
+        """Offer a failed item to the on_error handlers, innermost pipeline first."""
+        for scope in node.scope.lineage():
+            relative = node.path[len(scope.path) + 1:] if scope.path else node.path
+            for hook in scope.hooks.all():
+                if hook.kind == _hooks.ON_ERROR and hook.matches_error(error, relative,
+                                                                        node.local):
+                    _bind(hook, scope)(error, item, node.path)
+                    return True
+        return False
+
+    def _on_stage_finished(self, node: Node) -> None:
+        for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
+            _bind(hook, node.scope)()
+        # A nested pipeline finishes with its last stage: its after hooks run then.
+        for scope in node.scope.lineage():
+            if scope.parent is None:
+                break
+            with self._scope_lock:
+                self._scope_left[id(scope)] -= 1
+                finished = self._scope_left[id(scope)] == 0
+            if finished:
+                self._close_scope(scope)
+
+    def _close_scope(self, scope: Scope) -> None:
+        with self._scope_lock:
+            if id(scope) in self._scopes_closed:
+                return
+            self._scopes_closed.add(id(scope))
+        local = scope.path.rsplit(".", 1)[-1]
+        for hook in scope.hooks.of(_hooks.AFTER_RUN):
+            _bind(hook, scope)()
+        for hook in scope.parent.hooks.of(_hooks.AFTER, local):
+            _bind(hook, scope.parent)()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._started_at = time.perf_counter()
+        context.register_run(self)
+        scopes = self._graph.scopes()
+        try:
+            for scope in scopes:
+                for hook in scope.hooks.of(_hooks.BEFORE_RUN):
+                    _bind(hook, scope)()
+                for name in scope.members:
+                    for hook in scope.hooks.of(_hooks.BEFORE, name):
+                        _bind(hook, scope)()
+        except Exception as exc:
+            self._hook_error = (None, exc)
+            self._runtime.cancel()
+            self._finish()
+            assert self._failure is not None
+            raise self._failure from exc
+        self._runtime.start()
+
+    def _check_hook_names(self, scopes: list[Scope]) -> None:
+        for scope in scopes:
+            for hook in scope.hooks.all():
+                if hook.kind in (_hooks.BEFORE, _hooks.AFTER) and hook.stage not in scope.members:
+                    raise DefinitionError(
+                        f"@{hook.kind}({hook.stage!r}) names no stage of pipeline "
+                        f"{scope.pipeline.name!r} (stages: {', '.join(scope.members)})"
+                    )
+
+    def run(self) -> RunResult:
+        if not self._has_self_starter():
+            raise DefinitionError(
+                "no producer of this pipeline starts by itself (all are auto_start=False) and "
+                "no before_run hook could trigger one, so run() would wait forever; use "
+                "start() and Run.trigger(name) instead"
+            )
+        self._check_hook_names(self._graph.scopes())
+        handlers = _install_signal_handlers()
+        try:
+            self._begin()
+            try:
+                while not self._runtime.wait(_POLL):
+                    pass
+            except (KeyboardInterrupt, _Terminated) as interrupt:
+                self._interrupt()
+                if isinstance(interrupt, _Terminated):
+                    raise SystemExit(143) from None
+                raise
+            return self._finish_and_raise()
+        finally:
+            _restore_signal_handlers(handlers)
+
+    def _interrupt(self) -> None:
+        """Ctrl-C or SIGTERM in run(): stop, clean up, and let the caller re-raise."""
+        self._cancelled = True
+        self._runtime.cancel()
+        # A second Ctrl-C while cleaning up propagates from here at once.
+        while not self._runtime.wait(_POLL):
+            pass
+        self._finish()
+
+    def start(self) -> Run:
+        self._check_hook_names(self._graph.scopes())
+        self._begin()
+        watcher = threading.Thread(target=self._watch, name="minigun-run", daemon=True)
+        watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._runtime.wait(_POLL):
+            pass
+        self._finish()
+
+    def _finish(self) -> RunResult:
+        with self._finish_lock:
+            if self._result is not None:
+                return self._result
+            self._runtime.join()
+            failure = self._runtime.failure()
+            for scope in self._graph.scopes()[1:]:
+                try:
+                    self._close_scope(scope)
+                except Exception as exc:  # noqa: BLE001 - reported as the run's failure
+                    if failure is None and self._hook_error is None:
+                        self._hook_error = (scope.path, exc)
+            for hook in self._graph.root.hooks.of(_hooks.AFTER_RUN):
+                try:
+                    _bind(hook, self._graph.root)()
+                except Exception as exc:  # noqa: BLE001
+                    if failure is None and self._hook_error is None:
+                        self._hook_error = (None, exc)
+            stats = {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+            duration = time.perf_counter() - self._started_at
+            if failure is not None:
+                stage, exc, item = failure
+                result = RunResult("failed", duration, stats, exc)
+                self._failure = _pipeline_error(stage, exc, item, result)
+            elif self._hook_error is not None:
+                stage, exc = self._hook_error
+                result = RunResult("failed", duration, stats, exc)
+                self._failure = _pipeline_error(stage, exc, None, result)
+            elif self._cancelled:
+                result = RunResult("cancelled", duration, stats)
+            else:
+                result = RunResult("ok", duration, stats)
+            self._result = result
+            context.unregister_run(self)
+            self._done.set()
+            return result
+
+    def _finish_and_raise(self) -> RunResult:
+        result = self._finish()
+        if self._failure is not None:
+            raise self._failure from self._failure.__cause__
+        return result
+
+    def _has_self_starter(self) -> bool:
+        if any(n.stage.kind == PRODUCER and n.stage.auto_start for n in self._graph.nodes):
+            return True
+        return any(s.hooks.of(_hooks.BEFORE_RUN) for s in self._graph.scopes())
+
+    # -- the public Run API -----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True until every stage has finished and the run's clean-up is done."""
+        return not self._done.is_set()
+
+    @property
+    def stats(self) -> dict[str, StageStats]:
+        """A live snapshot of the per-stage counters."""
+        return {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Wait for the run to end and return its result. Raises TimeoutError if it is
+        still running after ``timeout`` seconds and the run's PipelineError if it failed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the run is still running after {timeout} s")
+        assert self._result is not None
+        if self._failure is not None:
+            raise self._failure from self._failure.__cause__
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the run: no new items are started; workers finish the item in hand."""
+        if self._done.is_set():
+            return
+        self._cancelled = True
+        self._runtime.cancel()
+
+    def has_stage(self, name: str) -> bool:
+        return self._find(name) is not None
+
+    def _find(self, name: str) -> Node | None:
+        if name in self._graph.by_path:
+            return self._graph.by_path[name]
+        matches = [n for n in self._graph.nodes if n.local == name]
+        return matches[0] if len(matches) == 1 else None
+
+    def trigger(self, name: str) -> None:
+        """Start the ``auto_start=False`` producer called ``name``."""
+        node = self._find(name)
+        if node is None:
+            raise RoutingError(f"trigger({name!r}): the pipeline has no stage named {name!r}")
+        outcome = self._runtime.trigger(node.index)
+        if outcome == "not_producer":
+            raise RoutingError(
+                f"trigger({name!r}): {name!r} is a {node.stage.kind}, not a producer; only "
+                "producers declared with auto_start=False can be triggered"
+            )
+        if outcome == "already":
+            raise RoutingError(f"trigger({name!r}): producer {name!r} has already started")
+
+
+def _custom_worker_factory(stage: Any) -> Any:
+    def make_worker() -> tuple[Any, Any]:
+        worker = copy.copy(stage)
+        worker.open()
+        return worker.process, worker.close
+
+    return make_worker
+
+
+def _pipeline_error(stage: str | None, exc: BaseException, item: Any,
+                    result: RunResult) -> PipelineError:
+    where = f"stage {stage!r}" if stage else "a hook"
+    on = f" on item {_short(item)}" if item is not None else ""
+    err = PipelineError(f"{where} failed{on}: {type(exc).__name__}: {exc}",
+                        stage=stage, item=item, result=result)
+    err.__cause__ = exc
+    return err
+
+
+def _short(item: Any) -> str:
+    text = repr(item)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _install_signal_handlers() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_signal_handlers(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

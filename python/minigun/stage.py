@@ -1,0 +1,333 @@
+"""Stages: the nodes of a pipeline.
+
+Every stage is a :class:`Stage`: the ones the decorators make (:class:`FunctionStage`),
+nested pipelines (:class:`NestedStage`) and custom subclasses that override
+:meth:`Stage.process`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import strategies
+from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
+from .context import emit as _emit
+from .context import trigger as _trigger
+from .errors import DefinitionError
+
+PRODUCER = "producer"
+PROCESSOR = "processor"
+ACCUMULATOR = "accumulator"
+PIPELINE = "pipeline"
+
+_UNSET: Any = object()
+
+
+def _names(value: str | Iterable[str] | None, stage: str, option: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise DefinitionError(
+            f"stage {stage!r}: {option}= takes a stage name or a list of names, got {value!r}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str):
+            raise DefinitionError(f"stage {stage!r}: {option}= names must be str, got {name!r}")
+    return names
+
+
+class Stage:
+    """A pipeline stage. Subclass it and override :meth:`process` for a custom stage::
+
+        class Dedupe(mg.Stage):
+            def open(self):
+                self.seen = set()
+            def process(self, item):
+                if item not in self.seen:
+                    self.seen.add(item)
+                    return item
+
+    Each worker gets its own copy of the stage, so state set in :meth:`open` is per worker.
+    """
+
+    kind: str = PROCESSOR
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        threads: int | None = None,
+        processes: int | None = None,
+        interpreters: int | None = None,
+        strategy: str | None = None,
+        to: str | Iterable[str] | None = None,
+        from_: str | Iterable[str] | None = None,
+        actors: int | None = None,
+        concurrency: int | None = None,
+        routing: str = "broadcast",
+        queue_size: int | None = DEFAULT_QUEUE_SIZE,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        auto_start: bool = True,
+    ) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise DefinitionError(f"a stage name must be a non-empty str, got {name!r}")
+        self.name: str | None = name
+        label = name or type(self).__name__
+        self.threads = _positive(threads, "threads", label)
+        self.processes = _positive(processes, "processes", label)
+        self.interpreters = _positive(interpreters, "interpreters", label)
+        self.actors = _positive(actors, "actors", label)
+        self.concurrency = _positive(concurrency, "concurrency", label)
+        self.strategy = strategies.canonical(strategy, label) if strategy is not None else None
+        if self.strategy is not None:
+            strategies.check_available(self.strategy, label)
+        self.to = _names(to, label, "to")
+        self.from_ = _names(from_, label, "from_")
+        if routing not in ("broadcast", "round_robin"):
+            raise DefinitionError(
+                f"stage {label!r}: routing must be 'broadcast' or 'round_robin', got {routing!r}"
+            )
+        self.routing = routing
+        if queue_size is not None and (
+            not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1
+        ):
+            raise DefinitionError(
+                f"stage {label!r}: queue_size must be a positive int, or None for an "
+                f"unbounded queue; got {queue_size!r}"
+            )
+        self.queue_size = queue_size
+        if not isinstance(retries, int) or retries < 0:
+            raise DefinitionError(f"stage {label!r}: retries must be an int >= 0, got {retries!r}")
+        self.retries = retries
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        retry_on = tuple(retry_on)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise DefinitionError(
+                f"stage {label!r}: retry_on must be exception types, got {retry_on!r}"
+            )
+        self.retry_on = retry_on
+        self.retry_backoff = float(retry_backoff)
+        self.auto_start = bool(auto_start)
+
+    # -- identity ---------------------------------------------------------------------
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        # A stage assigned as a class attribute without name= is named after the attribute.
+        if self.name is None:
+            self.name = attr
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind} {self.name!r}>"
+
+    @property
+    def is_generator(self) -> bool:
+        return inspect.isgeneratorfunction(type(self).process)
+
+    # -- what subclasses override -----------------------------------------------------
+
+    def open(self) -> None:
+        """Called once per worker, in the worker, before its first item."""
+
+    def process(self, item: Any) -> Any:
+        """Handle one item. A return value other than None is emitted (a generator's
+        yielded values are); :meth:`emit` sends more."""
+        raise NotImplementedError(f"{type(self).__name__}.process() is not implemented")
+
+    def close(self) -> None:
+        """Called once per worker after its last item; may :meth:`emit`."""
+
+    # -- helpers usable inside a running stage ----------------------------------------
+
+    def emit(self, value: Any, to: str | None = None) -> None:
+        """Send ``value`` downstream (to the stage named ``to`` only, if given)."""
+        _emit(value, to)
+
+    def trigger(self, name: str) -> None:
+        """Start the ``auto_start=False`` producer called ``name``."""
+        _trigger(name)
+
+
+def _positive(value: int | None, option: str, stage: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DefinitionError(f"stage {stage!r}: {option}= must be a positive int, got {value!r}")
+    return value
+
+
+def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool) -> None:
+    """Reject functions whose parameters do not fit the stage kind (API.md section 1)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: trust the caller
+    params = list(sig.parameters.values())
+    if takes_self:
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
+                                                params[0].POSITIONAL_OR_KEYWORD):
+            raise DefinitionError(
+                f"stage {stage!r}: a Task stage is a method and takes self first"
+            )
+        params = params[1:]
+    required = [p for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    kw_required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if kw_required:
+        raise DefinitionError(
+            f"stage {stage!r}: required keyword-only parameter(s) {', '.join(kw_required)}; "
+            "give them defaults or make them positional"
+        )
+    shown = "(self, ...)" if takes_self else "(...)"
+    if kind == PRODUCER:
+        if required:
+            raise DefinitionError(
+                f"producer {stage!r} takes no items but its function requires "
+                f"{len(required)} parameter(s) ({', '.join(p.name for p in required)}); "
+                f"a producer is defined as def {stage}{shown.replace('...', '').replace(', )', ')')}"
+            )
+        return
+    what = "the batch (a list)" if kind == ACCUMULATOR else "the item"
+    if len(required) == 1 or (not required and varargs):
+        return
+    raise DefinitionError(
+        f"{kind} {stage!r} must take exactly one parameter, {what}, but its function "
+        f"requires {len(required)}"
+        + (f" ({', '.join(p.name for p in required)})" if required else "")
+        + f"; define it as def {stage}(" + ("self, " if takes_self else "") + "item)"
+    )
+
+
+class FunctionStage(Stage):
+    """A stage whose work is a function: what ``@mg.producer``, ``@mg.processor``,
+    ``@mg.consumer``, ``@mg.accumulator`` and the builder methods make."""
+
+    def __init__(
+        self,
+        kind: str,
+        fn: Callable[..., Any] | None,
+        *,
+        takes_self: bool,
+        name: str | None = None,
+        max_size: int | None = None,
+        max_wait: float | None = None,
+        key: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if name is None and fn is not None:
+            name = getattr(fn, "__name__", None)
+            if name == "<lambda>":
+                name = "<lambda>"
+        label = name or kind
+        if kind == ACCUMULATOR:
+            if options.get("threads", 1) not in (None, 1):
+                raise DefinitionError(
+                    f"accumulator {label!r} runs as one worker; remove threads= (it asked for "
+                    f"{options['threads']})"
+                )
+            if options.get("strategy") is not None:
+                raise DefinitionError(
+                    f"accumulator {label!r} runs in the pipeline's own process; remove "
+                    f"strategy={options['strategy']!r} and put the strategy on the stage after it"
+                )
+            if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+                raise DefinitionError(
+                    f"accumulator {label!r}: max_size must be a positive int, got {max_size!r}"
+                )
+            if max_wait is not None and (not isinstance(max_wait, (int, float)) or max_wait <= 0):
+                raise DefinitionError(
+                    f"accumulator {label!r}: max_wait must be a positive number of seconds, "
+                    f"got {max_wait!r}"
+                )
+            if key is not None and not callable(key):
+                raise DefinitionError(f"accumulator {label!r}: key must be callable, got {key!r}")
+        elif (max_size, max_wait, key) != (None, None, None):
+            raise DefinitionError(
+                f"{kind} {label!r}: max_size=, max_wait= and key= are accumulator options"
+            )
+        if kind != PRODUCER and options.get("auto_start", True) is not True:
+            raise DefinitionError(f"{kind} {label!r}: auto_start= is a producer option")
+        super().__init__(name, **options)
+        self.kind = kind
+        self.takes_self = takes_self
+        self.max_size = max_size
+        self.max_wait = None if max_wait is None else float(max_wait)
+        self.key = key
+        self.fn: Callable[..., Any] | None = None
+        if fn is not None:
+            self._set_body(fn)
+        elif kind != ACCUMULATOR:
+            raise DefinitionError(f"{kind} {label!r} needs a function")
+
+    def _set_body(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise DefinitionError(f"stage {self.name!r}: expected a function, got {fn!r}")
+        check_arity(fn, self.kind, self.name or getattr(fn, "__name__", self.kind), self.takes_self)
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            strategies.check_available("async", self.name or fn.__name__)
+        self.fn = fn
+
+    @property
+    def is_generator(self) -> bool:
+        fn = self.fn
+        return fn is not None and inspect.isgeneratorfunction(inspect.unwrap(fn))
+
+    def with_body(self, fn: Callable[..., Any]) -> FunctionStage:
+        """A copy of this stage (same kind and options) running ``fn``."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.fn = None
+        clone._set_body(fn)
+        return clone
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A body-less accumulator used as a decorator takes the function as its body.
+        if self.fn is None and len(args) == 1 and not kwargs and callable(args[0]):
+            self._set_body(args[0])
+            if self._auto_named:
+                self.name = getattr(args[0], "__name__", self.name)
+            return self
+        if self.fn is None:
+            raise TypeError(f"accumulator {self.name!r} has no body to call")
+        return self.fn(*args, **kwargs)
+
+    _auto_named = False
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        # On a Task instance the attribute is the plain bound method, so stages can call
+        # each other like ordinary methods; on the class it is the Stage.
+        if instance is None or self.fn is None or not self.takes_self:
+            return self
+        return self.fn.__get__(instance, owner)
+
+
+class NestedStage(Stage):
+    """A pipeline used as one stage of another (``mg.nested`` / ``Pipeline.pipeline``)."""
+
+    kind = PIPELINE
+
+    def __init__(self, target: Any, *, name: str | None = None, **options: Any) -> None:
+        from .dsl import Task  # noqa: PLC0415 - the DSL builds on this module
+        from .pipeline import Pipeline  # noqa: PLC0415
+
+        ok = isinstance(target, (Pipeline, Task)) or (
+            isinstance(target, type) and issubclass(target, Task)
+        )
+        if not ok:
+            raise DefinitionError(
+                f"a nested pipeline must be a Task class, a Task instance or a Pipeline, "
+                f"got {target!r}"
+            )
+        if name is None and isinstance(target, Pipeline):
+            name = target.name
+        super().__init__(name, **options)
+        self.target = target

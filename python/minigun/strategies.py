@@ -1,0 +1,103 @@
+"""Strategy names: where a stage's work runs (API.md section 2)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import DefinitionError, UnsupportedStrategy
+
+CANONICAL = {
+    "inline": "inline",
+    "threads": "threads",
+    "threaded": "threads",
+    "fork_ipc": "fork_ipc",
+    "ipc_fork": "fork_ipc",
+    "interpreters": "interpreters",
+    "ractor": "interpreters",
+    "spawn_thread": "spawn_thread",
+    "spawn_threads": "spawn_thread",
+    "spawn_fork": "spawn_fork",
+    "cow_fork": "spawn_fork",
+    "spawn_forks": "spawn_fork",
+    "fork_accumulate": "spawn_fork",
+    "spawn_interpreter": "spawn_interpreter",
+    "spawn_ractor": "spawn_interpreter",
+    "spawn_ractors": "spawn_interpreter",
+    "ractor_accumulate": "spawn_interpreter",
+    "async": "async",
+    "fibers": "async",
+    "ray": "ray",
+    "spawn_ray": "spawn_ray",
+}
+
+FORKING = frozenset({"fork_ipc", "spawn_fork"})
+
+#: Strategies this version of minigun runs. The others are part of the API contract and
+#: are rejected up front with UnsupportedStrategy rather than misbehaving at run time.
+IMPLEMENTED = frozenset({"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc"})
+
+
+def canonical(strategy: str, stage: str) -> str:
+    """The canonical name of ``strategy``; DefinitionError for an unknown one."""
+    try:
+        return CANONICAL[strategy]
+    except (KeyError, TypeError):
+        names = ", ".join(sorted(set(CANONICAL.values())))
+        raise DefinitionError(
+            f"stage {stage!r}: unknown strategy {strategy!r}; use one of: {names}"
+        ) from None
+
+
+def check_available(strategy: str, stage: str) -> None:
+    """Raise UnsupportedStrategy if this Python cannot run ``strategy``."""
+    if strategy in FORKING and not hasattr(os, "fork"):
+        raise UnsupportedStrategy(
+            f"stage {stage!r}: strategy {strategy!r} needs os.fork(), which {sys.platform} "
+            "lacks; use strategy='threads' instead"
+        )
+    if strategy in ("interpreters", "spawn_interpreter") and sys.version_info < (3, 13):
+        raise UnsupportedStrategy(
+            f"stage {stage!r}: strategy {strategy!r} needs CPython 3.13 or newer "
+            f"(this is {sys.version_info.major}.{sys.version_info.minor}); "
+            "use 'fork_ipc' or 'threads' instead"
+        )
+    if strategy not in IMPLEMENTED:
+        raise UnsupportedStrategy(
+            f"stage {stage!r}: strategy {strategy!r} is not available in this version of "
+            "minigun; use 'threads', 'spawn_thread', 'spawn_fork' or 'fork_ipc'"
+        )
+
+
+def plan(stage, settings: dict, caps) -> tuple[str, int]:
+    """Where ``stage`` runs and with how many workers, under its pipeline's ``settings``.
+
+    ``caps`` is a :class:`~minigun.config.CapWarnings` (or None to cap silently): a stage's
+    explicit request over its pipeline's limit is held at the limit, with one warning.
+    """
+    from .stage import ACCUMULATOR, PIPELINE, PRODUCER  # noqa: PLC0415
+
+    name = stage.name or type(stage).__name__
+    if stage.kind in (PRODUCER, ACCUMULATOR, PIPELINE):
+        return "inline", 1
+    strategy = stage.strategy or canonical(settings["default_strategy"], name)
+    check_available(strategy, name)
+
+    def capped(asked: int | None, option: str, limit_name: str, default: int) -> int:
+        limit = settings[limit_name]
+        if asked is None:
+            return max(1, min(default, limit))
+        return caps.cap(name, option, asked, limit, limit_name) if caps else min(asked, limit)
+
+    if strategy == "inline":
+        return strategy, 1
+    if strategy == "threads":
+        return strategy, capped(stage.threads, "threads", "max_threads", settings["min_threads"])
+    if strategy == "spawn_thread":
+        return strategy, capped(stage.threads, "threads", "max_threads", settings["max_threads"])
+    if strategy == "fork_ipc":
+        return strategy, capped(stage.processes, "processes", "max_processes", 1)
+    if strategy == "spawn_fork":
+        return strategy, capped(stage.processes, "processes", "max_processes",
+                                settings["max_processes"])
+    return strategy, 1

@@ -1,0 +1,334 @@
+//! Bounded channels between stages.
+//!
+//! Items travel in chunks (a `Vec` of Python references) so a worker takes the GIL once
+//! per chunk. The capacity is counted in *items*, not chunks: a sender takes one permit per
+//! item before its chunk enters the queue and the receiver gives them back when it takes
+//! the chunk out. Transport is a crossbeam channel; the end of the stream is crossbeam's
+//! disconnection, which happens once every upstream worker dropped its sender and the
+//! stage's master sender is dropped (when its last upstream stage finished).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+
+use crate::shutdown::Shutdown;
+
+/// What a stage hands to the next one.
+pub struct Chunk<T> {
+    pub items: Vec<T>,
+    /// Permits this chunk holds against the receiver's capacity.
+    permits: usize,
+}
+
+/// Outcome of waiting for input.
+pub enum Recv<T> {
+    Chunk(Vec<T>),
+    /// Nothing arrived before the deadline; the stream is still open.
+    Timeout,
+    /// Every upstream finished and the queue is drained.
+    Closed,
+    /// The run is being torn down.
+    Shutdown,
+}
+
+/// The item budget of a bounded channel: a counting semaphore that also wakes on shutdown.
+struct Permits {
+    capacity: Option<usize>,
+    available: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Permits {
+    /// Take permits for `n` items, waiting while the queue is full. A chunk larger than the
+    /// whole capacity waits for an empty queue and takes everything, so it cannot deadlock.
+    fn acquire(&self, n: usize, shutdown: &Shutdown) -> Option<usize> {
+        let Some(capacity) = self.capacity else { return Some(0) };
+        let want = n.min(capacity);
+        let mut available = self.available.lock().unwrap();
+        while *available < want {
+            if shutdown.is_set() {
+                return None;
+            }
+            available = self.freed.wait_timeout(available, Duration::from_millis(50)).unwrap().0;
+        }
+        *available -= want;
+        Some(want)
+    }
+
+    fn try_acquire(&self, n: usize) -> Option<usize> {
+        let Some(capacity) = self.capacity else { return Some(0) };
+        let want = n.min(capacity);
+        let mut available = self.available.lock().unwrap();
+        if *available < want {
+            return None;
+        }
+        *available -= want;
+        Some(want)
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        *self.available.lock().unwrap() += n;
+        self.freed.notify_all();
+    }
+
+    fn wake_all(&self) {
+        let _guard = self.available.lock().unwrap();
+        self.freed.notify_all();
+    }
+}
+
+/// The input queue of one stage.
+pub struct ItemChannel<T> {
+    rx: Receiver<Chunk<T>>,
+    master: Mutex<Option<Sender<Chunk<T>>>>,
+    permits: Permits,
+    upstreams_left: AtomicUsize,
+    /// How many items the receiving stage wants per chunk (adapted to its per-item cost).
+    preferred_chunk: AtomicUsize,
+    max_chunk: usize,
+    queued_items: AtomicUsize,
+}
+
+/// Work worth about this long per chunk: long enough to amortise the GIL hand-off, short
+/// enough that slow items still spread over every worker of the receiving stage.
+const TARGET_CHUNK_NANOS: u64 = 200_000;
+/// The most items one chunk carries.
+pub const MAX_CHUNK: usize = 512;
+
+impl<T> ItemChannel<T> {
+    /// `capacity` in items (`None`: unbounded); `upstreams` is the number of upstream stages.
+    pub fn new(capacity: Option<usize>, upstreams: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let max_chunk = match capacity {
+            Some(cap) => (cap / 4).clamp(1, MAX_CHUNK),
+            None => MAX_CHUNK,
+        };
+        ItemChannel {
+            rx,
+            master: Mutex::new(Some(tx)),
+            permits: Permits {
+                capacity,
+                available: Mutex::new(capacity.unwrap_or(0)),
+                freed: Condvar::new(),
+            },
+            upstreams_left: AtomicUsize::new(upstreams),
+            preferred_chunk: AtomicUsize::new(1),
+            max_chunk,
+            queued_items: AtomicUsize::new(0),
+        }
+    }
+
+    /// A sender for one upstream worker; `None` once the channel was closed.
+    pub fn sender(&self) -> Option<Sender<Chunk<T>>> {
+        self.master.lock().unwrap().clone()
+    }
+
+    /// One upstream stage finished; the last one closes the channel for new senders.
+    pub fn upstream_finished(&self) {
+        if self.upstreams_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.master.lock().unwrap().take();
+        }
+    }
+
+    pub fn preferred_chunk(&self) -> usize {
+        self.preferred_chunk.load(Ordering::Relaxed)
+    }
+
+    /// Record that the receiving stage spent `nanos` on `items` items, to size later chunks.
+    pub fn observe_cost(&self, items: usize, nanos: u64) {
+        if items == 0 {
+            return;
+        }
+        let per_item = (nanos / items as u64).max(1);
+        let wanted = (TARGET_CHUNK_NANOS / per_item) as usize;
+        self.preferred_chunk.store(wanted.clamp(1, self.max_chunk), Ordering::Relaxed);
+    }
+
+    pub fn queued_items(&self) -> usize {
+        self.queued_items.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Send a chunk, waiting for room. Gives the items back if the run shuts down first.
+    pub fn send(&self, tx: &Sender<Chunk<T>>, items: Vec<T>, shutdown: &Shutdown) -> Result<(), Vec<T>> {
+        match self.permits.acquire(items.len(), shutdown) {
+            Some(permits) => self.push(tx, items, permits),
+            None => Err(items),
+        }
+    }
+
+    /// Send only if there is room now.
+    pub fn try_send(&self, tx: &Sender<Chunk<T>>, items: Vec<T>) -> Result<(), Vec<T>> {
+        match self.permits.try_acquire(items.len()) {
+            Some(permits) => self.push(tx, items, permits),
+            None => Err(items),
+        }
+    }
+
+    fn push(&self, tx: &Sender<Chunk<T>>, items: Vec<T>, permits: usize) -> Result<(), Vec<T>> {
+        let n = items.len();
+        self.queued_items.fetch_add(n, Ordering::Relaxed);
+        tx.send(Chunk { items, permits }).map_err(|err| {
+            self.queued_items.fetch_sub(n, Ordering::Relaxed);
+            self.permits.release(permits);
+            err.into_inner().items
+        })
+    }
+
+    /// Wait for the next chunk until `deadline` (forever if `None`).
+    pub fn recv(&self, shutdown: &Shutdown, deadline: Option<Instant>) -> Recv<T> {
+        let got = match deadline {
+            None => select! {
+                recv(self.rx) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected),
+                recv(shutdown.receiver()) -> _ => return Recv::Shutdown,
+            },
+            Some(deadline) => {
+                let timeout = deadline.saturating_duration_since(Instant::now());
+                select! {
+                    recv(self.rx) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected),
+                    recv(shutdown.receiver()) -> _ => return Recv::Shutdown,
+                    default(timeout) => Err(RecvTimeoutError::Timeout),
+                }
+            }
+        };
+        match got {
+            Ok(chunk) => Recv::Chunk(self.take(chunk)),
+            Err(RecvTimeoutError::Timeout) => Recv::Timeout,
+            Err(RecvTimeoutError::Disconnected) => Recv::Closed,
+        }
+    }
+
+    /// Take a chunk without waiting, if one is queued.
+    pub fn try_recv(&self) -> Option<Vec<T>> {
+        self.rx.try_recv().ok().map(|chunk| self.take(chunk))
+    }
+
+    fn take(&self, chunk: Chunk<T>) -> Vec<T> {
+        self.queued_items.fetch_sub(chunk.items.len(), Ordering::Relaxed);
+        self.permits.release(chunk.permits);
+        chunk.items
+    }
+
+    /// Wake every sender waiting for room so it can notice the shutdown.
+    pub fn wake_senders(&self) {
+        self.permits.wake_all();
+    }
+
+    /// Everything still queued, for dropping under the GIL at teardown.
+    pub fn drain(&self) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Ok(chunk) = self.rx.try_recv() {
+            out.extend(self.take(chunk));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn delivers_every_item_in_order() {
+        let shutdown = Shutdown::new();
+        let ch = Arc::new(ItemChannel::<u32>::new(Some(8), 1));
+        let tx = ch.sender().unwrap();
+        let producer = {
+            let ch = ch.clone();
+            let shutdown = shutdown.clone();
+            thread::spawn(move || {
+                for start in (0..1000).step_by(3) {
+                    let chunk: Vec<u32> = (start..(start + 3).min(1000)).collect();
+                    ch.send(&tx, chunk, &shutdown).unwrap();
+                }
+                ch.upstream_finished();
+            })
+        };
+        let mut got = Vec::new();
+        loop {
+            match ch.recv(&shutdown, None) {
+                Recv::Chunk(items) => got.extend(items),
+                Recv::Closed => break,
+                _ => unreachable!(),
+            }
+        }
+        producer.join().unwrap();
+        assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn capacity_is_counted_in_items() {
+        let shutdown = Shutdown::new();
+        let ch = ItemChannel::<u32>::new(Some(5), 1);
+        let tx = ch.sender().unwrap();
+        ch.try_send(&tx, vec![1, 2, 3], ).unwrap();
+        assert!(ch.try_send(&tx, vec![4, 5, 6]).is_err(), "6 items must not fit in 5");
+        ch.try_send(&tx, vec![4, 5]).unwrap();
+        assert_eq!(ch.queued_items(), 5);
+        let _ = ch.recv(&shutdown, None);
+        ch.try_send(&tx, vec![6, 7, 8]).unwrap();
+    }
+
+    #[test]
+    fn oversized_chunk_waits_for_an_empty_queue() {
+        let ch = ItemChannel::<u32>::new(Some(2), 1);
+        let tx = ch.sender().unwrap();
+        ch.try_send(&tx, vec![1]).unwrap();
+        assert!(ch.try_send(&tx, vec![1, 2, 3]).is_err());
+        ch.try_recv().unwrap();
+        ch.try_send(&tx, vec![1, 2, 3]).unwrap();
+    }
+
+    #[test]
+    fn closes_after_the_last_upstream_and_drain() {
+        let shutdown = Shutdown::new();
+        let ch = ItemChannel::<u32>::new(None, 2);
+        let tx = ch.sender().unwrap();
+        ch.send(&tx, vec![1], &shutdown).unwrap();
+        drop(tx);
+        ch.upstream_finished();
+        assert!(ch.sender().is_some(), "one upstream stage is still running");
+        ch.upstream_finished();
+        assert!(ch.sender().is_none());
+        assert!(matches!(ch.recv(&shutdown, None), Recv::Chunk(_)));
+        assert!(matches!(ch.recv(&shutdown, None), Recv::Closed));
+    }
+
+    #[test]
+    fn shutdown_wakes_a_blocked_sender_and_receiver() {
+        let shutdown = Shutdown::new();
+        let ch = Arc::new(ItemChannel::<u32>::new(Some(1), 1));
+        let tx = ch.sender().unwrap();
+        ch.send(&tx, vec![1], &shutdown).unwrap();
+        let blocked = {
+            let ch = ch.clone();
+            let shutdown = shutdown.clone();
+            thread::spawn(move || ch.send(&tx, vec![2], &shutdown).is_err())
+        };
+        thread::sleep(Duration::from_millis(20));
+        shutdown.set();
+        ch.wake_senders();
+        assert!(blocked.join().unwrap());
+        let empty = ItemChannel::<u32>::new(Some(1), 1);
+        assert!(matches!(empty.recv(&shutdown, None), Recv::Shutdown));
+    }
+
+    #[test]
+    fn chunk_size_follows_per_item_cost() {
+        let ch = ItemChannel::<u32>::new(Some(1000), 1);
+        ch.observe_cost(100, 100 * 10_000_000); // 10 ms per item
+        assert_eq!(ch.preferred_chunk(), 1);
+        ch.observe_cost(1000, 1000 * 100); // 100 ns per item
+        assert_eq!(ch.preferred_chunk(), 250);
+    }
+}

@@ -1,0 +1,301 @@
+//! Where a worker's output goes: per-edge outboxes and the emitter bound to each worker
+//! thread.
+//!
+//! Every worker owns one [`Outbox`] per downstream edge. Items collect there (under the GIL,
+//! one uncontended lock per item) and leave as a chunk when the receiving stage's preferred
+//! chunk size is reached, when the worker is about to wait for input, or when the run's
+//! flusher finds the oldest item older than a millisecond. The flusher is what guarantees
+//! that no item sits in a buffer while the pipeline waits, even if user code blocks between
+//! two emits.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use crate::channel::{Chunk, ItemChannel};
+use crate::shutdown::Shutdown;
+use crate::stats::StageStats;
+
+pub type Item = Py<PyAny>;
+pub type Channel = ItemChannel<Item>;
+
+struct OutboxState {
+    items: Vec<Item>,
+    oldest: Option<Instant>,
+    tx: Option<Sender<Chunk<Item>>>,
+    /// A worker is sending a chunk without the lock; the flusher must not overtake it.
+    sending: bool,
+}
+
+pub struct Outbox {
+    target: Arc<Channel>,
+    state: Mutex<OutboxState>,
+}
+
+impl Outbox {
+    pub fn new(target: Arc<Channel>) -> Arc<Self> {
+        let tx = target.sender();
+        Arc::new(Outbox {
+            target,
+            state: Mutex::new(OutboxState { items: Vec::new(), oldest: None, tx, sending: false }),
+        })
+    }
+
+    /// Add an item; sends a chunk when the receiver's preferred size is reached.
+    pub fn push(&self, py: Python<'_>, item: Item, shutdown: &Shutdown) {
+        let full = {
+            let mut st = self.state.lock().unwrap();
+            if st.items.is_empty() {
+                st.oldest = Some(Instant::now());
+            }
+            st.items.push(item);
+            st.items.len() >= self.target.preferred_chunk()
+        };
+        if full {
+            self.flush(py, shutdown);
+        }
+    }
+
+    /// Send whatever is buffered, waiting (without the GIL) for room if needed.
+    pub fn flush(&self, py: Python<'_>, shutdown: &Shutdown) {
+        let (items, tx) = {
+            let mut st = self.state.lock().unwrap();
+            if st.items.is_empty() {
+                return;
+            }
+            let Some(tx) = st.tx.clone() else {
+                // The receiver is gone (only at teardown): drop the items here, under the GIL.
+                st.items.clear();
+                return;
+            };
+            let items = std::mem::take(&mut st.items);
+            // Fast path: room now, send under the lock without giving up the GIL.
+            let items = match self.target.try_send(&tx, items) {
+                Ok(()) => return,
+                Err(items) => items,
+            };
+            st.sending = true;
+            (items, tx)
+        };
+        let target = self.target.clone();
+        let shutdown = shutdown.clone();
+        let unsent = py.detach(move || target.send(&tx, items, &shutdown).err());
+        self.state.lock().unwrap().sending = false;
+        drop(unsent); // dropped with the GIL held
+    }
+
+    /// Called by the flusher thread (no GIL): send items older than `max_age` if there is
+    /// room right now. Never blocks.
+    pub fn flush_stale(&self, max_age: Duration) {
+        let Ok(mut st) = self.state.try_lock() else { return };
+        if st.sending || st.items.is_empty() || st.oldest.is_none_or(|t| t.elapsed() < max_age) {
+            return;
+        }
+        let Some(tx) = st.tx.clone() else { return };
+        let items = std::mem::take(&mut st.items);
+        if let Err(items) = self.target.try_send(&tx, items) {
+            st.items = items;
+        }
+    }
+
+    /// The worker is done with this edge: its sender goes away so the receiver can see the
+    /// end of the stream.
+    pub fn close(&self) {
+        self.state.lock().unwrap().tx = None;
+    }
+
+    /// Buffered items, for dropping under the GIL at teardown.
+    pub fn take_all(&self) -> Vec<Item> {
+        std::mem::take(&mut self.state.lock().unwrap().items)
+    }
+}
+
+/// How a stage sends an item that `emit` did not address to a stage by name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    Broadcast,
+    RoundRobin,
+}
+
+/// What every emitter of one stage shares.
+pub struct Routes {
+    pub stage_name: String,
+    pub routing: Routing,
+    /// `emit(to=name)`: the edges each accepted name reaches.
+    pub by_name: HashMap<String, Vec<usize>>,
+    /// Builds the `RoutingError` for a name that is not a downstream of this stage.
+    pub route_error: Py<PyAny>,
+}
+
+enum Target {
+    Default,
+    Edges(Vec<usize>),
+}
+
+/// The output side of one worker thread.
+pub struct Emitter {
+    routes: Arc<Routes>,
+    stats: Arc<StageStats>,
+    outboxes: Vec<Arc<Outbox>>,
+    all_edges: Vec<usize>,
+    shutdown: Shutdown,
+    next_rr: Cell<usize>,
+    /// While an attempt that may be retried runs, its emissions wait here.
+    attempt: RefCell<Option<Vec<(Target, Item)>>>,
+}
+
+impl Emitter {
+    pub fn new(routes: Arc<Routes>, stats: Arc<StageStats>, outboxes: Vec<Arc<Outbox>>, shutdown: Shutdown) -> Rc<Self> {
+        Rc::new(Emitter {
+            routes,
+            stats,
+            all_edges: (0..outboxes.len()).collect(),
+            outboxes,
+            shutdown,
+            next_rr: Cell::new(0),
+            attempt: RefCell::new(None),
+        })
+    }
+
+    pub fn emit_default(&self, py: Python<'_>, value: Item) {
+        self.route(py, Target::Default, value);
+    }
+
+    /// `emit(value, to=name)`: resolve the name against this stage's downstream edges.
+    pub fn emit_to(&self, py: Python<'_>, value: Item, to: &str) -> PyResult<()> {
+        match self.routes.by_name.get(to) {
+            Some(edges) => {
+                self.route(py, Target::Edges(edges.clone()), value);
+                Ok(())
+            }
+            None => {
+                let err = self.routes.route_error.bind(py).call1((to,))?;
+                Err(PyErr::from_value(err))
+            }
+        }
+    }
+
+    fn route(&self, py: Python<'_>, target: Target, value: Item) {
+        if let Some(buffer) = self.attempt.borrow_mut().as_mut() {
+            buffer.push((target, value));
+            return;
+        }
+        self.dispatch(py, target, value);
+    }
+
+    fn dispatch(&self, py: Python<'_>, target: Target, value: Item) {
+        self.stats.add_out(1);
+        let n = self.outboxes.len();
+        if n == 0 {
+            return; // a terminal stage: the value is dropped here, under the GIL
+        }
+        match target {
+            Target::Default if self.routes.routing == Routing::RoundRobin => {
+                let i = self.next_rr.get();
+                self.next_rr.set((i + 1) % n);
+                self.outboxes[i].push(py, value, &self.shutdown);
+            }
+            Target::Default => self.broadcast(py, &self.all_edges, value),
+            Target::Edges(edges) if self.routes.routing == Routing::RoundRobin && edges.len() > 1 => {
+                let i = self.next_rr.get();
+                self.next_rr.set(i.wrapping_add(1));
+                self.outboxes[edges[i % edges.len()]].push(py, value, &self.shutdown);
+            }
+            Target::Edges(edges) => self.broadcast(py, &edges, value),
+        }
+    }
+
+    fn broadcast(&self, py: Python<'_>, edges: &[usize], value: Item) {
+        if let Some((&last, rest)) = edges.split_last() {
+            for &edge in rest {
+                self.outboxes[edge].push(py, value.clone_ref(py), &self.shutdown);
+            }
+            self.outboxes[last].push(py, value, &self.shutdown);
+        }
+    }
+
+    /// Start an attempt whose emissions are held back until it succeeds.
+    pub fn begin_attempt(&self) {
+        *self.attempt.borrow_mut() = Some(Vec::new());
+    }
+
+    /// The attempt succeeded: send what it emitted.
+    pub fn commit(&self, py: Python<'_>) {
+        let held = self.attempt.borrow_mut().take();
+        for (target, value) in held.into_iter().flatten() {
+            self.dispatch(py, target, value);
+        }
+    }
+
+    /// The attempt failed: forget what it emitted.
+    pub fn rollback(&self) {
+        self.attempt.borrow_mut().take();
+    }
+
+    pub fn flush(&self, py: Python<'_>) {
+        for outbox in &self.outboxes {
+            outbox.flush(py, &self.shutdown);
+        }
+    }
+
+    /// Flush and let the receivers know this worker is done.
+    pub fn finish(&self, py: Python<'_>) {
+        if !self.shutdown.is_set() {
+            self.flush(py);
+        }
+        for outbox in &self.outboxes {
+            drop(outbox.take_all());
+            outbox.close();
+        }
+    }
+}
+
+thread_local! {
+    /// The emitter of the stage worker running on this thread, if any.
+    static CURRENT: RefCell<Option<Rc<Emitter>>> = const { RefCell::new(None) };
+}
+
+/// Make `emitter` the target of `emit()` on this thread until the guard drops.
+pub fn bind(emitter: &Rc<Emitter>) -> BindGuard {
+    CURRENT.with(|c| *c.borrow_mut() = Some(emitter.clone()));
+    BindGuard
+}
+
+pub struct BindGuard;
+
+impl Drop for BindGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// `emit(value, to=None)`: send a value downstream from inside a running stage.
+#[pyfunction]
+#[pyo3(signature = (value, to=None))]
+pub fn emit(py: Python<'_>, value: Item, to: Option<&str>) -> PyResult<()> {
+    let Some(emitter) = CURRENT.with(|c| c.borrow().clone()) else {
+        return Err(PyRuntimeError::new_err(
+            "emit() was called outside a running stage: call it from a stage function \
+             (or a Stage's process/close) while the pipeline runs",
+        ));
+    };
+    match to {
+        None => {
+            emitter.emit_default(py, value);
+            Ok(())
+        }
+        Some(name) => emitter.emit_to(py, value, name),
+    }
+}
+
+/// Whether this thread is running a stage (so `emit()` would work here).
+#[pyfunction]
+pub fn in_stage() -> bool {
+    CURRENT.with(|c| c.borrow().is_some())
+}

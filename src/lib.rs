@@ -1,0 +1,26 @@
+//! minigun's Rust runtime, exposed to Python as `minigun._minigun`.
+//!
+//! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
+//! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
+//! call user code), `accumulate` (keyed batching), `stats` (counters and latency),
+//! `scheduler` (a whole run), `shutdown` (the stop signal).
+
+pub mod accumulate;
+pub mod channel;
+pub mod emit;
+pub mod pool;
+pub mod scheduler;
+pub mod shutdown;
+pub mod stats;
+pub mod worker;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+fn _minigun(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<scheduler::Runtime>()?;
+    m.add_function(wrap_pyfunction!(emit::emit, m)?)?;
+    m.add_function(wrap_pyfunction!(emit::in_stage, m)?)?;
+    m.add("MAX_CHUNK", channel::MAX_CHUNK)?;
+    Ok(())
+}

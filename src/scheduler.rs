@@ -1,0 +1,452 @@
+//! The run: builds channels and stages from the graph the Python layer compiled, starts
+//! every worker, tracks which stages finished, records the first failure and tears down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::emit::{Channel, Item, Outbox, Routes, Routing};
+use crate::pool::{join_all, spawn_named};
+use crate::shutdown::Shutdown;
+use crate::stats::StageStats;
+use crate::worker;
+
+/// One stage as the Python layer describes it (a dict with exactly these keys).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub struct StageSpec {
+    pub name: String,
+    /// "producer", "processor" or "accumulator".
+    pub kind: String,
+    /// The function called per item (per batch for accumulators; once for producers).
+    pub call: Option<Item>,
+    /// "value": emit the return value unless None; "iterate": emit each element;
+    /// "chunk": the call takes a list of items and emits through `emit()` itself.
+    pub mode: String,
+    /// For custom Stage classes: builds one worker's `(call, close)` after running `open()`.
+    pub make_worker: Option<Item>,
+    pub workers: usize,
+    /// A new thread per input item (`spawn_thread`), at most `workers` at once.
+    pub spawn_per_item: bool,
+    pub queue_size: Option<usize>,
+    /// Stage indices this stage sends to, one per edge.
+    pub downstream: Vec<usize>,
+    pub routing: String,
+    pub route_names: HashMap<String, Vec<usize>>,
+    pub route_error: Item,
+    pub retries: u32,
+    pub retry_on: Item,
+    pub retry_backoff: f64,
+    /// `on_failure(error, item, stage) -> bool`: True when an `on_error` handler took it.
+    pub on_failure: Item,
+    /// Called once when the stage has finished (the `after("stage")` hooks).
+    pub on_finish: Option<Item>,
+    pub auto_start: bool,
+    pub max_size: usize,
+    pub max_all: usize,
+    pub check_interval: usize,
+    pub max_wait: Option<f64>,
+    pub key: Option<Item>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Producer,
+    Processor,
+    Accumulator,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CallMode {
+    Value,
+    Iterate,
+    Chunk,
+}
+
+/// The first error that stopped the run.
+pub struct Failure {
+    pub stage: String,
+    pub error: PyErr,
+    pub item: Option<Item>,
+}
+
+/// State shared by every thread of one run.
+pub struct RunShared {
+    pub shutdown: Shutdown,
+    pub channels: Vec<Option<Arc<Channel>>>,
+    failure: Mutex<Option<Failure>>,
+    outboxes: Mutex<Vec<Weak<Outbox>>>,
+    stages_left: Mutex<usize>,
+    all_done: Condvar,
+}
+
+impl RunShared {
+    /// Record `failure` unless an earlier one is already recorded, and stop the run.
+    pub fn fail(&self, failure: Failure) {
+        {
+            let mut slot = self.failure.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(failure);
+            }
+        }
+        self.stop();
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.set();
+        for channel in self.channels.iter().flatten() {
+            channel.wake_senders();
+        }
+    }
+
+    pub fn register_outbox(&self, outbox: &Arc<Outbox>) {
+        let mut all = self.outboxes.lock().unwrap();
+        if all.len() > 64 && all.len().is_power_of_two() {
+            all.retain(|w| w.strong_count() > 0);
+        }
+        all.push(Arc::downgrade(outbox));
+    }
+
+    fn stage_finished(&self) {
+        let mut left = self.stages_left.lock().unwrap();
+        *left -= 1;
+        if *left == 0 {
+            self.all_done.notify_all();
+        }
+    }
+
+    fn wait_done(&self, timeout: Option<Duration>) -> bool {
+        let mut left = self.stages_left.lock().unwrap();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while *left > 0 {
+            match deadline {
+                None => left = self.all_done.wait(left).unwrap(),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    left = self.all_done.wait_timeout(left, d - now).unwrap().0;
+                }
+            }
+        }
+        true
+    }
+
+    fn is_done(&self) -> bool {
+        *self.stages_left.lock().unwrap() == 0
+    }
+}
+
+const TRIGGER_WAITING: u8 = 0;
+const TRIGGER_FIRED: u8 = 1;
+const TRIGGER_NONE: u8 = 2;
+
+/// One stage of a run, shared by its workers.
+pub struct StageShared {
+    pub index: usize,
+    pub name: String,
+    pub kind: Kind,
+    pub mode: CallMode,
+    pub spec: StageSpec,
+    pub routes: Arc<Routes>,
+    pub stats: Arc<StageStats>,
+    pub run: Arc<RunShared>,
+    workers_left: AtomicUsize,
+    trigger: AtomicU8,
+    trigger_lock: Mutex<()>,
+    triggered: Condvar,
+}
+
+impl StageShared {
+    pub fn input(&self) -> Option<&Arc<Channel>> {
+        self.run.channels[self.index].as_ref()
+    }
+
+    /// One outbox per downstream edge, for a new worker.
+    pub fn outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.spec
+            .downstream
+            .iter()
+            .map(|&target| {
+                let channel = self.run.channels[target].clone().expect("downstream stages have an input");
+                let outbox = Outbox::new(channel);
+                self.run.register_outbox(&outbox);
+                outbox
+            })
+            .collect()
+    }
+
+    /// Producers with `auto_start=False` wait here until triggered or the run stops.
+    pub fn wait_for_trigger(&self) -> bool {
+        let mut guard = self.trigger_lock.lock().unwrap();
+        while self.trigger.load(Ordering::Acquire) == TRIGGER_WAITING {
+            if self.run.shutdown.is_set() {
+                return false;
+            }
+            guard = self.triggered.wait_timeout(guard, Duration::from_millis(50)).unwrap().0;
+        }
+        true
+    }
+
+    /// A worker is done. The last one runs the `after` hook and closes the downstream edges.
+    pub fn worker_finished(&self, py: Python<'_>) {
+        if self.workers_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some(hook) = &self.spec.on_finish {
+            if !self.run.shutdown.is_set() {
+                if let Err(error) = hook.bind(py).call0() {
+                    self.run.fail(Failure { stage: self.name.clone(), error, item: None });
+                }
+            }
+        }
+        self.stats.finished();
+        for &target in &self.spec.downstream {
+            if let Some(channel) = &self.run.channels[target] {
+                channel.upstream_finished();
+            }
+        }
+        self.run.stage_finished();
+    }
+}
+
+fn parse_kind(spec: &StageSpec) -> PyResult<(Kind, CallMode, Routing)> {
+    let kind = match spec.kind.as_str() {
+        "producer" => Kind::Producer,
+        "processor" => Kind::Processor,
+        "accumulator" => Kind::Accumulator,
+        other => return Err(PyValueError::new_err(format!("unknown stage kind {other:?}"))),
+    };
+    let mode = match spec.mode.as_str() {
+        "value" => CallMode::Value,
+        "iterate" => CallMode::Iterate,
+        "chunk" => CallMode::Chunk,
+        other => return Err(PyValueError::new_err(format!("unknown call mode {other:?}"))),
+    };
+    let routing = match spec.routing.as_str() {
+        "broadcast" => Routing::Broadcast,
+        "round_robin" => Routing::RoundRobin,
+        other => return Err(PyValueError::new_err(format!("unknown routing {other:?}"))),
+    };
+    Ok((kind, mode, routing))
+}
+
+/// A pipeline run inside the Rust runtime.
+#[pyclass(frozen, module = "minigun._minigun")]
+pub struct Runtime {
+    run: Arc<RunShared>,
+    stages: Vec<Arc<StageShared>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    started: Mutex<bool>,
+    owner_pid: u32,
+}
+
+impl Runtime {
+    fn check_process(&self) -> PyResult<()> {
+        if std::process::id() != self.owner_pid {
+            return Err(PyRuntimeError::new_err(
+                "this minigun run belongs to the parent process: a forked child cannot use, \
+                 wait for or cancel it (start a new run in the child instead)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Runtime {
+    #[new]
+    fn new(specs: Vec<StageSpec>) -> PyResult<Self> {
+        let n = specs.len();
+        let mut upstreams = vec![0usize; n];
+        for spec in &specs {
+            let mut targets = spec.downstream.clone();
+            targets.sort_unstable();
+            targets.dedup();
+            for t in targets {
+                if t >= n {
+                    return Err(PyValueError::new_err(format!("stage {:?} sends to unknown index {t}", spec.name)));
+                }
+                upstreams[t] += 1;
+            }
+        }
+        let channels = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| (spec.kind != "producer").then(|| Arc::new(Channel::new(spec.queue_size, upstreams[i]))))
+            .collect();
+        let run = Arc::new(RunShared {
+            shutdown: Shutdown::new(),
+            channels,
+            failure: Mutex::new(None),
+            outboxes: Mutex::new(Vec::new()),
+            stages_left: Mutex::new(n),
+            all_done: Condvar::new(),
+        });
+        let mut stages = Vec::with_capacity(n);
+        for (index, spec) in specs.into_iter().enumerate() {
+            let (kind, mode, routing) = parse_kind(&spec)?;
+            let routes = Arc::new(Routes {
+                stage_name: spec.name.clone(),
+                routing,
+                by_name: spec.route_names.clone(),
+                route_error: Python::attach(|py| spec.route_error.clone_ref(py)),
+            });
+            let workers = if kind == Kind::Processor && !spec.spawn_per_item { spec.workers.max(1) } else { 1 };
+            let trigger = if kind == Kind::Producer && !spec.auto_start { TRIGGER_WAITING } else { TRIGGER_NONE };
+            stages.push(Arc::new(StageShared {
+                index,
+                name: spec.name.clone(),
+                kind,
+                mode,
+                spec,
+                routes,
+                stats: Arc::new(StageStats::new()),
+                run: run.clone(),
+                workers_left: AtomicUsize::new(workers),
+                trigger: AtomicU8::new(trigger),
+                trigger_lock: Mutex::new(()),
+                triggered: Condvar::new(),
+            }));
+        }
+        Ok(Runtime { run, stages, threads: Mutex::new(Vec::new()), started: Mutex::new(false), owner_pid: std::process::id() })
+    }
+
+    /// Start every worker thread and the flusher.
+    fn start(&self) -> PyResult<()> {
+        self.check_process()?;
+        let mut started = self.started.lock().unwrap();
+        if *started {
+            return Err(PyRuntimeError::new_err("this run was already started"));
+        }
+        *started = true;
+        let mut threads = self.threads.lock().unwrap();
+        if self.stages.is_empty() {
+            return Ok(());
+        }
+        for stage in &self.stages {
+            threads.extend(worker::start_stage(stage.clone()));
+        }
+        let run = self.run.clone();
+        threads.push(spawn_named("minigun-flusher".into(), move || flusher(run)));
+        Ok(())
+    }
+
+    /// Wait up to `timeout` seconds (forever if None) without holding the GIL. True when
+    /// every stage has finished.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        self.check_process()?;
+        let run = self.run.clone();
+        Ok(py.detach(move || run.wait_done(timeout.map(Duration::from_secs_f64))))
+    }
+
+    /// Join the threads of a finished (or cancelled) run and drop what is still queued.
+    fn join(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_process()?;
+        if !*self.started.lock().unwrap() {
+            // Never started (a before-hook failed): nothing runs, nothing to wait for.
+            *self.run.stages_left.lock().unwrap() = 0;
+            self.run.stop();
+            return Ok(());
+        }
+        let run = self.run.clone();
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap());
+        py.detach(move || {
+            run.wait_done(None);
+            run.stop(); // ends the flusher
+            join_all(handles);
+        });
+        for channel in self.run.channels.iter().flatten() {
+            drop(channel.drain());
+        }
+        Ok(())
+    }
+
+    /// Stop the run: workers finish the item in hand and exit.
+    fn cancel(&self) -> PyResult<()> {
+        self.check_process()?;
+        self.run.stop();
+        Ok(())
+    }
+
+    #[getter]
+    fn finished(&self) -> bool {
+        self.run.is_done()
+    }
+
+    #[getter]
+    fn stopping(&self) -> bool {
+        self.run.shutdown.is_set()
+    }
+
+    /// Start a waiting `auto_start=False` producer. "ok", "not_producer" or "already".
+    fn trigger(&self, index: usize) -> PyResult<&'static str> {
+        self.check_process()?;
+        let stage = self.stages.get(index).ok_or_else(|| PyValueError::new_err("no such stage"))?;
+        if stage.kind != Kind::Producer {
+            return Ok("not_producer");
+        }
+        let _guard = stage.trigger_lock.lock().unwrap();
+        match stage.trigger.compare_exchange(TRIGGER_WAITING, TRIGGER_FIRED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                stage.triggered.notify_all();
+                Ok("ok")
+            }
+            Err(_) => Ok("already"),
+        }
+    }
+
+    /// `{stage name: {counter: value}}` at this moment.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for stage in &self.stages {
+            let s = stage.stats.snapshot();
+            let d = PyDict::new(py);
+            d.set_item("items_in", s.items_in)?;
+            d.set_item("items_out", s.items_out)?;
+            d.set_item("errors", s.errors)?;
+            d.set_item("retries", s.retries)?;
+            d.set_item("latency_p50", s.latency_p50)?;
+            d.set_item("latency_p99", s.latency_p99)?;
+            d.set_item("throughput", s.throughput)?;
+            d.set_item("active_seconds", s.active_seconds)?;
+            d.set_item(
+                "queued",
+                stage.input().map(|c| c.queued_items()).unwrap_or(0),
+            )?;
+            out.set_item(&stage.name, d)?;
+        }
+        Ok(out)
+    }
+
+    /// The error that stopped the run, as `(stage, exception, item)`, or None.
+    fn failure(&self, py: Python<'_>) -> Option<(String, Py<PyAny>, Option<Item>)> {
+        let slot = self.run.failure.lock().unwrap();
+        slot.as_ref().map(|f| {
+            (f.stage.clone(), f.error.value(py).clone().into_any().unbind(), f.item.as_ref().map(|i| i.clone_ref(py)))
+        })
+    }
+}
+
+/// Ships items that waited in an outbox for over a millisecond, so slow user code between
+/// two emits never holds finished items back from the next stage.
+fn flusher(run: Arc<RunShared>) {
+    let max_age = Duration::from_millis(1);
+    while !run.shutdown.sleep(Duration::from_micros(500)) {
+        let outboxes: Vec<Arc<Outbox>> = run.outboxes.lock().unwrap().iter().filter_map(Weak::upgrade).collect();
+        for outbox in outboxes {
+            outbox.flush_stale(max_age);
+        }
+        if run.is_done() {
+            break;
+        }
+    }
+}

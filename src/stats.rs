@@ -1,0 +1,174 @@
+//! Per-stage counters and a latency histogram, updated lock-free by every worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Log-scale buckets: bucket `i` holds latencies in [2^(i/4), 2^((i+1)/4)) nanoseconds,
+/// which keeps percentile error under 19% from 1 ns to about 70 years.
+const BUCKETS: usize = 4 * 64;
+
+pub struct StageStats {
+    pub items_in: AtomicU64,
+    pub items_out: AtomicU64,
+    pub errors: AtomicU64,
+    pub retries: AtomicU64,
+    histogram: Box<[AtomicU64]>,
+    /// When the stage took its first item and when it finished, for throughput.
+    window: Mutex<(Option<Instant>, Option<Instant>)>,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub items_in: u64,
+    pub items_out: u64,
+    pub errors: u64,
+    pub retries: u64,
+    pub latency_p50: f64,
+    pub latency_p99: f64,
+    pub throughput: f64,
+    pub active_seconds: f64,
+}
+
+fn bucket_of(nanos: u64) -> usize {
+    if nanos <= 1 {
+        return 0;
+    }
+    // floor(4 * log2(nanos)) from the position of the top bit and the next two bits.
+    let top = 63 - nanos.leading_zeros() as usize;
+    let frac = if top >= 2 { ((nanos >> (top - 2)) & 0b11) as usize } else { ((nanos << (2 - top)) & 0b11) as usize };
+    (4 * top + frac).min(BUCKETS - 1)
+}
+
+fn bucket_midpoint_seconds(bucket: usize) -> f64 {
+    2f64.powf((bucket as f64 + 0.5) / 4.0) / 1e9
+}
+
+impl StageStats {
+    pub fn new() -> Self {
+        StageStats {
+            items_in: AtomicU64::new(0),
+            items_out: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            histogram: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            window: Mutex::new((None, None)),
+        }
+    }
+
+    pub fn started(&self) {
+        let mut w = self.window.lock().unwrap();
+        if w.0.is_none() {
+            w.0 = Some(Instant::now());
+        }
+    }
+
+    pub fn finished(&self) {
+        self.window.lock().unwrap().1 = Some(Instant::now());
+    }
+
+    pub fn add_in(&self, n: u64) {
+        self.items_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_out(&self, n: u64) {
+        self.items_out.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_latency(&self, latency: Duration) {
+        self.record_latency_n(latency, 1);
+    }
+
+    /// Count `n` items that each took `latency`.
+    pub fn record_latency_n(&self, latency: Duration, n: u64) {
+        let nanos = latency.as_nanos().min(u64::MAX as u128) as u64;
+        self.histogram[bucket_of(nanos)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn percentile(&self, counts: &[u64], total: u64, q: f64) -> f64 {
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bucket, &count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return bucket_midpoint_seconds(bucket);
+            }
+        }
+        bucket_midpoint_seconds(BUCKETS - 1)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let counts: Vec<u64> = self.histogram.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        let items_in = self.items_in.load(Ordering::Relaxed);
+        let (start, end) = *self.window.lock().unwrap();
+        let active = match start {
+            Some(s) => end.unwrap_or_else(Instant::now).saturating_duration_since(s).as_secs_f64(),
+            None => 0.0,
+        };
+        Snapshot {
+            items_in,
+            items_out: self.items_out.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            latency_p50: self.percentile(&counts, total, 0.50),
+            latency_p99: self.percentile(&counts, total, 0.99),
+            throughput: if active > 0.0 { items_in as f64 / active } else { 0.0 },
+            active_seconds: active,
+        }
+    }
+}
+
+impl Default for StageStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic() {
+        let mut last = 0;
+        for n in [1u64, 2, 3, 5, 8, 100, 1_000, 1_000_000, 1_000_000_000, u64::MAX] {
+            let b = bucket_of(n);
+            assert!(b >= last, "bucket of {n} went down");
+            last = b;
+        }
+    }
+
+    #[test]
+    fn percentiles_are_close_to_the_truth() {
+        let s = StageStats::new();
+        for _ in 0..98 {
+            s.record_latency(Duration::from_micros(100));
+        }
+        s.record_latency(Duration::from_millis(50));
+        s.record_latency(Duration::from_millis(50));
+        let snap = s.snapshot();
+        assert!((snap.latency_p50 / 100e-6 - 1.0).abs() < 0.2, "{}", snap.latency_p50);
+        assert!((snap.latency_p99 / 50e-3 - 1.0).abs() < 0.2, "{}", snap.latency_p99);
+    }
+
+    #[test]
+    fn empty_stats_are_zero() {
+        let snap = StageStats::new().snapshot();
+        assert_eq!(snap.items_in, 0);
+        assert_eq!(snap.latency_p50, 0.0);
+        assert_eq!(snap.throughput, 0.0);
+    }
+}

@@ -1,0 +1,424 @@
+//! The loops that run on worker threads: producers, processors (a pool of long-lived
+//! threads, or a thread per item) and accumulators.
+//!
+//! Every loop waits for input without the GIL, then attaches once per chunk and calls the
+//! user's function for each item of the chunk.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::accumulate::{Batcher, Limits};
+use crate::channel::Recv;
+use crate::emit::{self, Emitter, Item};
+use crate::pool::{join_all, spawn_named, Semaphore};
+use crate::scheduler::{CallMode, Failure, Kind, StageShared};
+
+/// Start the threads of one stage.
+pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
+    let name = |i: usize| format!("minigun:{}:{}", stage.name, i);
+    match stage.kind {
+        Kind::Producer => {
+            let s = stage.clone();
+            vec![spawn_named(name(0), move || run_producer(&s))]
+        }
+        Kind::Accumulator => {
+            let s = stage.clone();
+            vec![spawn_named(name(0), move || run_accumulator(&s))]
+        }
+        Kind::Processor if stage.spec.spawn_per_item => {
+            let s = stage.clone();
+            vec![spawn_named(name(0), move || run_spawning(&s))]
+        }
+        Kind::Processor => (0..stage.spec.workers.max(1))
+            .map(|i| {
+                let s = stage.clone();
+                spawn_named(name(i), move || run_processor(&s))
+            })
+            .collect(),
+    }
+}
+
+/// What one worker calls: the stage function, or a custom Stage's per-worker copy.
+struct WorkerCall {
+    call: Option<Item>,
+    close: Option<Item>,
+}
+
+impl WorkerCall {
+    fn open(py: Python<'_>, stage: &StageShared) -> PyResult<Self> {
+        match &stage.spec.make_worker {
+            None => Ok(WorkerCall { call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)), close: None }),
+            Some(make) => {
+                let made = make.bind(py).call0()?;
+                let (call, close): (Item, Option<Item>) = made.extract()?;
+                Ok(WorkerCall { call: Some(call), close })
+            }
+        }
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.close {
+            Some(close) => close.bind(py).call0().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A small per-thread random source for retry jitter.
+fn jitter() -> f64 {
+    static SEED: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let mut x = SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Call the function on one input and emit what it produces, following the call mode.
+fn invoke(py: Python<'_>, call: &Bound<'_, PyAny>, mode: CallMode, input: &Bound<'_, PyAny>, emitter: &Emitter) -> PyResult<()> {
+    let result = call.call1((input,))?;
+    match mode {
+        CallMode::Value => {
+            if !result.is_none() {
+                emitter.emit_default(py, result.unbind());
+            }
+        }
+        CallMode::Iterate => {
+            if !result.is_none() {
+                for value in result.try_iter()? {
+                    emitter.emit_default(py, value?.unbind());
+                }
+            }
+        }
+        CallMode::Chunk => {}
+    }
+    Ok(())
+}
+
+/// Why a worker stops early.
+struct Stop;
+
+/// Run one input through the stage function with retries; failures go to `on_error`.
+fn process_one(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, input: &Bound<'_, PyAny>) -> Result<(), Stop> {
+    let spec = &stage.spec;
+    let mut attempt = 0u32;
+    loop {
+        if spec.retries > 0 {
+            emitter.begin_attempt();
+        }
+        match invoke(py, call, stage.mode, input, emitter) {
+            Ok(()) => {
+                emitter.commit(py);
+                return Ok(());
+            }
+            Err(error) => {
+                emitter.rollback();
+                if stage.run.shutdown.is_set() {
+                    return Err(Stop);
+                }
+                if attempt < spec.retries && error.is_instance(py, spec.retry_on.bind(py)) {
+                    attempt += 1;
+                    stage.stats.add_retry();
+                    let base = spec.retry_backoff * f64::from(1u32 << (attempt - 1).min(20));
+                    let pause = Duration::from_secs_f64((base * (0.5 + jitter())).min(60.0));
+                    let shutdown = stage.run.shutdown.clone();
+                    if py.detach(move || shutdown.sleep(pause)) {
+                        return Err(Stop);
+                    }
+                    continue;
+                }
+                stage.stats.add_error();
+                return handle_failure(py, stage, error, Some(input));
+            }
+        }
+    }
+}
+
+/// Offer a failed item to the `on_error` handlers; stop the run if none takes it.
+fn handle_failure(py: Python<'_>, stage: &StageShared, error: PyErr, item: Option<&Bound<'_, PyAny>>) -> Result<(), Stop> {
+    let item_obj = item.map(|i| i.clone().unbind()).unwrap_or_else(|| py.None());
+    let handled = stage.spec.on_failure.bind(py).call1((error.value(py), item_obj.bind(py), &stage.name));
+    match handled {
+        Ok(v) if v.is_truthy().unwrap_or(false) => Ok(()),
+        Ok(_) => {
+            stage.run.fail(Failure { stage: stage.name.clone(), error, item: Some(item_obj) });
+            Err(Stop)
+        }
+        Err(handler_error) => {
+            stage.run.fail(Failure { stage: stage.name.clone(), error: handler_error, item: Some(item_obj) });
+            Err(Stop)
+        }
+    }
+}
+
+/// Set up a worker's emitter and per-worker call, run `body`, then close and flush.
+fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
+    let emitter = Emitter::new(stage.routes.clone(), stage.stats.clone(), stage.outboxes(), stage.run.shutdown.clone());
+    let _bound = emit::bind(&emitter);
+    let opened = Python::attach(|py| WorkerCall::open(py, stage));
+    match opened {
+        Err(error) => stage.run.fail(Failure { stage: stage.name.clone(), error, item: None }),
+        Ok(worker) => {
+            body(&worker, &emitter);
+            Python::attach(|py| {
+                if !stage.run.shutdown.is_set() {
+                    if let Err(error) = worker.close(py) {
+                        stage.run.fail(Failure { stage: stage.name.clone(), error, item: None });
+                    }
+                }
+                drop(worker);
+            });
+        }
+    }
+    Python::attach(|py| {
+        emitter.finish(py);
+        stage.worker_finished(py);
+    });
+}
+
+fn run_producer(stage: &StageShared) {
+    stage.stats.started();
+    if !stage.wait_for_trigger() {
+        Python::attach(|py| stage.worker_finished(py));
+        return;
+    }
+    with_worker(stage, |worker, emitter| {
+        Python::attach(|py| {
+            let Some(call) = worker.call.as_ref() else { return };
+            let started = Instant::now();
+            let produced = (|| -> PyResult<()> {
+                let result = call.bind(py).call0()?;
+                if result.is_none() {
+                    return Ok(());
+                }
+                for value in result.try_iter()? {
+                    if stage.run.shutdown.is_set() {
+                        break;
+                    }
+                    emitter.emit_default(py, value?.unbind());
+                }
+                Ok(())
+            })();
+            stage.stats.record_latency(started.elapsed());
+            if let Err(error) = produced {
+                if !stage.run.shutdown.is_set() {
+                    stage.stats.add_error();
+                    let _ = handle_failure(py, stage, error, None);
+                }
+            }
+        });
+    });
+}
+
+fn run_processor(stage: &StageShared) {
+    let input = stage.input().expect("processors have an input").clone();
+    with_worker(stage, |worker, emitter| {
+        let Some(call) = worker.call.as_ref() else { return };
+        loop {
+            let items = match input.recv(&stage.run.shutdown, None) {
+                Recv::Chunk(items) => items,
+                Recv::Timeout => continue,
+                Recv::Closed | Recv::Shutdown => break,
+            };
+            stage.stats.started();
+            let n = items.len();
+            let stop = Python::attach(|py| {
+                let call = call.bind(py);
+                let started = Instant::now();
+                let result = if stage.mode == CallMode::Chunk {
+                    run_chunk(py, stage, call, emitter, items)
+                } else {
+                    run_items(py, stage, call, emitter, items)
+                };
+                input.observe_cost(n, started.elapsed().as_nanos() as u64);
+                if result.is_ok() && input.is_empty() {
+                    emitter.flush(py);
+                }
+                result.is_err()
+            });
+            if stop {
+                break;
+            }
+        }
+    });
+}
+
+fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, items: Vec<Item>) -> Result<(), Stop> {
+    stage.stats.add_in(items.len() as u64);
+    for item in items {
+        if stage.run.shutdown.is_set() {
+            return Err(Stop);
+        }
+        let t = Instant::now();
+        let item = item.into_bound(py);
+        process_one(py, stage, call, emitter, &item)?;
+        stage.stats.record_latency(t.elapsed());
+    }
+    Ok(())
+}
+
+/// Chunk mode: the call gets the whole chunk as a list and reports per-item latency itself.
+fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, items: Vec<Item>) -> Result<(), Stop> {
+    let n = items.len() as u64;
+    stage.stats.add_in(n);
+    let t = Instant::now();
+    let list = PyList::new(py, items).map_err(|_| Stop)?;
+    process_one(py, stage, call, emitter, list.as_any())?;
+    stage.stats.record_latency_n(t.elapsed() / (n.max(1) as u32), n);
+    Ok(())
+}
+
+/// `spawn_thread`: a new thread per input item, at most `workers` alive at once.
+fn run_spawning(stage: &Arc<StageShared>) {
+    let input = stage.input().expect("processors have an input").clone();
+    let limit = stage.spec.workers.max(1);
+    let slots = Arc::new(Semaphore::new(limit));
+    with_worker(stage, |_, _| {
+        let mut children: Vec<JoinHandle<()>> = Vec::new();
+        loop {
+            let items = match input.recv(&stage.run.shutdown, None) {
+                Recv::Chunk(items) => items,
+                Recv::Timeout => continue,
+                Recv::Closed | Recv::Shutdown => break,
+            };
+            stage.stats.started();
+            stage.stats.add_in(items.len() as u64);
+            for item in items {
+                if !slots.acquire(&stage.run.shutdown) {
+                    Python::attach(|_py| drop(item));
+                    continue;
+                }
+                let (stage, slots) = (stage.clone(), slots.clone());
+                children.push(spawn_named(format!("minigun:{}:spawned", stage.name), move || {
+                    run_spawned(&stage, item);
+                    slots.release();
+                }));
+                if children.len() > 4 * limit {
+                    // Join finished threads now and then so the handle list stays short.
+                    let (done, running): (Vec<_>, Vec<_>) = children.drain(..).partition(|h| h.is_finished());
+                    join_all(done);
+                    children = running;
+                }
+            }
+        }
+        // Every spawned thread sends through its own outboxes: they must all be done
+        // before this stage reports the end of its stream downstream.
+        join_all(children);
+    });
+}
+
+fn run_spawned(stage: &StageShared, item: Item) {
+    let emitter = Emitter::new(stage.routes.clone(), stage.stats.clone(), stage.outboxes(), stage.run.shutdown.clone());
+    let _bound = emit::bind(&emitter);
+    Python::attach(|py| {
+        if let Some(call) = stage.spec.call.as_ref() {
+            let t = Instant::now();
+            let item = item.into_bound(py);
+            if process_one(py, stage, call.bind(py), &emitter, &item).is_ok() {
+                stage.stats.record_latency(t.elapsed());
+            }
+        }
+        emitter.finish(py);
+    });
+}
+
+fn run_accumulator(stage: &StageShared) {
+    let input = stage.input().expect("accumulators have an input").clone();
+    let spec = &stage.spec;
+    let mut batcher: Batcher<Option<Item>, Item> = Batcher::new(Limits {
+        max_size: spec.max_size,
+        max_all: spec.max_all,
+        check_interval: spec.check_interval,
+        max_wait: spec.max_wait.map(Duration::from_secs_f64),
+    });
+    let mut next_slot = 0u64;
+    let slots: Option<Py<PyDict>> = spec.key.as_ref().map(|_| Python::attach(|py| PyDict::new(py).unbind()));
+    with_worker(stage, |worker, emitter| {
+        let body = worker.call.as_ref();
+        let flush = |py: Python<'_>, batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>| -> Result<(), Stop> {
+            for batch in batches {
+                if let (Some(slots), Some(key)) = (&slots, &batch.key) {
+                    let _ = slots.bind(py).del_item(key.bind(py));
+                }
+                let list = PyList::new(py, batch.items).map_err(|_| Stop)?;
+                let t = Instant::now();
+                match body {
+                    Some(body) => process_one(py, stage, body.bind(py), emitter, list.as_any())?,
+                    None => emitter.emit_default(py, list.into_any().unbind()),
+                }
+                stage.stats.record_latency(t.elapsed());
+            }
+            Ok(())
+        };
+        loop {
+            let got = input.recv(&stage.run.shutdown, batcher.next_deadline());
+            let stop = Python::attach(|py| -> Result<bool, Stop> {
+                match got {
+                    Recv::Chunk(items) => {
+                        stage.stats.started();
+                        stage.stats.add_in(items.len() as u64);
+                        for item in items {
+                            let now = Instant::now();
+                            let slot = match (&slots, &spec.key) {
+                                (Some(slots), Some(key_fn)) => {
+                                    let key = match key_fn.bind(py).call1((item.bind(py),)) {
+                                        Ok(key) => key,
+                                        Err(error) => {
+                                            stage.stats.add_error();
+                                            handle_failure(py, stage, error, Some(item.bind(py)))?;
+                                            continue;
+                                        }
+                                    };
+                                    let slots = slots.bind(py);
+                                    match slots.get_item(&key) {
+                                        Ok(Some(slot)) => (slot.extract::<u64>().unwrap_or(0), key.unbind()),
+                                        _ => {
+                                            next_slot += 1;
+                                            if let Err(error) = slots.set_item(&key, next_slot) {
+                                                stage.stats.add_error();
+                                                handle_failure(py, stage, error, Some(item.bind(py)))?;
+                                                continue;
+                                            }
+                                            (next_slot, key.unbind())
+                                        }
+                                    }
+                                }
+                                _ => (0, py.None()),
+                            };
+                            let (slot, key) = slot;
+                            let due = batcher.push(slot, || Some(key), item, now);
+                            flush(py, due)?;
+                        }
+                        if input.is_empty() {
+                            emitter.flush(py);
+                        }
+                        Ok(false)
+                    }
+                    Recv::Timeout => {
+                        flush(py, batcher.expired(Instant::now()))?;
+                        emitter.flush(py);
+                        Ok(false)
+                    }
+                    Recv::Closed => {
+                        flush(py, batcher.drain())?;
+                        Ok(true)
+                    }
+                    Recv::Shutdown => Ok(true),
+                }
+            });
+            if !matches!(stop, Ok(false)) {
+                break;
+            }
+        }
+        Python::attach(|_py| drop(batcher.drain()));
+    });
+    if let Some(slots) = slots {
+        Python::attach(|_py| drop(slots));
+    }
+}
