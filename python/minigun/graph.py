@@ -5,10 +5,12 @@ path (``"sub.plus_one"``), and an edge into a nested pipeline becomes edges into
 stages (those nothing inside feeds), an edge out of it edges out of its exit stages (those
 that feed nothing). Edges follow API.md section 1:
 
-* ``to=`` / ``from_=`` declare edges and replace the implicit ones on the side they declare;
-* otherwise a stage feeds the next stage defined after it that is neither a producer nor
-  already fed explicitly (named in some ``to=``, or declaring ``from_=``). So
-  ``gen(to=["a", "b"]); a; b; c`` is a diamond: ``a`` and ``b`` both feed ``c``.
+* ``to=`` / ``from_=`` declare edges and replace the implicit ones on the side they declare:
+  a stage with ``to=`` has no implicit outgoing edge; a stage named in some ``to=``, or
+  declaring ``from_=``, has no implicit incoming edge;
+* otherwise a stage feeds the next non-producer stage defined after it, if that stage
+  takes implicit input. So in ``gen(to=["a", "b"]); a; b; c`` the siblings ``a`` and ``b``
+  are not chained, ``b`` feeds ``c`` and ``a`` ends its branch (give it ``to="c"`` to join).
 
 Names resolve in the stage's own pipeline first, then outward; ``"sub.stage"`` reaches
 into a nested pipeline, and a bare name found in exactly one nested pipeline works too.
@@ -228,12 +230,9 @@ def _member_edges(root: Scope) -> _Edges:
         for i, name in enumerate(names):
             if scope.members[name].to:
                 continue
-            for later in names[i + 1:]:
-                stage = scope.members[later]
-                if stage.kind == PRODUCER or (id(scope), later) in explicitly_fed:
-                    continue
-                edges.add((scope, name), (scope, later))
-                break
+            following = [n for n in names[i + 1:] if scope.members[n].kind != PRODUCER]
+            if following and (id(scope), following[0]) not in explicitly_fed:
+                edges.add((scope, name), (scope, following[0]))
     return edges
 
 
