@@ -414,6 +414,7 @@ impl Runtime {
             d.set_item("items_out", s.items_out)?;
             d.set_item("errors", s.errors)?;
             d.set_item("retries", s.retries)?;
+            d.set_item("chunks_in", s.chunks_in)?;
             d.set_item("latency_p50", s.latency_p50)?;
             d.set_item("latency_p99", s.latency_p99)?;
             d.set_item("throughput", s.throughput)?;

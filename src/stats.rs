@@ -13,6 +13,7 @@ pub struct StageStats {
     pub items_out: AtomicU64,
     pub errors: AtomicU64,
     pub retries: AtomicU64,
+    pub chunks_in: AtomicU64,
     histogram: Box<[AtomicU64]>,
     /// When the stage took its first item and when it finished, for throughput.
     window: Mutex<(Option<Instant>, Option<Instant>)>,
@@ -25,6 +26,7 @@ pub struct Snapshot {
     pub items_out: u64,
     pub errors: u64,
     pub retries: u64,
+    pub chunks_in: u64,
     pub latency_p50: f64,
     pub latency_p99: f64,
     pub throughput: f64,
@@ -52,6 +54,7 @@ impl StageStats {
             items_out: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            chunks_in: AtomicU64::new(0),
             histogram: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             window: Mutex::new((None, None)),
         }
@@ -68,8 +71,10 @@ impl StageStats {
         self.window.lock().unwrap().1 = Some(Instant::now());
     }
 
+    /// A chunk of `n` items arrived.
     pub fn add_in(&self, n: u64) {
         self.items_in.fetch_add(n, Ordering::Relaxed);
+        self.chunks_in.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn add_out(&self, n: u64) {
@@ -123,6 +128,7 @@ impl StageStats {
             items_out: self.items_out.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            chunks_in: self.chunks_in.load(Ordering::Relaxed),
             latency_p50: self.percentile(&counts, total, 0.50),
             latency_p99: self.percentile(&counts, total, 0.99),
             throughput: if active > 0.0 { items_in as f64 / active } else { 0.0 },

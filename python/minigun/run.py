@@ -39,7 +39,9 @@ class StageStats:
     latency_p50: float = 0.0
     latency_p99: float = 0.0
     throughput: float = 0.0
+    #: Items waiting in the stage's input queue (live stats) and chunks it received.
     queued: int = 0
+    chunks_in: int = 0
 
     @classmethod
     def from_runtime(cls, raw: dict[str, Any]) -> StageStats:
