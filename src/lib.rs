@@ -3,11 +3,14 @@
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
 //! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
 //! call user code), `accumulate` (keyed batching), `stats` (counters and latency),
-//! `scheduler` (a whole run), `shutdown` (the stop signal).
+//! `scheduler` (a whole run), `shutdown` (the stop signal), `fork` (reaping and
+//! terminating forked children) and `ipc` (length-prefixed frames on pipes).
 
 pub mod accumulate;
 pub mod channel;
 pub mod emit;
+pub mod fork;
+pub mod ipc;
 pub mod pool;
 pub mod scheduler;
 pub mod shutdown;
@@ -22,5 +25,10 @@ fn _minigun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(emit::emit, m)?)?;
     m.add_function(wrap_pyfunction!(emit::in_stage, m)?)?;
     m.add("MAX_CHUNK", channel::MAX_CHUNK)?;
+    m.add_function(wrap_pyfunction!(fork::reap, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::exited, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::terminate, m)?)?;
+    m.add_function(wrap_pyfunction!(ipc::read_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(ipc::write_frame, m)?)?;
     Ok(())
 }

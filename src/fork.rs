@@ -1,0 +1,261 @@
+//! Child-process bookkeeping for the fork strategies (`spawn_fork`, `fork_ipc`): waiting
+//! for a child to end and collecting its exit status (reaping), peeking whether it ended,
+//! and terminating it (SIGTERM, a grace period, then SIGKILL). Every wait happens without
+//! the GIL.
+//!
+//! The fork itself is not here: `minigun.forking` calls `os.fork()` from the worker thread
+//! that runs the stage (see docs/forking.md for why that is safe), and the child runs pure
+//! Python only. These functions are for the parent; a child never calls into this module.
+//!
+//! Waiting uses a pidfd (`pidfd_open`, Linux 5.3+) polled with a timeout, so a child's exit
+//! wakes the waiter at once; where pidfds are unavailable it falls back to `waitpid(WNOHANG)`
+//! with a short backoff.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyChildProcessError;
+use pyo3::prelude::*;
+
+/// Collect `pid`'s exit status if it has ended (`waitpid(WNOHANG)`); `None` while it runs.
+pub fn try_reap(pid: i32) -> io::Result<Option<i32>> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waitpid only writes the status integer we own.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Ok(Some(status));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether `pid` has ended, without reaping it (`waitid(WNOWAIT)`): its status stays
+/// available to [`try_reap`]. An unknown pid (already reaped) counts as ended.
+pub fn has_exited(pid: i32) -> bool {
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: waitid writes only into `info`.
+        let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+        if r == 0 {
+            // SAFETY: waitid filled `info` (si_pid stays 0 when nothing has ended).
+            return unsafe { info.si_pid() } != 0;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return true;
+        }
+    }
+}
+
+/// A pidfd for `pid`, if the kernel has them.
+fn pidfd(pid: i32) -> Option<libc::c_int> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    (fd >= 0).then_some(fd as libc::c_int)
+}
+
+/// Wait up to `timeout` (forever if `None`) for `pid` to end, and reap it.
+/// `Ok(None)`: still running at the timeout.
+pub fn reap_within(pid: i32, timeout: Option<Duration>) -> io::Result<Option<i32>> {
+    if let Some(status) = try_reap(pid)? {
+        return Ok(Some(status));
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let fd = pidfd(pid);
+    let mut pause = Duration::from_micros(50);
+    let result = loop {
+        let left = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    break Ok(None);
+                }
+                Some(d - now)
+            }
+            None => None,
+        };
+        match fd {
+            Some(fd) => {
+                // Wake when the child ends, or at least every 100 ms (a pidfd that never
+                // becomes readable would otherwise block an untimed wait forever).
+                let slice = left.unwrap_or(Duration::from_millis(100)).min(Duration::from_millis(100));
+                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                let ms = slice.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+            }
+            None => {
+                std::thread::sleep(left.map_or(pause, |l| l.min(pause)));
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+        }
+        match try_reap(pid) {
+            Ok(None) => continue,
+            other => break other,
+        }
+    };
+    if let Some(fd) = fd {
+        // SAFETY: we own this fd.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
+/// Send `signal` to `pid`; a child that is already gone is not an error.
+pub fn signal(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory effects.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        return Ok(());
+    }
+    Err(err)
+}
+
+/// End `pid` for good: SIGTERM, up to `grace` to exit, then SIGKILL; reap it either way.
+pub fn terminate_child(pid: i32, grace: Duration) -> io::Result<i32> {
+    if let Some(status) = try_reap(pid)? {
+        return Ok(status);
+    }
+    signal(pid, libc::SIGTERM)?;
+    if let Some(status) = reap_within(pid, Some(grace))? {
+        return Ok(status);
+    }
+    signal(pid, libc::SIGKILL)?;
+    Ok(reap_within(pid, None)?.expect("an untimed wait returns a status"))
+}
+
+fn os_error(err: io::Error) -> PyErr {
+    if err.raw_os_error() == Some(libc::ECHILD) {
+        return PyChildProcessError::new_err(format!("{err} (not a child of this process, or already reaped)"));
+    }
+    PyErr::from(err)
+}
+
+/// `reap(pid, timeout=None) -> int | None`: wait (without the GIL) up to `timeout` seconds
+/// (forever if None) for the child `pid` to end; reap it and return its raw wait status
+/// (decode with `os.waitstatus_to_exitcode`), or None if it is still running.
+/// Raises ChildProcessError if `pid` is not a child of this process (or was reaped).
+#[pyfunction]
+#[pyo3(signature = (pid, timeout=None))]
+pub fn reap(py: Python<'_>, pid: i32, timeout: Option<f64>) -> PyResult<Option<i32>> {
+    let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+    if timeout == Some(Duration::ZERO) {
+        return try_reap(pid).map_err(os_error);
+    }
+    py.detach(move || reap_within(pid, timeout)).map_err(os_error)
+}
+
+/// `exited(pid) -> bool`: whether the child `pid` has ended, without reaping it.
+#[pyfunction]
+pub fn exited(pid: i32) -> bool {
+    has_exited(pid)
+}
+
+/// `terminate(pid, grace=1.0) -> int`: SIGTERM the child, give it `grace` seconds, then
+/// SIGKILL; reap it (without the GIL) and return its raw wait status.
+#[pyfunction]
+#[pyo3(signature = (pid, grace=1.0))]
+pub fn terminate(py: Python<'_>, pid: i32, grace: f64) -> PyResult<i32> {
+    let grace = Duration::from_secs_f64(grace.max(0.0));
+    py.detach(move || terminate_child(pid, grace)).map_err(os_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fork a child that runs `body` (async-signal-safe calls only) and then `_exit`s.
+    fn spawn(body: fn() -> i32) -> i32 {
+        // SAFETY: the child only calls async-signal-safe functions before _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = body();
+            // SAFETY: leaving the child without running anything of the parent's.
+            unsafe { libc::_exit(code) };
+        }
+        pid
+    }
+
+    fn sleep_long() -> i32 {
+        // SAFETY: sleep is async-signal-safe.
+        unsafe { libc::sleep(30) };
+        0
+    }
+
+    #[test]
+    fn reaps_the_exit_code() {
+        let pid = spawn(|| 7);
+        let status = reap_within(pid, Some(Duration::from_secs(5))).unwrap().unwrap();
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 7);
+        // Reaped: a second wait knows no such child.
+        assert_eq!(try_reap(pid).unwrap_err().raw_os_error(), Some(libc::ECHILD));
+    }
+
+    #[test]
+    fn times_out_while_running_then_terminates() {
+        let pid = spawn(sleep_long);
+        let t = Instant::now();
+        assert_eq!(reap_within(pid, Some(Duration::from_millis(30))).unwrap(), None);
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        assert!(!has_exited(pid));
+        let status = terminate_child(pid, Duration::from_secs(5)).unwrap();
+        assert!(libc::WIFSIGNALED(status));
+        assert_eq!(libc::WTERMSIG(status), libc::SIGTERM);
+    }
+
+    #[test]
+    fn kills_a_child_that_ignores_sigterm() {
+        // The child inherits a mask that blocks SIGTERM, so SIGTERM never ends it.
+        // SAFETY: sigset manipulation on locals; the mask is restored in this thread.
+        let pid = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            let pid = spawn(sleep_long);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            pid
+        };
+        let t = Instant::now();
+        let status = terminate_child(pid, Duration::from_millis(50)).unwrap();
+        assert!(libc::WIFSIGNALED(status));
+        assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
+        assert!(t.elapsed() >= Duration::from_millis(50) && t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn peeking_does_not_reap() {
+        let pid = spawn(|| 3);
+        let t = Instant::now();
+        while !has_exited(pid) {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(has_exited(pid)); // still there to reap
+        let status = try_reap(pid).unwrap().unwrap();
+        assert_eq!(libc::WEXITSTATUS(status), 3);
+    }
+
+    #[test]
+    fn signalling_a_gone_child_is_fine() {
+        let pid = spawn(|| 0);
+        reap_within(pid, None).unwrap().unwrap();
+        // The pid is free now; ESRCH is not an error (a reused pid is not our concern
+        // here: minigun never signals a pid it has reaped).
+        let _ = signal(pid, 0);
+    }
+}
