@@ -362,7 +362,8 @@ fn run_accumulator(stage: &StageShared) {
                 match got {
                     Recv::Chunk(items) => {
                         stage.stats.started();
-                        stage.stats.add_in(items.len() as u64);
+                        let (n, started) = (items.len(), Instant::now());
+                        stage.stats.add_in(n as u64);
                         for item in items {
                             let now = Instant::now();
                             let slot = match (&slots, &spec.key) {
@@ -395,6 +396,7 @@ fn run_accumulator(stage: &StageShared) {
                             let due = batcher.push(slot, || Some(key), item, now);
                             flush(py, due)?;
                         }
+                        input.observe_cost(n, started.elapsed().as_nanos() as u64);
                         if input.is_empty() {
                             emitter.flush(py);
                         }
