@@ -4,9 +4,10 @@ accumulator_check_interval, end-of-stream flush, and the one-worker rule."""
 import collections
 import threading
 
-import minigun as mg
 import pytest
 from _mg_helpers import Collector
+
+import minigun as mg
 
 
 def _flatten(batches):

@@ -5,9 +5,10 @@ import collections
 import threading
 import time
 
-import minigun as mg
 import pytest
 from _mg_helpers import Collector, Concurrency, minigun_warnings
+
+import minigun as mg
 
 
 def test_builder_methods_take_the_function_first_and_return_stages():

@@ -5,9 +5,10 @@ import collections
 import threading
 import time
 
-import minigun as mg
 import pytest
 from _mg_helpers import Collector
+
+import minigun as mg
 
 # ---------------------------------------------------------------------------
 # Public names

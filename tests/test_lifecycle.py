@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import minigun as mg
 import pytest
 from _mg_helpers import (
     PYTHON,
@@ -22,6 +21,8 @@ from _mg_helpers import (
     subprocess_env,
     wait_until,
 )
+
+import minigun as mg
 
 # ---------------------------------------------------------------------------
 # before_run / after_run / before(stage) / after(stage)

@@ -3,9 +3,10 @@
 import subprocess
 import textwrap
 
-import minigun as mg
 import pytest
 from _mg_helpers import PYTHON, subprocess_env
+
+import minigun as mg
 
 
 def _job_classes():

@@ -6,10 +6,11 @@ round-robin fan-out deliver exactly the multiset their edges imply."""
 import collections
 import threading
 
-import minigun as mg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import minigun as mg
 
 PROPERTY_SETTINGS = settings(
     max_examples=25,

@@ -5,9 +5,10 @@ name resolution across nested pipelines, and graph validation."""
 import collections
 import time
 
-import minigun as mg
 import pytest
 from _mg_helpers import Collector
+
+import minigun as mg
 
 # ---------------------------------------------------------------------------
 # Default routing

@@ -17,7 +17,7 @@ from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
 from .pipeline import Pipeline
-from .stage import ACCUMULATOR, PRODUCER, PROCESSOR, FunctionStage, NestedStage, Stage
+from .stage import ACCUMULATOR, PROCESSOR, PRODUCER, FunctionStage, NestedStage, Stage
 
 if TYPE_CHECKING:
     from .run import Run, RunResult

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import config as _config
 from . import hooks as _hooks
 from .errors import DefinitionError
-from .stage import ACCUMULATOR, PRODUCER, PROCESSOR, FunctionStage, NestedStage, Stage
+from .stage import ACCUMULATOR, PROCESSOR, PRODUCER, FunctionStage, NestedStage, Stage
 
 if TYPE_CHECKING:
     from .run import Run, RunResult

@@ -73,7 +73,8 @@ class RunResult:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"run {self.status} in {self.duration:.3f}s"]
         for k, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            cells = [row[0].ljust(widths[0])]
+            cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
             lines.append("  ".join(cells).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
@@ -163,7 +164,7 @@ class Run:
             "retries": retries,
             "retry_on": stage.retry_on,
             "retry_backoff": stage.retry_backoff,
-            "on_failure": lambda error, item, name, _node=node: self._on_failure(_node, error, item),
+            "on_failure": lambda error, item, _name, n=node: self._on_failure(n, error, item),
             "on_finish": lambda _node=node: self._on_stage_finished(_node),
             "auto_start": stage.auto_start,
             "max_size": getattr(stage, "max_size", None) or settings["accumulator_max_single"],
@@ -308,6 +309,9 @@ class Run:
             if self._result is not None:
                 return self._result
             self._runtime.join()
+            from .forking import reap_run  # noqa: PLC0415 - ends idle fork_ipc children
+
+            reap_run(self)
             failure = self._runtime.failure()
             for scope in self._graph.scopes()[1:]:
                 try:

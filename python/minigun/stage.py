@@ -187,13 +187,12 @@ def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool)
             f"stage {stage!r}: required keyword-only parameter(s) {', '.join(kw_required)}; "
             "give them defaults or make them positional"
         )
-    shown = "(self, ...)" if takes_self else "(...)"
     if kind == PRODUCER:
         if required:
             raise DefinitionError(
                 f"producer {stage!r} takes no items but its function requires "
                 f"{len(required)} parameter(s) ({', '.join(p.name for p in required)}); "
-                f"a producer is defined as def {stage}{shown.replace('...', '').replace(', )', ')')}"
+                f"define it as def {stage}({'self' if takes_self else ''}) and yield the items"
             )
         return
     what = "the batch (a list)" if kind == ACCUMULATOR else "the item"
@@ -224,9 +223,7 @@ class FunctionStage(Stage):
         **options: Any,
     ) -> None:
         if name is None and fn is not None:
-            name = getattr(fn, "__name__", None)
-            if name == "<lambda>":
-                name = "<lambda>"
+            name = getattr(fn, "__name__", None)  # two unnamed lambdas collide: "<lambda>"
         label = name or kind
         if kind == ACCUMULATOR:
             if options.get("threads", 1) not in (None, 1):
