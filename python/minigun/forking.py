@@ -44,11 +44,14 @@ after the runtime's threads are joined, which ends idle ``fork_ipc`` children le
 cancelled or failed run. Every child is reaped exactly once, by the thread that owns it.
 
 Budget: ``max_processes`` bounds the children alive at once per pipeline scope (a nested
-pipeline's children count in every enclosing scope too). ``fork_ipc`` workers reserve
-their processes for the whole run (``processes=`` is lowered, with a warning, where the
-``fork_ipc`` stages of one scope ask for more than its limit, each keeping at least one);
-``spawn_fork`` stages share what is left, and each may always have one child alive even
-when the budget is used up, so no stage can starve another into a deadlock.
+pipeline's children count in every enclosing scope too). Every fork stage holds a standing
+reservation: a ``fork_ipc`` stage one process per worker, a ``spawn_fork`` stage one
+process (the child it is always guaranteed). ``fork_ipc`` process counts are lowered, with
+a warning, where a scope's fork stages need more than its limit together (each keeps one).
+What the limit leaves over is shared by the ``spawn_fork`` stages for their second and
+later concurrent children. So a scope never has more than ``max(max_processes, number of
+fork stages)`` children alive, and no stage ever waits for another stage's process, which
+could deadlock a pipeline whose long-lived workers wait for input from a starved stage.
 """
 
 from __future__ import annotations
@@ -605,6 +608,7 @@ class _IpcWorker:
         self.child: _Child | None = None
 
     def _start(self) -> _Child:
+        self.fn.tick()
         child = _spawn(self.fn.forks, self.fn.path, 0, self.fn.before, _ipc_child,
                        (self.fn.after, self.open_worker, self.fn.mode), duplex=True)
         self.child = child
@@ -669,71 +673,89 @@ def _ipc_factory(fn: _Node, call: Callable[[Any], Any] | None,
 
 
 class _RunForks:
-    """Children of one run: the live ones (for clean-up) and the max_processes budget."""
+    """Children of one run: the live ones (for clean-up) and the max_processes budget.
+
+    Per pipeline scope, each fork stage below it holds a standing reservation: a fork_ipc
+    stage one process per worker, a spawn_fork stage one process (its guaranteed child).
+    What the scope's limit leaves over is a pool that spawn_fork stages draw on for their
+    second and later concurrent children. So children alive in a scope never exceed
+    ``max(max_processes, number of fork stages in it)``, and no stage waits on another.
+    """
 
     def __init__(self, run: Any) -> None:
         self.cond = threading.Condition()
         self.children: dict[int, _Child] = {}
         self.limit: dict[int, int] = {}
         self.reserved: dict[int, int] = {}
-        self.alive: dict[int, int] = {}
+        self.extra: dict[int, int] = {}
         self.stage_alive: dict[str, int] = {}
         self.ipc_workers: dict[str, int] = {}
         self._plan(run)
 
     def _plan(self, run: Any) -> None:
-        """Reserve the fork_ipc workers' processes; lower their counts where the fork_ipc
-        stages of a scope ask for more than its max_processes (each keeps one)."""
-        for scope in run._graph.scopes():
+        """Reserve the fork stages' processes; lower fork_ipc process counts (each keeps
+        one) where a scope's fork stages need more than its max_processes together."""
+        scopes = run._graph.scopes()
+        for scope in scopes:
             self.limit[id(scope)] = scope.settings["max_processes"]
-        ipc: list[tuple[Any, int]] = []
+        forking: list[tuple[Any, str, int]] = []
         for node in run._graph.nodes:
             strategy, workers = plan(node.stage, node.scope.settings, None)
-            if strategy == "fork_ipc":
-                ipc.append((node, workers))
-        wanted = {node.path: workers for node, workers in ipc}
+            if strategy in ("fork_ipc", "spawn_fork"):
+                forking.append((node, strategy, workers if strategy == "fork_ipc" else 1))
+        wanted = {node.path: n for node, _, n in forking}
         count = dict(wanted)
-        for scope in run._graph.scopes():
-            members = [n.path for n, _ in ipc if scope in n.scope.lineage()]
-            while sum(count[p] for p in members) > self.limit[id(scope)]:
-                widest = max(members, key=lambda p: count[p])
+        for scope in scopes:
+            members = [n.path for n, _, _ in forking if scope in n.scope.lineage()]
+            ipc = [n.path for n, kind, _ in forking
+                   if kind == "fork_ipc" and n.path in members]
+            while ipc and sum(count[p] for p in members) > self.limit[id(scope)]:
+                widest = max(ipc, key=lambda p: count[p])
                 if count[widest] <= 1:
                     break
                 count[widest] -= 1
-        for node, _ in ipc:
+        for node, strategy, _ in forking:
             path = node.path
             if count[path] < wanted[path]:
                 logger.warning(
-                    "stage %r asks for %d fork_ipc processes, but the fork_ipc stages of its "
-                    "pipeline ask for more than max_processes=%d together; using %d (raise "
+                    "stage %r asks for %d fork_ipc processes, but with the other fork stages "
+                    "of its pipeline that is more than max_processes=%d; using %d (raise "
                     "max_processes to allow more)", path, wanted[path],
                     node.scope.settings["max_processes"], count[path])
             for scope in node.scope.lineage():
                 self.reserved[id(scope)] = self.reserved.get(id(scope), 0) + count[path]
-        self.ipc_workers = count
+            if strategy == "fork_ipc":
+                self.ipc_workers[path] = count[path]
 
     def acquire(self, fn: _Node) -> None:
         """Wait for room for one more spawn_fork child of ``fn``'s stage."""
         with self.cond:
-            while not self._room(fn):
-                if fn.stopping():
-                    raise _Stopping(f"stage {fn.path!r}: the run is stopping")
+            while True:
+                # Checked even when there is room: a child killed because the run stops
+                # frees room, and no new child may take it.
+                fn.tick()
+                if self._room(fn):
+                    break
                 self.cond.wait(_POLL)
-            self.stage_alive[fn.path] = self.stage_alive.get(fn.path, 0) + 1
-            for s in fn.scopes:
-                self.alive[s] = self.alive.get(s, 0) + 1
+            alive = self.stage_alive.get(fn.path, 0)
+            self.stage_alive[fn.path] = alive + 1
+            if alive:
+                for s in fn.scopes:
+                    self.extra[s] = self.extra.get(s, 0) + 1
 
     def _room(self, fn: _Node) -> bool:
         if not self.stage_alive.get(fn.path):
-            return True  # every fork stage may always have one child
-        return all(self.alive.get(s, 0) + self.reserved.get(s, 0) < self.limit[s]
+            return True  # the stage's own reserved process
+        return all(self.extra.get(s, 0) + self.reserved.get(s, 0) < self.limit[s]
                    for s in fn.scopes)
 
     def release(self, fn: _Node) -> None:
         with self.cond:
-            self.stage_alive[fn.path] -= 1
-            for s in fn.scopes:
-                self.alive[s] -= 1
+            alive = self.stage_alive[fn.path]
+            self.stage_alive[fn.path] = alive - 1
+            if alive > 1:
+                for s in fn.scopes:
+                    self.extra[s] -= 1
             self.cond.notify_all()
 
     def remember(self, child: _Child) -> None:
