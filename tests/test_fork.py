@@ -556,6 +556,43 @@ def test_a_sigkilled_child_is_an_error_of_its_item_not_a_hang():
         assert "SIGKILL" in message and "child process" in message
 
 
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_a_fork_ipc_worker_killed_while_idle_is_replaced():
+    killed = threading.Event()
+    out = []
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield 0
+            assert killed.wait(5)
+            yield 1
+
+        @mg.processor(strategy="fork_ipc")
+        def work(self, x):
+            return (x, os.getpid())
+
+        @mg.consumer
+        def keep(self, v):
+            out.append(v)
+            if v[0] == 0:
+                os.kill(v[1], signal.SIGKILL)
+                assert wait_until(lambda: _is_zombie(v[1]), timeout=5)
+                killed.set()
+
+    result = Job().run()
+    assert result.status == "ok" and result.stats["work"].errors == 0
+    assert [x for x, _ in out] == [0, 1] and out[0][1] != out[1][1]
+
+
 def test_a_dead_child_fails_the_run_without_a_handler():
     class Job(mg.Task):
         @mg.producer

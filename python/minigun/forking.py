@@ -620,22 +620,34 @@ class _IpcWorker:
             child.kill() if kill else child.wait(self.fn.stopping)
 
     def _exchange(self, message: bytes) -> tuple[str, Any]:
-        child = self.child or self._start()
-        try:
+        """Send one message and collect the reply. A worker found dead before it could
+        read the message (killed while idle) is replaced once, transparently."""
+        for attempt in (1, 2):
+            child = self.child
+            if child is not None and _minigun.exited(child.pid):
+                self._drop(kill=True)  # died while idle: reap it, fork a fresh one
+                child = None
+            child = child or self._start()
+            delivered = True
             try:
-                _minigun.write_frame(child.wfd, message, self.fn.tick)
-            except BrokenPipeError:
-                pass  # the child is gone; its last frames (if any) say why
-            outcome, error = _pump(child, self.fn.tick, _minigun.emit)
-        except BaseException:
-            # Stopping, or a re-emitted value was refused: the child may be mid-item.
-            self._drop(kill=True)
-            raise
-        if outcome in ("eof", _FATAL):
-            self._drop(kill=outcome == "eof")
+                try:
+                    _minigun.write_frame(child.wfd, message, self.fn.tick)
+                except BrokenPipeError:
+                    delivered = False  # gone; its last frames (if any) say why
+                outcome, error = _pump(child, self.fn.tick, _minigun.emit)
+            except BaseException:
+                # Stopping, or a re-emitted value was refused: the child may be mid-item.
+                self._drop(kill=True)
+                raise
             if outcome == "eof":
+                self._drop(kill=True)
+                if not delivered and attempt == 1:
+                    continue
                 return "error", child.died_error()
-        return outcome, error
+            if outcome == _FATAL:
+                self._drop(kill=False)
+            return outcome, error
+        raise AssertionError("unreachable")
 
     def call(self, item: Any) -> None:
         message = pickle.dumps((_ITEM, item), _PROTOCOL)
