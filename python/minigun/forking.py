@@ -381,9 +381,11 @@ class _ChildOut:
             self.buffer = []
 
     def finish(self) -> None:
-        self.flush()
+        # The last values travel in the "done" frame: one frame per item in the common
+        # case of a few results.
         _flush_std_streams()
-        _send(self.fd, _DONE, None)
+        batch, self.buffer = self.buffer, []
+        _send(self.fd, _DONE, batch)
 
     def fail(self, exc: BaseException, tag: str = _ERROR) -> None:
         # What was emitted before the error goes out, as it would from a thread (the parent
@@ -516,6 +518,8 @@ def _pump(child: _Child, tick: Callable[[], None], emit: Callable[..., None]) ->
                 emit(value, to)
             del data
         elif tag == _DONE:
+            for to, value in data:
+                emit(value, to)
             return _DONE, None
         else:
             return tag, _child_exception(child.stage, child.pid, data)
