@@ -1360,3 +1360,44 @@ def test_sigterm_stops_the_run_and_exits_143(tmp_path):
     assert proc.returncode == 143, (proc.returncode, stderr)
     assert "AFTER_RUN" in lines
     assert "RUN_RETURNED" not in lines
+
+
+_STUCK_SCRIPT = textwrap.dedent(
+    """
+    import time
+    import minigun as mg
+
+    class Stuck(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(10)
+
+        @mg.consumer
+        def slow(self, x):
+            print("STARTED", flush=True)
+            time.sleep(30)          # a long item: the first Ctrl-C waits for it
+
+    Stuck().run()
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_abandons_the_clean_up_at_once(tmp_path):
+    script = tmp_path / "stuck_job.py"
+    script.write_text(_STUCK_SCRIPT)
+    proc = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(tmp_path))
+    assert proc.stdout.readline().strip() == "STARTED"
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.5)      # still waiting for the item in hand
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in stderr
+    assert "interrupted again" in stderr

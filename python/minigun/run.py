@@ -7,6 +7,7 @@ the Rust runtime, runs the hooks around it, and waits without holding the GIL in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import signal
@@ -275,7 +276,9 @@ class Run:
                 while not self._runtime.wait(_POLL):
                     pass
             except (KeyboardInterrupt, _Terminated) as interrupt:
-                self._interrupt()
+                # A second Ctrl-C (or SIGTERM) during the clean-up abandons it at once.
+                with contextlib.suppress(KeyboardInterrupt, _Terminated):
+                    self._interrupt()
                 if isinstance(interrupt, _Terminated):
                     raise SystemExit(143) from None
                 raise
@@ -287,9 +290,12 @@ class Run:
         """Ctrl-C or SIGTERM in run(): stop, clean up, and let the caller re-raise."""
         self._cancelled = True
         self._runtime.cancel()
-        # A second Ctrl-C while cleaning up propagates from here at once.
-        while not self._runtime.wait(_POLL):
-            pass
+        try:
+            while not self._runtime.wait(_POLL):
+                pass
+        except (KeyboardInterrupt, _Terminated):
+            logger.warning("interrupted again: not waiting for the stages still running")
+            raise
         self._finish()
 
     def start(self) -> Run:
