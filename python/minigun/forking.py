@@ -70,6 +70,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+try:
+    import fcntl
+
+    _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+except ImportError:  # pragma: no cover - no fork there either
+    _F_SETPIPE_SZ = None
+
 from . import _minigun, context
 from . import hooks as _hooks
 from .errors import MinigunError, WorkerError
@@ -253,12 +260,11 @@ def _spawn(forks: _RunForks, stage: str, n_items: int, before: list[Callable[[],
 
 def _grow_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer (fewer wake-ups for large results); fine if refused."""
-    try:
-        import fcntl  # noqa: PLC0415
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):
-        pass
+    if _F_SETPIPE_SZ is not None:
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass
 
 
 # -- the child side: pure Python, never the extension ------------------------------------
@@ -765,6 +771,10 @@ class _RunForks:
         return all(self.extra.get(s, 0) + self.reserved.get(s, 0) < self.limit[s]
                    for s in fn.scopes)
 
+    def most_children(self, fn: _Node) -> int:
+        """The most children ``fn``'s spawn_fork stage can ever have alive at once."""
+        return 1 + min(max(0, self.limit[s] - self.reserved.get(s, 0)) for s in fn.scopes)
+
     def release(self, fn: _Node) -> None:
         with self.cond:
             alive = self.stage_alive[fn.path]
@@ -822,6 +832,8 @@ def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[
     forwards what the child emits, and raises what the child raised."""
     fn = _Node(run, node, mode)
     if strategy == "spawn_fork":
+        # No more worker threads than children the budget could ever allow this stage.
+        workers = max(1, min(workers, fn.forks.most_children(fn)))
         if make_worker is None:
             assert call is not None
             return _spawn_fork_call(fn, call), "value", workers, None
