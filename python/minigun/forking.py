@@ -56,6 +56,7 @@ could deadlock a pipeline whose long-lived workers wait for input from a starved
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -818,6 +819,20 @@ def reap_run(run: Any) -> None:
         return
     for child in forks.live():
         child.kill()
+
+
+@atexit.register
+def _reap_all_at_exit() -> None:
+    """Last resort when the interpreter exits while runs still have children (a run
+    abandoned by a second Ctrl-C, or a background run never waited for): end them."""
+    with _runs_lock:
+        every = list(_runs.values())
+    for forks in every:
+        for child in forks.live():
+            try:
+                child.kill(grace=0.2)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
 
 
 # -- the entry point ----------------------------------------------------------------------
