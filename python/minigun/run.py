@@ -108,7 +108,8 @@ class Run:
     def __init__(self, pipeline: Any, owner: Any, options: dict[str, Any]) -> None:
         self._graph: Graph = compile_graph(pipeline, owner, options)
         self._caps = CapWarnings()
-        self._runtime = _minigun.Runtime([self._spec(node) for node in self._graph.nodes])
+        self._specs = [self._spec(node) for node in self._graph.nodes]
+        self._runtime = _minigun.Runtime(self._specs)
         self._started_at = 0.0
         self._done = threading.Event()
         self._finish_lock = threading.Lock()
@@ -208,6 +209,7 @@ class Run:
         return False
 
     def _on_stage_finished(self, node: Node) -> None:
+        logger.debug("stage %r: all workers stopped", node.path)
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
             _bind(hook, node.scope)()
         # A nested pipeline finishes with its last stage: its after hooks run then.
@@ -250,6 +252,9 @@ class Run:
             self._finish()
             assert self._failure is not None
             raise self._failure from exc
+        if logger.isEnabledFor(logging.DEBUG):
+            for spec in self._specs:
+                logger.debug("stage %r: starting %d worker(s)", spec["name"], spec["workers"])
         self._runtime.start()
 
     def _check_hook_names(self, scopes: list[Scope]) -> None:
