@@ -21,7 +21,7 @@ touched any of them could wait forever. minigun's rule is therefore:
   ``threading``) re-initialise their state through ``os.register_at_fork``.
 * In the child, ``mg.emit`` / ``self.emit`` go to a pure-Python writer
   (``context.set_child_emitter``) that pickles values into length-prefixed frames and
-  ``os.write``s them to a pipe; replies for ``fork_ipc`` are read with ``os.read``. No
+  ``os.write``s them to a pipe; a ``fork_ipc`` worker reads its items with ``os.readv``. No
   PyO3 function, method or object of the extension is called or freed in the child.
 * Every ``Run`` the child inherited has its runtime replaced by a stub that raises a clear
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
@@ -41,7 +41,8 @@ the shutdown) and take SIGTERM's default action. While the parent waits for a ch
 checks every 50 ms whether the run is stopping; if so it terminates the child (SIGTERM,
 then SIGKILL after a grace period) and reaps it. ``Run._finish`` calls :func:`reap_run`
 after the runtime's threads are joined, which ends idle ``fork_ipc`` children left by a
-cancelled or failed run. Every child is reaped exactly once, by the thread that owns it.
+cancelled or failed run (and an ``atexit`` hook ends children of runs never finished).
+Every child is reaped exactly once: reaping happens under the child's own lock.
 
 Budget: ``max_processes`` bounds the children alive at once per pipeline scope (a nested
 pipeline's children count in every enclosing scope too). Every fork stage holds a standing
