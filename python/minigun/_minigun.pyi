@@ -1,5 +1,6 @@
 """Type stub of the Rust runtime extension (src/)."""
 
+from collections.abc import Callable
 from typing import Any
 
 MAX_CHUNK: int
@@ -9,6 +10,24 @@ def emit(value: Any, to: str | None = None) -> None:
 
 def in_stage() -> bool:
     """Whether this thread is a stage worker of a running pipeline."""
+
+def reap(pid: int, timeout: float | None = None) -> int | None:
+    """Wait (without the GIL) up to ``timeout`` s for child ``pid``; its raw wait status,
+    or None if it is still running."""
+
+def exited(pid: int) -> bool:
+    """Whether child ``pid`` has ended (it is not reaped)."""
+
+def terminate(pid: int, grace: float = 1.0) -> int:
+    """SIGTERM child ``pid``, SIGKILL it after ``grace`` s, reap it; its raw wait status."""
+
+def read_frame(
+    fd: int, tick: Callable[[], object] | None = None, pid: int | None = None
+) -> bytearray | None:
+    """Read one length-prefixed frame from ``fd`` without the GIL; None at a clean end."""
+
+def write_frame(fd: int, data: bytes, tick: Callable[[], object] | None = None) -> None:
+    """Write ``data`` as one length-prefixed frame to ``fd`` without the GIL."""
 
 class Runtime:
     """One pipeline run. ``specs`` are dicts describing each stage (see run.py)."""
