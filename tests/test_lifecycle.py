@@ -1401,3 +1401,36 @@ def test_a_second_ctrl_c_abandons_the_clean_up_at_once(tmp_path):
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in stderr
     assert "interrupted again" in stderr
+
+
+_LEFT_RUNNING_SCRIPT = textwrap.dedent(
+    """
+    import itertools, time
+    import minigun as mg
+
+    class Forever(mg.Task):
+        @mg.producer
+        def gen(self):
+            for i in itertools.count():
+                yield i
+                time.sleep(0.001)
+
+        @mg.consumer
+        def sink(self, x):
+            pass
+
+    Forever().start()
+    time.sleep(0.2)
+    print("EXITING", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_interpreter_exit_stops_a_background_run_cleanly(tmp_path):
+    script = tmp_path / "left_running.py"
+    script.write_text(_LEFT_RUNNING_SCRIPT)
+    done = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=30,
+                          env=subprocess_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "EXITING" in done.stdout

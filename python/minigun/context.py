@@ -7,6 +7,7 @@ the worker (``set_child_emitter``) carries values back to the parent instead.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -66,3 +67,20 @@ def trigger(name: str) -> None:
     if not runs:
         raise RoutingError(f"trigger({name!r}) was called while no pipeline is running")
     raise RoutingError(f"trigger({name!r}): no stage named {name!r} in the running pipeline")
+
+
+#: How long interpreter exit waits for background runs to stop after cancelling them.
+EXIT_GRACE = 5.0
+
+
+@atexit.register
+def _stop_background_runs() -> None:
+    """At interpreter exit, cancel runs still going in the background and wait for their
+    workers, which must not outlive the interpreter (they would take the GIL from a
+    finalizing interpreter)."""
+    with _runs_lock:
+        runs = list(_active_runs)
+    for run in runs:
+        run.cancel()
+    for run in runs:
+        run.stop_for_exit(EXIT_GRACE)

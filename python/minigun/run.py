@@ -395,6 +395,12 @@ class Run:
         self._cancelled = True
         self._runtime.cancel()
 
+    def stop_for_exit(self, grace: float) -> None:
+        """Interpreter exit: wait up to ``grace`` seconds for the cancelled run to end."""
+        if not self._done.wait(grace):
+            logger.warning("interpreter exit: a background run did not stop within %.0f s "
+                           "(a stage is still in user code)", grace)
+
     def has_stage(self, name: str) -> bool:
         return self._find(name) is not None
 
