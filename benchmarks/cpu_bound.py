@@ -14,7 +14,7 @@ process:
 with N = the number of CPUs (max_processes = N). Prints wall times, the speed-up over
 serial and each time relative to the ideal (serial / N) and to mp.Pool.
 
-Usage: python benchmarks/cpu_bound.py [ITEMS] [BATCH] [MS_PER_ITEM]
+Usage: python benchmarks/cpu_bound.py [ITEMS] [BATCH] [MS_PER_ITEM] [CPUS]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import minigun as mg
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 400
 BATCH = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 MS = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CPUS = int(sys.argv[4]) if len(sys.argv) > 4 else (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 LOOPS = 1000  # calibrated in main()
 
