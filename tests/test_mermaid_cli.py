@@ -1,5 +1,6 @@
 """Mermaid output (API.md section 6) and the command line (section 9)."""
 
+import re
 import subprocess
 import textwrap
 
@@ -168,3 +169,72 @@ def test_cli_run_runs_the_task_and_prints_its_summary(cli_module):
 def test_cli_demo_exits_zero(tmp_path):
     proc = _run_cli(["demo"], subprocess_env(), tmp_path, timeout=100)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Mermaid structure: unique ids, one edge per route, balanced subgraphs, escaped labels
+# ---------------------------------------------------------------------------
+
+_NODE = re.compile(r'^\s*(n\d+)(\(\[|\[)"(.*)"(\]\)|\])$')
+_EDGE = re.compile(r"^\s*(n\d+) (-->|-\.->) (n\d+)$")
+_SUBGRAPH = re.compile(r'^\s*subgraph (s\d+)\["(.*)"\]$')
+
+
+def _parse(text):
+    lines = text.strip().splitlines()
+    assert lines[0] == "flowchart TD"
+    nodes, edges, subgraphs, depth = {}, [], [], 0
+    for line in lines[1:]:
+        if m := _NODE.match(line):
+            assert m.group(1) not in nodes, f"duplicate node id {m.group(1)}"
+            nodes[m.group(1)] = m.group(3)
+        elif m := _EDGE.match(line):
+            edges.append((m.group(1), m.group(3)))
+        elif m := _SUBGRAPH.match(line):
+            subgraphs.append(m.group(2))
+            depth += 1
+        elif line.strip() == "end":
+            depth -= 1
+            assert depth >= 0
+        else:
+            raise AssertionError(f"unparsable Mermaid line: {line!r}")
+    assert depth == 0, "unbalanced subgraph/end"
+    for a, b in edges:
+        assert a in nodes and b in nodes
+    return nodes, edges, subgraphs
+
+
+def test_mermaid_has_one_edge_per_route_and_subgraphs_for_nesting():
+    Job, WithNested = _job_classes()
+    nodes, edges, subgraphs = _parse(WithNested.to_mermaid())
+    label = {v.split("<br/>")[0]: k for k, v in nodes.items()}
+    assert set(label) == {"source_stage", "inner_alpha", "inner_beta", "sink_stage"}
+    assert sorted(edges) == sorted([
+        (label["source_stage"], label["inner_alpha"]),
+        (label["inner_alpha"], label["inner_beta"]),
+        (label["inner_beta"], label["sink_stage"]),
+    ])
+    assert subgraphs == ["nested_part"]
+
+
+def test_mermaid_escapes_names_with_spaces_quotes_and_brackets():
+    p = mg.Pipeline("odd names")
+    p.producer(lambda: [1], name='say "hi" [now]')
+    p.processor(lambda x: x, name="a|b <c> {d}")
+    inner = mg.Pipeline("inner")
+    inner.consumer(lambda x: None, name="sink & co")
+    p.pipeline(inner, name='sub "pipe"')
+    nodes, edges, subgraphs = _parse(p.to_mermaid())
+    for label in [*nodes.values(), *subgraphs]:
+        assert '"' not in label and "[" not in label and "|" not in label, label
+    assert len(nodes) == 3 and len(edges) == 2
+    assert "say #quot;hi#quot; #91;now#93;" in nodes["n0"]
+
+
+def test_mermaid_marks_round_robin_edges():
+    p = mg.Pipeline("rr")
+    p.producer(lambda: [1], name="gen", to=["a", "b"], routing="round_robin")
+    p.consumer(lambda x: None, name="a")
+    p.consumer(lambda x: None, name="b")
+    text = p.to_mermaid()
+    assert text.count("-.->") == 2, text
