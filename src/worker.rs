@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::accumulate::{Batcher, Limits};
 use crate::channel::Recv;
-use crate::emit::{self, Emitter, Item};
+use crate::emit::{self, Channel, Emitter, Item};
 use crate::pool::{join_all, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 
@@ -216,17 +216,26 @@ fn run_producer(stage: &StageShared) {
     });
 }
 
+/// Wait (without the GIL) for the stage's next chunk; None at the end of the stream or
+/// when the run stops.
+fn next_chunk(stage: &StageShared, input: &Channel) -> Option<Vec<Item>> {
+    loop {
+        match input.recv(&stage.run.shutdown, None) {
+            Recv::Chunk(items) => {
+                stage.stats.started();
+                return Some(items);
+            }
+            Recv::Timeout => continue,
+            Recv::Closed | Recv::Shutdown => return None,
+        }
+    }
+}
+
 fn run_processor(stage: &StageShared) {
     let input = stage.input().expect("processors have an input").clone();
     with_worker(stage, |worker, emitter| {
         let Some(call) = worker.call.as_ref() else { return };
-        loop {
-            let items = match input.recv(&stage.run.shutdown, None) {
-                Recv::Chunk(items) => items,
-                Recv::Timeout => continue,
-                Recv::Closed | Recv::Shutdown => break,
-            };
-            stage.stats.started();
+        while let Some(items) = next_chunk(stage, &input) {
             let n = items.len();
             let stop = Python::attach(|py| {
                 let call = call.bind(py);
@@ -289,13 +298,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
     let slots = Arc::new(Semaphore::new(limit));
     with_worker(stage, |_, _| {
         let mut children: Vec<JoinHandle<()>> = Vec::new();
-        loop {
-            let items = match input.recv(&stage.run.shutdown, None) {
-                Recv::Chunk(items) => items,
-                Recv::Timeout => continue,
-                Recv::Closed | Recv::Shutdown => break,
-            };
-            stage.stats.started();
+        while let Some(items) = next_chunk(stage, &input) {
             stage.stats.add_in(items.len() as u64);
             for item in items {
                 if !slots.acquire(&stage.run.shutdown) {

@@ -555,22 +555,17 @@ class _Node:
             raise _Stopping(f"stage {self.path!r}: the run is stopping")
 
 
-def _bind(hook: _hooks.Hook, scope: Any) -> Callable[[], Any]:
-    if hook.attr is not None and scope.owner is not None:
-        return getattr(scope.owner, hook.attr)
-    return hook.fn
-
 
 def _fork_hooks(node: Any, kind: str) -> list[Callable[[], Any]]:
     """Pipeline-wide hooks of every enclosing pipeline (outermost first), then the hooks
     scoped to this stage, or to a nested pipeline containing it (outermost first)."""
     lineage = node.scope.lineage()[::-1]
-    wide = [_bind(h, s) for s in lineage for h in s.hooks.of(kind)]
+    wide = [s.bind(h) for s in lineage for h in s.hooks.of(kind)]
     scoped = []
     for scope in lineage:
         relative = node.path[len(scope.path) + 1:] if scope.path else node.path
         names = {relative, relative.split(".", 1)[0]}
-        scoped += [_bind(h, scope) for h in scope.hooks.all()
+        scoped += [scope.bind(h) for h in scope.hooks.all()
                    if h.kind == kind and h.stage is not None and h.stage in names]
     return wide + scoped
 

@@ -45,6 +45,13 @@ class Scope:
     def qualified(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
+    def bind(self, hook: Any) -> Any:
+        """A hook's function, bound to this pipeline's Task instance if it is a method (so
+        a subclass's override of the method is what runs)."""
+        if hook.attr is not None and self.owner is not None:
+            return getattr(self.owner, hook.attr)
+        return hook.fn
+
     def lineage(self) -> list[Scope]:
         """This scope and its parents, innermost first."""
         out, s = [], self

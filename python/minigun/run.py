@@ -96,11 +96,6 @@ class _Terminated(BaseException):
     """Raised in the main thread by our SIGTERM handler while run() waits."""
 
 
-def _bind(hook: _hooks.Hook, scope: Scope) -> Any:
-    if hook.attr is not None and scope.owner is not None:
-        return getattr(scope.owner, hook.attr)
-    return hook.fn
-
 
 class Run:
     """A pipeline run. ``Task().start()`` returns one running in the background."""
@@ -204,14 +199,14 @@ class Run:
             for hook in scope.hooks.all():
                 if hook.kind == _hooks.ON_ERROR and hook.matches_error(error, relative,
                                                                         node.local):
-                    _bind(hook, scope)(error, item, node.path)
+                    scope.bind(hook)(error, item, node.path)
                     return True
         return False
 
     def _on_stage_finished(self, node: Node) -> None:
         logger.debug("stage %r: all workers stopped", node.path)
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
-            _bind(hook, node.scope)()
+            node.scope.bind(hook)()
         # A nested pipeline finishes with its last stage: its after hooks run then.
         for scope in node.scope.lineage():
             if scope.parent is None:
@@ -229,9 +224,9 @@ class Run:
             self._scopes_closed.add(id(scope))
         local = scope.path.rsplit(".", 1)[-1]
         for hook in scope.hooks.of(_hooks.AFTER_RUN):
-            _bind(hook, scope)()
+            scope.bind(hook)()
         for hook in scope.parent.hooks.of(_hooks.AFTER, local):
-            _bind(hook, scope.parent)()
+            scope.parent.bind(hook)()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -242,10 +237,10 @@ class Run:
         try:
             for scope in scopes:
                 for hook in scope.hooks.of(_hooks.BEFORE_RUN):
-                    _bind(hook, scope)()
+                    scope.bind(hook)()
                 for name in scope.members:
                     for hook in scope.hooks.of(_hooks.BEFORE, name):
-                        _bind(hook, scope)()
+                        scope.bind(hook)()
         except Exception as exc:
             self._hook_error = (None, exc)
             self._runtime.cancel()
@@ -300,6 +295,7 @@ class Run:
                 pass
         except (KeyboardInterrupt, _Terminated):
             logger.warning("interrupted again: not waiting for the stages still running")
+            context.unregister_run(self)  # nor at interpreter exit
             raise
         self._finish()
 
@@ -332,7 +328,7 @@ class Run:
                         self._hook_error = (scope.path, exc)
             for hook in self._graph.root.hooks.of(_hooks.AFTER_RUN):
                 try:
-                    _bind(hook, self._graph.root)()
+                    self._graph.root.bind(hook)()
                 except Exception as exc:  # noqa: BLE001
                     if failure is None and self._hook_error is None:
                         self._hook_error = (None, exc)
