@@ -96,7 +96,11 @@ pub struct ItemChannel<T> {
 
 /// Work worth about this long per chunk: long enough to amortise the GIL hand-off, short
 /// enough that slow items still spread over every worker of the receiving stage.
-const TARGET_CHUNK_NANOS: u64 = 200_000;
+pub const TARGET_CHUNK_NANOS: u64 = 200_000;
+/// The same for stages whose every chunk pays a fixed cost far above the GIL hand-off (a
+/// round trip to a worker process): a short target would keep their chunks small, since a
+/// small chunk's fixed cost makes each of its items look expensive.
+pub const TARGET_CHUNK_NANOS_REMOTE: u64 = 5_000_000;
 /// The most items one chunk carries.
 pub const MAX_CHUNK: usize = 512;
 
@@ -139,13 +143,14 @@ impl<T> ItemChannel<T> {
         self.preferred_chunk.load(Ordering::Relaxed)
     }
 
-    /// Record that the receiving stage spent `nanos` on `items` items, to size later chunks.
-    pub fn observe_cost(&self, items: usize, nanos: u64) {
+    /// Record that the receiving stage spent `nanos` on `items` items, to size later chunks
+    /// so that one takes about `target` nanoseconds.
+    pub fn observe_cost(&self, items: usize, nanos: u64, target: u64) {
         if items == 0 {
             return;
         }
         let per_item = (nanos / items as u64).max(1);
-        let wanted = (TARGET_CHUNK_NANOS / per_item) as usize;
+        let wanted = (target / per_item) as usize;
         self.preferred_chunk.store(wanted.clamp(1, self.max_chunk), Ordering::Relaxed);
     }
 
@@ -326,9 +331,9 @@ mod tests {
     #[test]
     fn chunk_size_follows_per_item_cost() {
         let ch = ItemChannel::<u32>::new(Some(1000), 1);
-        ch.observe_cost(100, 100 * 10_000_000); // 10 ms per item
+        ch.observe_cost(100, 100 * 10_000_000, TARGET_CHUNK_NANOS); // 10 ms per item
         assert_eq!(ch.preferred_chunk(), 1);
-        ch.observe_cost(1000, 1000 * 100); // 100 ns per item
+        ch.observe_cost(1000, 1000 * 100, TARGET_CHUNK_NANOS); // 100 ns per item
         assert_eq!(ch.preferred_chunk(), 250);
     }
 }

@@ -90,9 +90,14 @@ impl Outbox {
         drop(unsent); // dropped with the GIL held
     }
 
-    /// Called by the flusher thread (no GIL): send items older than `max_age` if there is
-    /// room right now. Never blocks.
+    /// Called by the flusher thread (no GIL): send items older than `max_age` if the
+    /// receiver has nothing queued (so it would wait for them) and there is room right now.
+    /// Never blocks. A receiver with work queued is not waiting: leaving the chunk to fill
+    /// keeps chunks big while the sending worker merely waits for the GIL.
     pub fn flush_stale(&self, max_age: Duration) {
+        if self.target.queued_items() > 0 {
+            return;
+        }
         let Ok(mut st) = self.state.try_lock() else { return };
         if st.sending || st.items.is_empty() || st.oldest.is_none_or(|t| t.elapsed() < max_age) {
             return;

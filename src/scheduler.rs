@@ -27,7 +27,8 @@ pub struct StageSpec {
     /// The function called per item (per batch for accumulators; once for producers).
     pub call: Option<Item>,
     /// "value": emit the return value unless None; "iterate": emit each element;
-    /// "chunk": the call takes a list of items and emits through `emit()` itself.
+    /// "chunk": the call takes a list of items, emits through `emit()` itself, retries by
+    /// itself and returns `(retries, [(item, exception), ...])` for the items that failed.
     pub mode: String,
     /// For custom Stage classes: builds one worker's `(call, close)` after running `open()`.
     pub make_worker: Option<Item>,
@@ -84,6 +85,11 @@ pub struct RunShared {
     outboxes: Mutex<Vec<Weak<Outbox>>>,
     stages_left: Mutex<usize>,
     all_done: Condvar,
+    /// Whether worker threads keep one Python thread state for life (see worker.rs).
+    pub keep_thread_states: bool,
+    /// Worker threads that have their Python thread state, and how many will.
+    workers_ready: Mutex<(usize, usize)>,
+    all_ready: Condvar,
 }
 
 impl RunShared {
@@ -119,6 +125,23 @@ impl RunShared {
         if *left == 0 {
             self.all_done.notify_all();
         }
+    }
+
+    /// A worker thread has its Python thread state: wait until every worker has one.
+    pub fn worker_ready(&self) {
+        let mut ready = self.workers_ready.lock().unwrap();
+        ready.0 += 1;
+        if ready.0 >= ready.1 {
+            self.all_ready.notify_all();
+        }
+        while ready.0 < ready.1 && !self.shutdown.is_set() {
+            ready = self.all_ready.wait_timeout(ready, Duration::from_millis(50)).unwrap().0;
+        }
+    }
+
+    /// Wait until every stage of the run has finished.
+    pub fn wait_all_finished(&self) {
+        self.wait_done(None);
     }
 
     fn wait_done(&self, timeout: Option<Duration>) -> bool {
@@ -263,7 +286,11 @@ impl Runtime {
 #[pymethods]
 impl Runtime {
     #[new]
-    fn new(specs: Vec<StageSpec>) -> PyResult<Self> {
+    fn new(py: Python<'_>, specs: Vec<StageSpec>) -> PyResult<Self> {
+        let free_threaded = py
+            .import("sysconfig")?
+            .call_method1("get_config_var", ("Py_GIL_DISABLED",))?
+            .is_truthy()?;
         let n = specs.len();
         let mut upstreams = vec![0usize; n];
         for spec in &specs {
@@ -289,6 +316,9 @@ impl Runtime {
             outboxes: Mutex::new(Vec::new()),
             stages_left: Mutex::new(n),
             all_done: Condvar::new(),
+            keep_thread_states: !free_threaded,
+            workers_ready: Mutex::new((0, 0)),
+            all_ready: Condvar::new(),
         });
         let mut stages = Vec::with_capacity(n);
         for (index, spec) in specs.into_iter().enumerate() {
@@ -297,7 +327,7 @@ impl Runtime {
                 stage_name: spec.name.clone(),
                 routing,
                 by_name: spec.route_names.clone(),
-                route_error: Python::attach(|py| spec.route_error.clone_ref(py)),
+                route_error: spec.route_error.clone_ref(py),
             });
             let workers = if kind == Kind::Processor && !spec.spawn_per_item { spec.workers.max(1) } else { 1 };
             let trigger = if kind == Kind::Producer && !spec.auto_start { TRIGGER_WAITING } else { TRIGGER_NONE };
@@ -331,6 +361,7 @@ impl Runtime {
         if self.stages.is_empty() {
             return Ok(());
         }
+        self.run.workers_ready.lock().unwrap().1 = self.stages.iter().map(|s| worker::thread_count(s)).sum();
         for stage in &self.stages {
             threads.extend(worker::start_stage(stage.clone()));
         }
@@ -423,6 +454,7 @@ impl Runtime {
                 "queued",
                 stage.input().map(|c| c.queued_items()).unwrap_or(0),
             )?;
+            d.set_item("chunk_size", stage.input().map(|c| c.preferred_chunk()).unwrap_or(0))?;
             out.set_item(&stage.name, d)?;
         }
         Ok(out)

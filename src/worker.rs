@@ -14,33 +14,61 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::accumulate::{Batcher, Limits};
-use crate::channel::Recv;
+use crate::channel::{Recv, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
 use crate::pool::{join_all, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 
+/// How many long-lived threads `start_stage` starts for this stage.
+pub fn thread_count(stage: &StageShared) -> usize {
+    match stage.kind {
+        Kind::Processor if !stage.spec.spawn_per_item => stage.spec.workers.max(1),
+        _ => 1,
+    }
+}
+
 /// Start the threads of one stage.
 pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
-    let name = |i: usize| format!("minigun:{}:{}", stage.name, i);
-    match stage.kind {
-        Kind::Producer => {
+    let body: fn(&Arc<StageShared>) = match stage.kind {
+        Kind::Producer => |s| run_producer(s),
+        Kind::Accumulator => |s| run_accumulator(s),
+        Kind::Processor if stage.spec.spawn_per_item => run_spawning,
+        Kind::Processor => |s| run_processor(s),
+    };
+    (0..thread_count(&stage))
+        .map(|i| {
             let s = stage.clone();
-            vec![spawn_named(name(0), move || run_producer(&s))]
-        }
-        Kind::Accumulator => {
-            let s = stage.clone();
-            vec![spawn_named(name(0), move || run_accumulator(&s))]
-        }
-        Kind::Processor if stage.spec.spawn_per_item => {
-            let s = stage.clone();
-            vec![spawn_named(name(0), move || run_spawning(&s))]
-        }
-        Kind::Processor => (0..stage.spec.workers.max(1))
-            .map(|i| {
-                let s = stage.clone();
-                spawn_named(name(i), move || run_processor(&s))
+            spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
+                python_thread(s.run.keep_thread_states, || {
+                    s.run.worker_ready();
+                    body(&s);
+                    // Keep this thread's Python thread state until no stage can fork any more.
+                    s.run.wait_all_finished();
+                })
             })
-            .collect(),
+        })
+        .collect()
+}
+
+/// Run `f` (which attaches to Python as it needs) on a thread that, with `keep`, keeps one
+/// Python thread state for its whole life.
+///
+/// Why: attaching from a thread without a thread state creates one and detaching the last
+/// time deletes it, both under CPython's runtime-wide `HEAD_LOCK`. A stage that forks while
+/// another thread holds that lock leaves the child deadlocked in `PyOS_AfterFork_Child` on
+/// CPython with the GIL (seen here with 3.11). So there, workers create their thread state
+/// once, wait until every worker of the run has one before any runs a stage (so before any
+/// fork), and keep it until every stage has finished (so after the last fork).
+///
+/// Free-threaded CPython holds that lock across `fork()` itself, and there a long-lived
+/// thread state that rarely runs bytecode would never merge the reference counts other
+/// threads hand back to it, so the memory of the objects it made would not be freed until
+/// the thread ends: there, threads attach and detach as they go.
+fn python_thread(keep: bool, f: impl FnOnce() + Send) {
+    if keep {
+        Python::attach(|py| py.detach(f));
+    } else {
+        f();
     }
 }
 
@@ -217,12 +245,20 @@ fn run_producer(stage: &StageShared) {
 }
 
 /// Wait (without the GIL) for the stage's next chunk; None at the end of the stream or
-/// when the run stops.
+/// when the run stops. Small chunks already queued behind it are merged in, up to the
+/// stage's preferred size: senders that chunked before the stage's cost was known (or
+/// flushed early) do not make it pay the per-chunk cost for each of them.
 fn next_chunk(stage: &StageShared, input: &Channel) -> Option<Vec<Item>> {
     loop {
         match input.recv(&stage.run.shutdown, None) {
-            Recv::Chunk(items) => {
+            Recv::Chunk(mut items) => {
                 stage.stats.started();
+                while items.len() < input.preferred_chunk() {
+                    match input.try_recv() {
+                        Some(more) => items.extend(more),
+                        None => break,
+                    }
+                }
                 return Some(items);
             }
             Recv::Timeout => continue,
@@ -241,11 +277,12 @@ fn run_processor(stage: &StageShared) {
                 let call = call.bind(py);
                 let started = Instant::now();
                 let result = if stage.mode == CallMode::Chunk {
-                    run_chunk(py, stage, call, emitter, items)
+                    run_chunk(py, stage, call, items)
                 } else {
                     run_items(py, stage, call, emitter, items)
                 };
-                input.observe_cost(n, started.elapsed().as_nanos() as u64);
+                let target = if stage.mode == CallMode::Chunk { TARGET_CHUNK_NANOS_REMOTE } else { TARGET_CHUNK_NANOS };
+                input.observe_cost(n, started.elapsed().as_nanos() as u64, target);
                 if result.is_ok() && input.is_empty() {
                     emitter.flush(py);
                 }
@@ -280,15 +317,41 @@ fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitt
     Ok(())
 }
 
-/// Chunk mode: the call gets the whole chunk as a list and reports per-item latency itself.
-fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, items: Vec<Item>) -> Result<(), Stop> {
+/// Chunk mode: the call takes the whole chunk as a list, emits through `emit()`, runs its
+/// own retries, and returns None or `(retries, [(item, exception), ...])` for the items
+/// that failed after their retries; those go to `on_error` here, one by one.
+fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items: Vec<Item>) -> Result<(), Stop> {
     let n = items.len() as u64;
     stage.stats.add_in(n);
     let t = Instant::now();
     let list = PyList::new(py, items).map_err(|_| Stop)?;
-    process_one(py, stage, call, emitter, list.as_any())?;
+    let report = call.call1((&list,)).and_then(|report| {
+        if report.is_none() {
+            return Ok((0, Vec::new()));
+        }
+        report.extract::<(u64, Vec<(Item, Item)>)>()
+    });
     stage.stats.record_latency_n(t.elapsed() / (n.max(1) as u32), n);
-    Ok(())
+    match report {
+        Ok((retries, failures)) => {
+            for _ in 0..retries {
+                stage.stats.add_retry();
+            }
+            for (item, error) in failures {
+                stage.stats.add_error();
+                handle_failure(py, stage, PyErr::from_value(error.into_bound(py)), Some(item.bind(py)))?;
+            }
+            Ok(())
+        }
+        // The chunk as a whole failed (the run is stopping, or the call itself broke).
+        Err(error) => {
+            if stage.run.shutdown.is_set() {
+                return Err(Stop);
+            }
+            stage.stats.add_error();
+            handle_failure(py, stage, error, Some(list.as_any()))
+        }
+    }
 }
 
 /// `spawn_thread`: a new thread per input item, at most `workers` alive at once.
@@ -307,7 +370,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
                 }
                 let (stage, slots) = (stage.clone(), slots.clone());
                 children.push(spawn_named(format!("minigun:{}:spawned", stage.name), move || {
-                    run_spawned(&stage, item);
+                    python_thread(stage.run.keep_thread_states, || run_spawned(&stage, item));
                     slots.release();
                 }));
                 if children.len() > 4 * limit {
@@ -407,7 +470,7 @@ fn run_accumulator(stage: &StageShared) {
                             let due = batcher.push(slot, || Some(key), item, now);
                             flush(py, due)?;
                         }
-                        input.observe_cost(n, started.elapsed().as_nanos() as u64);
+                        input.observe_cost(n, started.elapsed().as_nanos() as u64, TARGET_CHUNK_NANOS);
                         if input.is_empty() {
                             emitter.flush(py);
                         }

@@ -961,3 +961,85 @@ def test_fork_strategies_report_in_run_stats():
 if sys.platform != "linux":  # pragma: no cover - the Ctrl-C test relies on process groups
     test_ctrl_c_mid_run_leaves_no_child_alive = pytest.mark.skip("Linux only")(
         test_ctrl_c_mid_run_leaves_no_child_alive)
+
+
+# -- fork_ipc moves items in chunks -------------------------------------------------------
+
+
+def test_fork_ipc_moves_cheap_items_in_chunks():
+    out = []
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(5000)
+
+        @mg.processor(strategy="fork_ipc", processes=2)
+        def double(self, x):
+            return 2 * x
+
+        @mg.consumer
+        def sink(self, x):
+            out.append(x)
+
+    stats = Job().run().stats["double"]
+    assert sorted(out) == [2 * x for x in range(5000)]
+    assert stats.items_in == 5000 and stats.chunks_in < 5000 / 8, stats
+
+
+def test_fork_ipc_retries_in_the_worker_and_emits_each_item_once():
+    out = []
+
+    class Job(mg.Task):
+        def __init__(self):
+            self.attempts = {}   # the worker process's own copy counts its attempts
+
+        @mg.producer
+        def gen(self):
+            yield from range(20)
+
+        @mg.processor(strategy="fork_ipc", retries=2, retry_on=RuntimeError,
+                      retry_backoff=0.001)
+        def flaky(self, x):
+            self.emit(("early", x))
+            self.attempts[x] = self.attempts.get(x, 0) + 1
+            if x % 5 == 0 and self.attempts[x] < 3:
+                raise RuntimeError(f"attempt {self.attempts[x]}")
+            return ("late", x)
+
+        @mg.consumer
+        def sink(self, v):
+            out.append(v)
+
+    result = Job().run()
+    assert sorted(out) == sorted((k, x) for k in ("early", "late") for x in range(20))
+    assert result.stats["flaky"].retries == 4 * 2
+    assert result.stats["flaky"].errors == 0
+
+
+def test_a_fork_ipc_child_killed_mid_chunk_fails_one_item_and_loses_none():
+    out, errors = [], []
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(300)
+
+        @mg.processor(strategy="fork_ipc", processes=1)
+        def work(self, x):
+            if x == 150:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return x
+
+        @mg.consumer
+        def sink(self, x):
+            out.append(x)
+
+        @mg.on_error(mg.WorkerError)
+        def handle(self, error, item, stage):
+            errors.append(item)
+
+    result = Job().run()
+    assert errors == [150]
+    assert sorted(out) == [x for x in range(300) if x != 150]
+    assert result.stats["work"].errors == 1

@@ -61,6 +61,7 @@ import atexit
 import logging
 import os
 import pickle
+import random
 import signal
 import struct
 import sys
@@ -99,7 +100,13 @@ _FLUSH_SECONDS = 0.05
 #: Payloads up to this size are written with their header in one write.
 _SMALL = 64 * 1024
 #: Frame tags (each frame is a pickled ``(tag, data)``).
-_VALUES, _DONE, _ERROR, _FATAL, _ITEM, _CLOSE = "values", "done", "error", "fatal", "item", "close"
+_VALUES, _DONE, _ERROR, _FATAL = "values", "done", "error", "fatal"
+_CHUNK, _CLOSE = "chunk", "close"
+#: Markers a fork_ipc child puts among its emitted ``(to, value)`` pairs as ``(kind, data)``
+#: (an int ``kind`` never clashes with ``to``, a stage name or None): item ``data`` of the
+#: chunk is finished; ``(k, error payload)``: item k failed after its retries; ``data``
+#: retries happened.
+_MARK_FINISHED, _MARK_FAILED, _MARK_RETRIED = 0, 1, 2
 _CHILD_EXIT_OK, _CHILD_EXIT_BROKEN = 0, 70
 
 
@@ -370,15 +377,36 @@ class _ChildOut:
     def __init__(self, fd: int, send: bool) -> None:
         self.fd = fd
         self.send = send
-        self.buffer: list[tuple[str | None, Any]] = []
+        self.buffer: list[tuple[Any, Any]] = []
         self.since = 0.0
+        #: While an attempt that may be retried runs, what it emits waits here.
+        self.held: list[tuple[str | None, Any]] | None = None
 
     def emit(self, value: Any, to: str | None = None) -> None:
         if not self.send:
             return
+        if self.held is not None:
+            self.held.append((to, value))
+            return
+        self._add((to, value))
+
+    def mark(self, kind: int, data: Any) -> None:
+        self._add((kind, data))
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self, keep: bool) -> None:
+        """End an attempt: send what it emitted if it succeeded (``keep``), else drop it."""
+        held, self.held = self.held, None
+        if keep:
+            for entry in held or ():
+                self._add(entry)
+
+    def _add(self, entry: tuple[Any, Any]) -> None:
         if not self.buffer:
             self.since = time.monotonic()
-        self.buffer.append((to, value))
+        self.buffer.append(entry)
         if len(self.buffer) >= _FLUSH_VALUES or time.monotonic() - self.since >= _FLUSH_SECONDS:
             self.flush()
 
@@ -432,6 +460,47 @@ def _run_body(call: Callable[[Any], Any], mode: str, item: Any, out: _ChildOut) 
         out.emit(result)
 
 
+class _RetryPolicy:
+    """The stage's ``retries=`` (capped), ``retry_on=`` and backoff, for a fork_ipc child."""
+
+    def __init__(self, node: Any) -> None:
+        stage = node.stage
+        self.retries = min(stage.retries, node.scope.settings["max_retries"])
+        self.retry_on = stage.retry_on
+        self.backoff = stage.retry_backoff
+
+    def pause(self, attempt: int) -> None:
+        time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())))
+
+
+def _run_chunk(call: Callable[[Any], Any], mode: str, items: list, careful: bool,
+               out: _ChildOut, policy: _RetryPolicy) -> None:
+    """Run a fork_ipc chunk item by item, with retries, marking each item's outcome.
+    ``careful``: send each item's values and marker before starting the next item, so that
+    if this process dies, the parent knows exactly which item it died on."""
+    for k, item in enumerate(items):
+        attempt = 0
+        while True:
+            if policy.retries:
+                out.hold()
+            try:
+                _run_body(call, mode, item, out)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                out.release(keep=False)
+                if attempt < policy.retries and isinstance(exc, policy.retry_on):
+                    attempt += 1
+                    out.mark(_MARK_RETRIED, 1)
+                    policy.pause(attempt)
+                    continue
+                out.mark(_MARK_FAILED, (k, _error_payload(exc)))
+            else:
+                out.release(keep=True)
+            break
+        out.mark(_MARK_FINISHED, k)
+        if careful:
+            out.flush()
+
+
 def _spawn_child(wfd: int, after: list[Callable[[], Any]], call: Callable[[Any], Any],
                  mode: str, item: Any, send: bool) -> int:
     out = _ChildOut(wfd, send)
@@ -448,7 +517,8 @@ def _spawn_child(wfd: int, after: list[Callable[[], Any]], call: Callable[[Any],
 
 
 def _ipc_child(wfd: int, rfd: int, after: list[Callable[[], Any]],
-               open_worker: Callable[[], tuple[Callable[[Any], Any], Any]], mode: str) -> int:
+               open_worker: Callable[[], tuple[Callable[[Any], Any], Any]], mode: str,
+               policy: _RetryPolicy) -> int:
     out = _ChildOut(wfd, True)
     context.set_child_emitter(out.emit)
     try:
@@ -463,7 +533,7 @@ def _ipc_child(wfd: int, rfd: int, after: list[Callable[[], Any]],
         message = _receive(rfd)
         if message is None:
             return _CHILD_EXIT_OK  # the parent closed the pipe (or is gone)
-        tag, item = message
+        tag, data = message
         if startup is not None:
             out.fail(startup, _FATAL)
             return _CHILD_EXIT_OK
@@ -477,11 +547,12 @@ def _ipc_child(wfd: int, rfd: int, after: list[Callable[[], Any]],
                 out.finish()
             return _CHILD_EXIT_OK
         try:
-            _run_body(call, mode, item, out)
-        except BaseException as exc:  # noqa: BLE001
-            out.fail(exc)
-        else:
-            out.finish()
+            items, careful = data
+            _run_chunk(call, mode, items, careful, out, policy)
+        except BaseException as exc:  # noqa: BLE001 - e.g. a value that cannot be pickled
+            out.fail(exc, _FATAL)
+            return _CHILD_EXIT_OK
+        out.finish()
 
 
 # -- the parent side ----------------------------------------------------------------------
@@ -511,24 +582,27 @@ def _child_exception(stage: str, pid: int, payload: tuple[Any, ...]) -> BaseExce
     return exc
 
 
-def _pump(child: _Child, tick: Callable[[], None], emit: Callable[..., None]) -> tuple[str, Any]:
-    """Read the child's frames, re-emitting values in this worker thread, until it reports
-    the item done (``("done", None)``), failed (``("error" | "fatal", exception)``) or the
-    pipe ends without either (``("eof", None)``)."""
+def _pump(child: _Child, tick: Callable[[], None], emit: Callable[..., None],
+          mark: Callable[[int, Any], None] | None = None) -> tuple[str, Any]:
+    """Read the child's frames, re-emitting values in this worker thread (and passing
+    fork_ipc's markers to ``mark``), until it reports the work done (``("done", None)``),
+    failed (``("error" | "fatal", exception)``) or the pipe ends without either
+    (``("eof", None)``)."""
     while True:
         frame = _minigun.read_frame(child.rfd, tick, child.pid)
         if frame is None:
             return "eof", None
         tag, data = pickle.loads(frame)
         del frame
-        if tag == _VALUES:
+        if tag in (_VALUES, _DONE):
             for to, value in data:
-                emit(value, to)
+                if to.__class__ is int:
+                    mark(to, value)
+                else:
+                    emit(value, to)
             del data
-        elif tag == _DONE:
-            for to, value in data:
-                emit(value, to)
-            return _DONE, None
+            if tag == _DONE:
+                return _DONE, None
         else:
             return tag, _child_exception(child.stage, child.pid, data)
 
@@ -609,15 +683,18 @@ def _spawn_fork_call(fn: _Node, call: Callable[[Any], Any]) -> Callable[[Any], N
 class _IpcWorker:
     """One Rust worker thread's long-lived child, forked at its first item."""
 
-    def __init__(self, fn: _Node, open_worker: Callable[[], tuple[Callable[[Any], Any], Any]]):
+    def __init__(self, fn: _Node, open_worker: Callable[[], tuple[Callable[[Any], Any], Any]],
+                 policy: _RetryPolicy):
         self.fn = fn
         self.open_worker = open_worker
+        self.policy = policy
         self.child: _Child | None = None
 
     def _start(self) -> _Child:
         self.fn.tick()
         child = _spawn(self.fn.forks, self.fn.path, 0, self.fn.before, _ipc_child,
-                       (self.fn.after, self.open_worker, self.fn.mode), duplex=True)
+                       (self.fn.after, self.open_worker, self.fn.mode, self.policy),
+                       duplex=True)
         self.child = child
         return child
 
@@ -626,7 +703,8 @@ class _IpcWorker:
         if child is not None:
             child.kill() if kill else child.wait(self.fn.stopping)
 
-    def _exchange(self, message: bytes) -> tuple[str, Any]:
+    def _exchange(self, message: bytes,
+                  mark: Callable[[int, Any], None] | None = None) -> tuple[str, Any]:
         """Send one message and collect the reply. A worker found dead before it could
         read the message (killed while idle) is replaced once, transparently."""
         for attempt in (1, 2):
@@ -641,7 +719,7 @@ class _IpcWorker:
                     _minigun.write_frame(child.wfd, message, self.fn.tick)
                 except BrokenPipeError:
                     delivered = False  # gone; its last frames (if any) say why
-                outcome, error = _pump(child, self.fn.tick, _minigun.emit)
+                outcome, error = _pump(child, self.fn.tick, _minigun.emit, mark)
             except BaseException:
                 # Stopping, or a re-emitted value was refused: the child may be mid-item.
                 self._drop(kill=True)
@@ -656,13 +734,51 @@ class _IpcWorker:
             return outcome, error
         raise AssertionError("unreachable")
 
-    def call(self, item: Any) -> None:
-        message = pickle.dumps((_ITEM, item), _PROTOCOL)
-        outcome, error = self._exchange(message)
+    def call(self, items: list) -> tuple[int, list] | None:
+        """Run one chunk in the child: ``(retries, [(item, exception), ...])`` for the
+        runtime (None when nothing failed or was retried).
+
+        The child reports its items' values and outcomes in batches. If it dies mid-chunk,
+        the items it had not reported go again to a fresh child in careful mode (each item
+        reported before the next starts): the item that kills that child fails with a
+        WorkerError, the rest complete. Values of unreported items never reached the
+        parent, so nothing is delivered twice, but those items' code may run twice."""
+        retries = 0
+        failures: list[tuple[Any, BaseException]] = []
+        start = 0
+        careful = False
+        while start < len(items):
+            finished = 0
+
+            def mark(kind: int, data: Any, start: int = start) -> None:
+                nonlocal retries, finished
+                if kind == _MARK_FINISHED:
+                    finished = data + 1
+                elif kind == _MARK_RETRIED:
+                    retries += data
+                else:
+                    k, payload = data
+                    pid = self.child.pid if self.child else 0
+                    failures.append((items[start + k],
+                                     _child_exception(self.fn.path, pid, payload)))
+
+            message = pickle.dumps((_CHUNK, (items[start:], careful)), _PROTOCOL)
+            outcome, error = self._exchange(message, mark)
+            if outcome == _DONE:
+                break
+            if outcome == _FATAL:
+                raise error
+            if careful:
+                # It died on the first item it had not reported: that item fails.
+                failures.append((items[start + finished], error))
+                start += finished + 1
+                careful = False
+            else:
+                start += finished
+                careful = True
         if self.child is not None:
-            self.child.items += 1
-        if error is not None:
-            raise error
+            self.child.items += len(items)
+        return (retries, failures) if retries or failures else None
 
     def close(self) -> None:
         if self.child is None:
@@ -674,15 +790,16 @@ class _IpcWorker:
 
 
 def _ipc_factory(fn: _Node, call: Callable[[Any], Any] | None,
-                 make_worker: Callable[[], tuple[Any, Any]] | None) -> Callable[[], tuple]:
+                 make_worker: Callable[[], tuple[Any, Any]] | None,
+                 policy: _RetryPolicy) -> Callable[[], tuple]:
     if make_worker is not None:
         open_worker = make_worker  # a custom Stage: open() runs in the child
     else:
         def open_worker() -> tuple[Callable[[Any], Any], None]:
             return call, None
 
-    def make_ipc_worker() -> tuple[Callable[[Any], None], Callable[[], None]]:
-        worker = _IpcWorker(fn, open_worker)
+    def make_ipc_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
+        worker = _IpcWorker(fn, open_worker, policy)
         return worker.call, worker.close
 
     return make_ipc_worker
@@ -857,5 +974,6 @@ def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[
         return None, "value", workers, make_spawning_worker
     if strategy == "fork_ipc":
         workers = fn.forks.ipc_workers.get(node.path, workers)
-        return None, "value", workers, _ipc_factory(fn, call, make_worker)
+        # Items travel in the runtime's chunks; the child retries, the runtime counts.
+        return None, "chunk", workers, _ipc_factory(fn, call, make_worker, _RetryPolicy(node))
     raise ValueError(f"fork_call: {strategy!r} is not a fork strategy")
