@@ -61,10 +61,10 @@ pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
 /// fork), and keep it until every stage has finished (so after the last fork).
 ///
 /// Free-threaded CPython stops the world around `fork()` (no hang in 1,500 stress runs
-/// here), and there a long-lived
-/// thread state that rarely runs bytecode would never merge the reference counts other
-/// threads hand back to it, so the memory of the objects it made would not be freed until
-/// the thread ends: there, threads attach and detach as they go.
+/// here), and there a long-lived thread state that rarely runs bytecode would never merge
+/// the reference counts other threads hand back to it, so the memory of the objects it
+/// made would not be freed until the thread ends: there, threads attach and detach as
+/// they go.
 fn python_thread(keep: bool, f: impl FnOnce() + Send) {
     if keep {
         Python::attach(|py| py.detach(f));
@@ -99,7 +99,7 @@ impl WorkerCall {
     }
 }
 
-/// A small per-thread random source for retry jitter.
+/// A random factor in [0, 1) for retry jitter (a shared splitmix64 sequence).
 fn jitter() -> f64 {
     static SEED: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
     let mut x = SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
@@ -125,7 +125,7 @@ fn invoke(py: Python<'_>, call: &Bound<'_, PyAny>, mode: CallMode, input: &Bound
                 }
             }
         }
-        CallMode::Chunk => {}
+        CallMode::Chunk => unreachable!("chunk-mode stages are called by run_chunk"),
     }
     Ok(())
 }
@@ -220,7 +220,6 @@ fn run_producer(stage: &StageShared) {
     with_worker(stage, |worker, emitter| {
         Python::attach(|py| {
             let Some(call) = worker.call.as_ref() else { return };
-            let started = Instant::now();
             let produced = (|| -> PyResult<()> {
                 let result = call.bind(py).call0()?;
                 if result.is_none() {
@@ -234,7 +233,6 @@ fn run_producer(stage: &StageShared) {
                 }
                 Ok(())
             })();
-            stage.stats.record_latency(started.elapsed());
             if let Err(error) = produced {
                 if !stage.run.shutdown.is_set() {
                     stage.stats.add_error();

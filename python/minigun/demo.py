@@ -46,7 +46,7 @@ class LogReport(mg.Task):
         status, size = rest.split()
         return path, int(status), int(size)
 
-    batch = mg.accumulator("batch", max_size=5_000)
+    batch = mg.accumulator("batch", max_size=4_000)
 
     @mg.processor(strategy="spawn_fork")
     def tally(self, records):
