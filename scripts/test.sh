@@ -24,7 +24,7 @@ cargo test --quiet
 
 log "CPython 3.11: build and pytest"
 make_venv "${PYTHON:-python3}" .venv
-.venv/bin/ruff check python tests benchmarks
+.venv/bin/ruff check python tests benchmarks examples
 .venv/bin/python -m pytest -q -p no:cacheprovider
 
 log "free-threaded CPython 3.13t: build and pytest"
