@@ -1043,3 +1043,31 @@ def test_a_fork_ipc_child_killed_mid_chunk_fails_one_item_and_loses_none():
     assert errors == [150]
     assert sorted(out) == [x for x in range(300) if x != 150]
     assert result.stats["work"].errors == 1
+
+
+def test_builder_fork_hooks_are_plain_functions(tmp_path):
+    parent = os.getpid()
+    before = []
+    p = mg.Pipeline("builder-forks")
+    p.producer(lambda: [[1, 2], [3]], name="batches")
+
+    @p.processor(strategy="spawn_fork")
+    def work(items):
+        return sum(items)
+
+    p.consumer(lambda x: None, name="sink")
+
+    @p.before_fork
+    def note_fork():
+        before.append(os.getpid())
+
+    @p.after_fork("work")
+    def in_child():
+        (tmp_path / f"child-{os.getpid()}").write_text(str(os.getppid()))
+
+    p.run()
+    assert before == [parent, parent]
+    children = list(tmp_path.glob("child-*"))
+    assert len(children) == 2
+    assert all(f.read_text() == str(parent) for f in children)
+    assert all(int(f.name.split("-")[1]) != parent for f in children)
