@@ -191,6 +191,7 @@ class _Edges:
         self.out: dict[tuple[int, str], list[Ref]] = {}
         self.into: dict[tuple[int, str], list[Ref]] = {}
         self.pairs: list[tuple[Ref, Ref]] = []
+        self._seen: set[tuple[tuple[int, str], tuple[int, str]]] = set()
 
     @staticmethod
     def key(ref: Ref) -> tuple[int, str]:
@@ -198,9 +199,10 @@ class _Edges:
         return (id(ref[0]), ref[1])
 
     def add(self, src: Ref, dst: Ref) -> None:
-        if any(self.key(s) == self.key(src) and self.key(d) == self.key(dst)
-               for s, d in self.pairs):
-            return
+        pair = (self.key(src), self.key(dst))
+        if pair in self._seen:
+            return  # the same edge declared from both ends
+        self._seen.add(pair)
         self.pairs.append((src, dst))
         self.out.setdefault(self.key(src), []).append(dst)
         self.into.setdefault(self.key(dst), []).append(src)
