@@ -96,7 +96,6 @@ class _Terminated(BaseException):
     """Raised in the main thread by our SIGTERM handler while run() waits."""
 
 
-
 class Run:
     """A pipeline run. ``Task().start()`` returns one running in the background."""
 
