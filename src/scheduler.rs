@@ -85,14 +85,22 @@ pub struct RunShared {
     outboxes: Mutex<Vec<Weak<Outbox>>>,
     stages_left: Mutex<usize>,
     all_done: Condvar,
-    /// Whether worker threads keep one Python thread state for life (see worker.rs).
-    pub keep_thread_states: bool,
+    /// Free-threaded builds only: a Python no-op each worker runs now and then, so its
+    /// thread handles what the interpreter queued for it (see worker.rs).
+    pub merge_tick: Option<Item>,
     /// Worker threads that have their Python thread state, and how many will.
     workers_ready: Mutex<(usize, usize)>,
     all_ready: Condvar,
 }
 
 impl RunShared {
+    /// Run the merge tick (free-threaded builds): see `worker::python_thread`.
+    pub fn tick(&self, py: Python<'_>) {
+        if let Some(tick) = &self.merge_tick {
+            let _ = tick.bind(py).call0();
+        }
+    }
+
     /// Record `failure` unless an earlier one is already recorded, and stop the run.
     pub fn fail(&self, failure: Failure) {
         {
@@ -316,7 +324,7 @@ impl Runtime {
             outboxes: Mutex::new(Vec::new()),
             stages_left: Mutex::new(n),
             all_done: Condvar::new(),
-            keep_thread_states: !free_threaded,
+            merge_tick: if free_threaded { Some(py.import("minigun.context")?.getattr("merge_tick")?.unbind()) } else { None },
             workers_ready: Mutex::new((0, 0)),
             all_ready: Condvar::new(),
         });

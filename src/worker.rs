@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::accumulate::{Batcher, Limits};
-use crate::channel::{Recv, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
+use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
 use crate::pool::{join_all, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
@@ -39,7 +39,7 @@ pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
         .map(|i| {
             let s = stage.clone();
             spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
-                python_thread(s.run.keep_thread_states, || {
+                python_thread(|| {
                     s.run.worker_ready();
                     body(&s);
                     // Keep this thread's Python thread state until no stage can fork any more.
@@ -50,27 +50,25 @@ pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
         .collect()
 }
 
-/// Run `f` (which attaches to Python as it needs) on a thread that, with `keep`, keeps one
-/// Python thread state for its whole life.
+/// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python thread
+/// state for its whole life.
 ///
 /// Why: attaching from a thread without a thread state creates one and detaching the last
 /// time deletes it, both under CPython's runtime-wide `HEAD_LOCK`. A stage that forks while
-/// another thread holds that lock leaves the child deadlocked in `PyOS_AfterFork_Child` on
-/// CPython with the GIL (seen here with 3.11). So there, workers create their thread state
-/// once, wait until every worker of the run has one before any runs a stage (so before any
-/// fork), and keep it until every stage has finished (so after the last fork).
+/// another thread holds that lock leaves the child deadlocked in `PyOS_AfterFork_Child`
+/// (seen here with 3.11). So workers create their thread state once, wait until every
+/// worker of the run has one before any runs a stage (so before any fork), and keep it
+/// until every stage has finished (so after the last fork). It is also much cheaper: on
+/// free-threaded builds every new thread state brings a new allocator heap, and every
+/// deleted one abandons it for the other threads to sweep.
 ///
-/// Free-threaded CPython stops the world around `fork()` (no hang in 1,500 stress runs
-/// here), and there a long-lived thread state that rarely runs bytecode would never merge
-/// the reference counts other threads hand back to it, so the memory of the objects it
-/// made would not be freed until the thread ends: there, threads attach and detach as
-/// they go.
-fn python_thread(keep: bool, f: impl FnOnce() + Send) {
-    if keep {
-        Python::attach(|py| py.detach(f));
-    } else {
-        f();
-    }
+/// On free-threaded builds a thread also owns the reference counts of the objects it made;
+/// other threads hand their decrements back to it, and it merges them only when it runs
+/// bytecode. A worker that runs none (a body-less accumulator, a C function as stage)
+/// would keep those objects alive, so every loop calls `RunShared::tick` (a Python no-op)
+/// now and then.
+fn python_thread(f: impl FnOnce() + Send) {
+    Python::attach(|py| py.detach(f));
 }
 
 /// What one worker calls: the stage function, or a custom Stage's per-worker copy.
@@ -225,11 +223,14 @@ fn run_producer(stage: &StageShared) {
                 if result.is_none() {
                     return Ok(());
                 }
-                for value in result.try_iter()? {
+                for (n, value) in result.try_iter()?.enumerate() {
                     if stage.run.shutdown.is_set() {
                         break;
                     }
                     emitter.emit_default(py, value?.unbind());
+                    if n % MAX_CHUNK == MAX_CHUNK - 1 {
+                        stage.run.tick(py);
+                    }
                 }
                 Ok(())
             })();
@@ -282,6 +283,7 @@ fn run_processor(stage: &StageShared) {
                 };
                 let target = if stage.mode == CallMode::Chunk { TARGET_CHUNK_NANOS_REMOTE } else { TARGET_CHUNK_NANOS };
                 input.observe_cost(n, started.elapsed().as_nanos() as u64, target);
+                stage.run.tick(py);
                 if result.is_ok() && input.is_empty() {
                     emitter.flush(py);
                 }
@@ -369,7 +371,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
                 }
                 let (stage, slots) = (stage.clone(), slots.clone());
                 children.push(spawn_named(format!("minigun:{}:spawned", stage.name), move || {
-                    python_thread(stage.run.keep_thread_states, || run_spawned(&stage, item));
+                    python_thread(|| run_spawned(&stage, item));
                     slots.release();
                 }));
                 if children.len() > 4 * limit {
@@ -470,6 +472,7 @@ fn run_accumulator(stage: &StageShared) {
                             flush(py, due)?;
                         }
                         input.observe_cost(n, started.elapsed().as_nanos() as u64, TARGET_CHUNK_NANOS);
+                        stage.run.tick(py);
                         if input.is_empty() {
                             emitter.flush(py);
                         }

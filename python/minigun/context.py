@@ -39,6 +39,12 @@ def emit(value: Any, to: str | None = None) -> None:
         raise
 
 
+def merge_tick() -> None:
+    """A Python no-op the runtime's worker threads call now and then on free-threaded
+    builds: running any bytecode lets a thread merge the reference counts other threads
+    handed back to it (see src/worker.rs, python_thread)."""
+
+
 def set_child_emitter(fn: Callable[[Any, str | None], None] | None) -> None:
     """In a worker process: route ``emit`` through ``fn`` (``None`` restores the default)."""
     global _child_emit
