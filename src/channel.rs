@@ -90,6 +90,9 @@ pub struct ItemChannel<T> {
     upstreams_left: AtomicUsize,
     /// How many items the receiving stage wants per chunk (adapted to its per-item cost).
     preferred_chunk: AtomicUsize,
+    /// The receiver wants at least this many items per chunk when they are there (an
+    /// async stage keeps that many coroutines in flight).
+    min_chunk: usize,
     max_chunk: usize,
     queued_items: AtomicUsize,
 }
@@ -107,6 +110,11 @@ pub const MAX_CHUNK: usize = 512;
 impl<T> ItemChannel<T> {
     /// `capacity` in items (`None`: unbounded); `upstreams` is the number of upstream stages.
     pub fn new(capacity: Option<usize>, upstreams: usize) -> Self {
+        Self::with_min_chunk(capacity, upstreams, 1)
+    }
+
+    /// Like `new`, for a receiver that wants chunks of at least `min_chunk` items.
+    pub fn with_min_chunk(capacity: Option<usize>, upstreams: usize, min_chunk: usize) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let max_chunk = match capacity {
             Some(cap) => (cap / 4).clamp(1, MAX_CHUNK),
@@ -121,7 +129,8 @@ impl<T> ItemChannel<T> {
                 freed: Condvar::new(),
             },
             upstreams_left: AtomicUsize::new(upstreams),
-            preferred_chunk: AtomicUsize::new(1),
+            preferred_chunk: AtomicUsize::new(min_chunk.clamp(1, max_chunk)),
+            min_chunk: min_chunk.clamp(1, max_chunk),
             max_chunk,
             queued_items: AtomicUsize::new(0),
         }
@@ -151,7 +160,7 @@ impl<T> ItemChannel<T> {
         }
         let per_item = (nanos / items as u64).max(1);
         let wanted = (target / per_item) as usize;
-        self.preferred_chunk.store(wanted.clamp(1, self.max_chunk), Ordering::Relaxed);
+        self.preferred_chunk.store(wanted.clamp(self.min_chunk, self.max_chunk), Ordering::Relaxed);
     }
 
     pub fn queued_items(&self) -> usize {
@@ -335,5 +344,13 @@ mod tests {
         assert_eq!(ch.preferred_chunk(), 1);
         ch.observe_cost(1000, 1000 * 100, TARGET_CHUNK_NANOS); // 100 ns per item
         assert_eq!(ch.preferred_chunk(), 250);
+    }
+
+    #[test]
+    fn min_chunk_holds_for_slow_items() {
+        let ch = ItemChannel::<u32>::with_min_chunk(Some(1000), 1, 8);
+        assert_eq!(ch.preferred_chunk(), 8);
+        ch.observe_cost(8, 8 * 10_000_000, TARGET_CHUNK_NANOS);
+        assert_eq!(ch.preferred_chunk(), 8);
     }
 }

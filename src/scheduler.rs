@@ -36,6 +36,8 @@ pub struct StageSpec {
     /// A new thread per input item (`spawn_thread`), at most `workers` at once.
     pub spawn_per_item: bool,
     pub queue_size: Option<usize>,
+    /// Items a chunk for this stage should carry at least, when there are that many.
+    pub min_chunk: usize,
     /// Stage indices this stage sends to, one per edge.
     pub downstream: Vec<usize>,
     pub routing: String,
@@ -315,7 +317,10 @@ impl Runtime {
         let channels = specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| (spec.kind != "producer").then(|| Arc::new(Channel::new(spec.queue_size, upstreams[i]))))
+            .map(|(i, spec)| {
+                (spec.kind != "producer")
+                    .then(|| Arc::new(Channel::with_min_chunk(spec.queue_size, upstreams[i], spec.min_chunk)))
+            })
             .collect();
         let run = Arc::new(RunShared {
             shutdown: Shutdown::new(),

@@ -8,6 +8,7 @@ the worker (``set_child_emitter``) carries values back to the parent instead.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
 _native_emit = _minigun.emit
 _child_emit: Callable[[Any, str | None], None] | None = None
+#: An async stage's attempt that may be retried: its emits wait here (one per task).
+_held: contextvars.ContextVar[list[tuple[Any, str | None]] | None] = contextvars.ContextVar(
+    "minigun_held_emits", default=None)
 
 _runs_lock = threading.Lock()
 _active_runs: list[Run] = []
@@ -31,12 +35,33 @@ def emit(value: Any, to: str | None = None) -> None:
     if _child_emit is not None:
         _child_emit(value, to)
         return
+    held = _held.get()
+    if held is not None:
+        held.append((value, to))
+        return
     try:
         _native_emit(value, to)
     except RuntimeError as exc:
         if "outside a running stage" in str(exc):
             raise MinigunError(str(exc)) from None
         raise
+
+
+def hold_emits() -> list[tuple[Any, str | None]]:
+    """Hold back what this task emits from now on (an attempt that may be retried)."""
+    held: list[tuple[Any, str | None]] = []
+    _held.set(held)
+    return held
+
+
+def release_emits(held: list[tuple[Any, str | None]] | None, keep: bool) -> None:
+    """End a held attempt: emit what it held if it succeeded (``keep``), else drop it."""
+    if held is None:
+        return
+    _held.set(None)
+    if keep:
+        for value, to in held:
+            emit(value, to)
 
 
 def merge_tick() -> None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _minigun, context
+from . import _minigun, aio, context
 from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
@@ -137,6 +137,16 @@ class Run:
             call = fn
         else:
             make_worker = _custom_worker_factory(stage)
+        min_chunk = 1
+        if call is not None and aio.is_async(call):
+            if stage.kind == PRODUCER:
+                call = aio.drive_producer(call)
+            elif stage.kind == ACCUMULATOR:
+                call, mode = aio.drive_body(call), "value"
+            else:
+                # One thread runs the stage's event loop, `workers` coroutines at a time.
+                make_worker = aio.async_call(self, node, call, workers)
+                call, mode, min_chunk, workers = None, "chunk", workers, 1
         if strategy in FORKING:
             from .forking import fork_call  # noqa: PLC0415
 
@@ -153,6 +163,7 @@ class Run:
             "workers": workers,
             "spawn_per_item": strategy == "spawn_thread",
             "queue_size": stage.queue_size,
+            "min_chunk": min_chunk,
             "downstream": list(node.downstream),
             "routing": stage.routing,
             "route_names": node.route_names,

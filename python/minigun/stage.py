@@ -268,9 +268,22 @@ class FunctionStage(Stage):
     def _set_body(self, fn: Callable[..., Any]) -> None:
         if not callable(fn):
             raise DefinitionError(f"stage {self.name!r}: expected a function, got {fn!r}")
-        check_arity(fn, self.kind, self.name or getattr(fn, "__name__", self.kind), self.takes_self)
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-            strategies.check_available("async", self.name or fn.__name__)
+        label = self.name or getattr(fn, "__name__", self.kind)
+        check_arity(fn, self.kind, label, self.takes_self)
+        asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        if asynchronous and self.kind == PROCESSOR:
+            if self.strategy not in (None, "async"):
+                raise DefinitionError(
+                    f"stage {label!r} is an async def function, which runs on the stage's "
+                    f"event loop: remove strategy={self.strategy!r} (or make it a plain def)"
+                )
+            self.strategy = "async"
+            self._auto_async = True
+        elif self.strategy == "async" and not asynchronous:
+            raise DefinitionError(
+                f"stage {label!r} has strategy='async' but is a plain function; define it "
+                "with async def"
+            )
         self.fn = fn
 
     @property
@@ -282,6 +295,8 @@ class FunctionStage(Stage):
         """A copy of this stage (same kind and options) running ``fn``."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
+        if clone._auto_async:
+            clone.strategy, clone._auto_async = None, False  # the new body decides
         clone.fn = None
         clone._set_body(fn)
         return clone
@@ -298,6 +313,8 @@ class FunctionStage(Stage):
         return self.fn(*args, **kwargs)
 
     _auto_named = False
+    #: The strategy is "async" because the body is an async function (not asked for).
+    _auto_async = False
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # On a Task instance the attribute is the plain bound method, so stages can call

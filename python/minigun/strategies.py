@@ -35,7 +35,7 @@ FORKING = frozenset({"fork_ipc", "spawn_fork"})
 
 #: Strategies this version of minigun runs. The others are part of the API contract and
 #: are rejected up front with UnsupportedStrategy rather than misbehaving at run time.
-IMPLEMENTED = frozenset({"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc"})
+IMPLEMENTED = frozenset({"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc", "async"})
 
 
 def canonical(strategy: str, stage: str) -> str:
@@ -65,7 +65,7 @@ def check_available(strategy: str, stage: str) -> None:
     if strategy not in IMPLEMENTED:
         raise UnsupportedStrategy(
             f"stage {stage!r}: strategy {strategy!r} is not available in this version of "
-            "minigun; use 'threads', 'spawn_thread', 'spawn_fork' or 'fork_ipc'"
+            "minigun; use 'threads', 'spawn_thread', 'spawn_fork', 'fork_ipc' or 'async'"
         )
 
 
@@ -97,6 +97,9 @@ def plan(stage, settings: dict, caps) -> tuple[str, int]:
         return strategy, capped(stage.threads, "threads", "max_threads", settings["max_threads"])
     if strategy == "fork_ipc":
         return strategy, capped(stage.processes, "processes", "max_processes", 1)
+    if strategy == "async":
+        # One worker thread runs the stage's event loop; this is its coroutine count.
+        return strategy, capped(stage.concurrency, "concurrency", "max_concurrency", 1)
     if strategy == "spawn_fork":
         return strategy, capped(stage.processes, "processes", "max_processes",
                                 settings["max_processes"])

@@ -1,0 +1,164 @@
+"""The ``async`` strategy: stages written as ``async def`` functions or async generators.
+
+An async processor runs on an event loop owned by the stage, on the stage's worker thread,
+with up to ``concurrency=`` coroutines in flight (capped by the pipeline's
+``max_concurrency``). The runtime hands the stage its items in chunks of at least
+``concurrency`` items (when that many are waiting); the chunk's coroutines run
+concurrently and each one's values are emitted as soon as it produces them. Retries run
+on the loop too (``await asyncio.sleep`` for the backoff), holding back what a failed
+attempt emitted; items that still fail go to ``on_error`` one by one.
+
+Async producers and accumulator bodies have no concurrency to exploit: they are driven
+step by step on a loop of their own, in their worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import random
+from collections.abc import Callable
+from typing import Any
+
+from . import context
+
+#: How often a chunk in flight checks whether the run is stopping.
+_POLL = 0.05
+
+
+def is_async(fn: Callable[..., Any] | None) -> bool:
+    fn = inspect.unwrap(fn) if fn is not None else None
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+class _Policy:
+    def __init__(self, retries: int, retry_on: tuple[type[BaseException], ...],
+                 backoff: float) -> None:
+        self.retries = retries
+        self.retry_on = retry_on
+        self.backoff = backoff
+
+    def pause(self, attempt: int) -> float:
+        return min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+
+
+async def _body(fn: Callable[..., Any], item: Any) -> None:
+    """Run the stage function on one item and emit what it produces (processor rules)."""
+    if inspect.isasyncgenfunction(inspect.unwrap(fn)):
+        async for value in fn(item):
+            context.emit(value)
+        return
+    result = await fn(item)
+    if result is not None:
+        context.emit(result)
+
+
+class _AsyncWorker:
+    """The event loop of one async stage and the chunk call the runtime makes."""
+
+    def __init__(self, fn: Callable[..., Any], concurrency: int, policy: _Policy,
+                 stopping: Callable[[], bool]) -> None:
+        self.fn = fn
+        self.concurrency = concurrency
+        self.policy = policy
+        self.stopping = stopping
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, items: list) -> tuple[int, list] | None:
+        try:
+            return self.loop.run_until_complete(self._chunk(items))
+        except BaseException:
+            self.close()  # the run is stopping: the runtime will not call close()
+            raise
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.close()
+
+    async def _chunk(self, items: list) -> tuple[int, list] | None:
+        slots = asyncio.Semaphore(self.concurrency)
+        retries = 0
+        failures: list[tuple[Any, BaseException]] = []
+
+        async def one(item: Any) -> None:
+            nonlocal retries
+            async with slots:
+                attempt = 0
+                while True:
+                    held = context.hold_emits() if self.policy.retries else None
+                    try:
+                        await _body(self.fn, item)
+                    except Exception as exc:  # noqa: BLE001 - reported to the runtime
+                        context.release_emits(held, keep=False)
+                        if attempt < self.policy.retries and isinstance(exc,
+                                                                        self.policy.retry_on):
+                            attempt += 1
+                            retries += 1
+                            await asyncio.sleep(self.policy.pause(attempt))
+                            continue
+                        failures.append((item, exc))
+                    else:
+                        context.release_emits(held, keep=True)
+                    return
+
+        work = asyncio.gather(*(one(item) for item in items))
+        while True:
+            done, _ = await asyncio.wait([work], timeout=_POLL)
+            if done:
+                break
+            if self.stopping():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                raise RuntimeError("the run is stopping")
+        await work
+        return (retries, failures) if retries or failures else None
+
+
+def async_call(run: Any, node: Any, fn: Callable[..., Any], concurrency: int) -> Callable:
+    """The ``make_worker`` factory of an async processor stage."""
+    stage = node.stage
+    policy = _Policy(min(stage.retries, node.scope.settings["max_retries"]), stage.retry_on,
+                     stage.retry_backoff)
+
+    def stopping() -> bool:
+        runtime = getattr(run, "_runtime", None)
+        return runtime is not None and runtime.stopping
+
+    def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
+        worker = _AsyncWorker(fn, concurrency, policy, stopping)
+        return worker, worker.close
+
+    return make_worker
+
+
+def drive_producer(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """A synchronous producer that runs an async producer on a loop of its own."""
+
+    def produce() -> Any:
+        loop = asyncio.new_event_loop()
+        try:
+            if inspect.isasyncgenfunction(inspect.unwrap(fn)):
+                agen = fn()
+                while True:
+                    try:
+                        yield loop.run_until_complete(agen.__anext__())
+                    except StopAsyncIteration:
+                        return
+            result = loop.run_until_complete(fn())
+            if result is not None:
+                yield from result
+        finally:
+            loop.close()
+
+    return produce
+
+
+def drive_body(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A synchronous accumulator body that runs an async one (emits what it produces)."""
+
+    def body(batch: Any) -> None:
+        asyncio.run(_body(fn, batch))
+
+    return body
