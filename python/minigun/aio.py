@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import random
 from collections.abc import Callable
 from typing import Any
 
 from . import context
+from .config import RetryPolicy
 
 #: How often a chunk in flight checks whether the run is stopping.
 _POLL = 0.05
@@ -30,17 +30,6 @@ _POLL = 0.05
 def is_async(fn: Callable[..., Any] | None) -> bool:
     fn = inspect.unwrap(fn) if fn is not None else None
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-
-
-class _Policy:
-    def __init__(self, retries: int, retry_on: tuple[type[BaseException], ...],
-                 backoff: float) -> None:
-        self.retries = retries
-        self.retry_on = retry_on
-        self.backoff = backoff
-
-    def pause(self, attempt: int) -> float:
-        return min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
 
 
 async def _body(fn: Callable[..., Any], item: Any) -> None:
@@ -57,7 +46,7 @@ async def _body(fn: Callable[..., Any], item: Any) -> None:
 class _AsyncWorker:
     """The event loop of one async stage and the chunk call the runtime makes."""
 
-    def __init__(self, fn: Callable[..., Any], concurrency: int, policy: _Policy,
+    def __init__(self, fn: Callable[..., Any], concurrency: int, policy: RetryPolicy,
                  stopping: Callable[[], bool]) -> None:
         self.fn = fn
         self.concurrency = concurrency
@@ -95,7 +84,7 @@ class _AsyncWorker:
                                                                         self.policy.retry_on):
                             attempt += 1
                             retries += 1
-                            await asyncio.sleep(self.policy.pause(attempt))
+                            await asyncio.sleep(self.policy.delay(attempt))
                             continue
                         failures.append((item, exc))
                     else:
@@ -118,16 +107,10 @@ class _AsyncWorker:
 
 def async_call(run: Any, node: Any, fn: Callable[..., Any], concurrency: int) -> Callable:
     """The ``make_worker`` factory of an async processor stage."""
-    stage = node.stage
-    policy = _Policy(min(stage.retries, node.scope.settings["max_retries"]), stage.retry_on,
-                     stage.retry_backoff)
-
-    def stopping() -> bool:
-        runtime = getattr(run, "_runtime", None)
-        return runtime is not None and runtime.stopping
+    policy = RetryPolicy(node.stage, node.scope.settings)
 
     def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
-        worker = _AsyncWorker(fn, concurrency, policy, stopping)
+        worker = _AsyncWorker(fn, concurrency, policy, lambda: run.stopping)
         return worker, worker.close
 
     return make_worker

@@ -8,6 +8,7 @@ a value it sets above its parent's is held at the parent's.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,3 +94,18 @@ class CapWarnings:
                 stage, option, asked, limit_name, limit, limit, limit_name,
             )
         return limit
+
+
+class RetryPolicy:
+    """A stage's ``retries=`` (held at its pipeline's ``max_retries``), ``retry_on=`` and
+    backoff, for the strategies that retry outside the Rust worker loop (fork_ipc workers,
+    async stages). The delay matches the runtime's: ``retry_backoff * 2^(attempt-1)``
+    times a random factor in [0.5, 1.5), at most 60 s."""
+
+    def __init__(self, stage: Any, settings: Mapping[str, Any]) -> None:
+        self.retries = min(stage.retries, settings["max_retries"])
+        self.retry_on = stage.retry_on
+        self.backoff = stage.retry_backoff
+
+    def delay(self, attempt: int) -> float:
+        return min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))

@@ -61,7 +61,6 @@ import atexit
 import logging
 import os
 import pickle
-import random
 import signal
 import struct
 import sys
@@ -82,6 +81,7 @@ except ImportError:  # pragma: no cover - no fork there either
 
 from . import _minigun, context
 from . import hooks as _hooks
+from .config import RetryPolicy
 from .errors import MinigunError, WorkerError
 from .strategies import plan
 
@@ -460,21 +460,8 @@ def _run_body(call: Callable[[Any], Any], mode: str, item: Any, out: _ChildOut) 
         out.emit(result)
 
 
-class _RetryPolicy:
-    """The stage's ``retries=`` (capped), ``retry_on=`` and backoff, for a fork_ipc child."""
-
-    def __init__(self, node: Any) -> None:
-        stage = node.stage
-        self.retries = min(stage.retries, node.scope.settings["max_retries"])
-        self.retry_on = stage.retry_on
-        self.backoff = stage.retry_backoff
-
-    def pause(self, attempt: int) -> None:
-        time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())))
-
-
 def _run_chunk(call: Callable[[Any], Any], mode: str, items: list, careful: bool,
-               out: _ChildOut, policy: _RetryPolicy) -> None:
+               out: _ChildOut, policy: RetryPolicy) -> None:
     """Run a fork_ipc chunk item by item, with retries, marking each item's outcome.
     ``careful``: send each item's values and marker before starting the next item, so that
     if this process dies, the parent knows exactly which item it died on."""
@@ -490,7 +477,7 @@ def _run_chunk(call: Callable[[Any], Any], mode: str, items: list, careful: bool
                 if attempt < policy.retries and isinstance(exc, policy.retry_on):
                     attempt += 1
                     out.mark(_MARK_RETRIED, 1)
-                    policy.pause(attempt)
+                    time.sleep(policy.delay(attempt))
                     continue
                 out.mark(_MARK_FAILED, (k, _error_payload(exc)))
             else:
@@ -518,7 +505,7 @@ def _spawn_child(wfd: int, after: list[Callable[[], Any]], call: Callable[[Any],
 
 def _ipc_child(wfd: int, rfd: int, after: list[Callable[[], Any]],
                open_worker: Callable[[], tuple[Callable[[Any], Any], Any]], mode: str,
-               policy: _RetryPolicy) -> int:
+               policy: RetryPolicy) -> int:
     out = _ChildOut(wfd, True)
     context.set_child_emitter(out.emit)
     try:
@@ -621,8 +608,7 @@ class _Node:
         self.forks = _run_forks(run)
 
     def stopping(self) -> bool:
-        runtime = getattr(self.run, "_runtime", None)
-        return runtime is not None and runtime.stopping
+        return self.run.stopping
 
     def tick(self) -> None:
         if self.stopping():
@@ -684,7 +670,7 @@ class _IpcWorker:
     """One Rust worker thread's long-lived child, forked at its first item."""
 
     def __init__(self, fn: _Node, open_worker: Callable[[], tuple[Callable[[Any], Any], Any]],
-                 policy: _RetryPolicy):
+                 policy: RetryPolicy):
         self.fn = fn
         self.open_worker = open_worker
         self.policy = policy
@@ -791,7 +777,7 @@ class _IpcWorker:
 
 def _ipc_factory(fn: _Node, call: Callable[[Any], Any] | None,
                  make_worker: Callable[[], tuple[Any, Any]] | None,
-                 policy: _RetryPolicy) -> Callable[[], tuple]:
+                 policy: RetryPolicy) -> Callable[[], tuple]:
     if make_worker is not None:
         open_worker = make_worker  # a custom Stage: open() runs in the child
     else:
@@ -975,5 +961,6 @@ def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[
     if strategy == "fork_ipc":
         workers = fn.forks.ipc_workers.get(node.path, workers)
         # Items travel in the runtime's chunks; the child retries, the runtime counts.
-        return None, "chunk", workers, _ipc_factory(fn, call, make_worker, _RetryPolicy(node))
+        return None, "chunk", workers, _ipc_factory(fn, call, make_worker,
+                                                      RetryPolicy(node.stage, node.scope.settings))
     raise ValueError(f"fork_call: {strategy!r} is not a fork strategy")

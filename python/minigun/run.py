@@ -375,6 +375,11 @@ class Run:
     # -- the public Run API -----------------------------------------------------------
 
     @property
+    def stopping(self) -> bool:
+        """True once the run was cancelled or failed (workers are winding down)."""
+        return self._runtime.stopping
+
+    @property
     def running(self) -> bool:
         """True until every stage has finished and the run's clean-up is done."""
         return not self._done.is_set()
