@@ -403,6 +403,18 @@ fn run_spawned(stage: &StageShared, item: Item) {
     });
 }
 
+/// The batch slot of an item's key. Keys live in a Python dict, so Python's hash and
+/// equality decide which keys are the same; a key seen for the first time gets a new slot.
+fn key_slot(slots: &Bound<'_, PyDict>, key_fn: &Bound<'_, PyAny>, item: &Bound<'_, PyAny>, next_slot: &mut u64) -> PyResult<(u64, Item)> {
+    let key = key_fn.call1((item,))?;
+    if let Some(slot) = slots.get_item(&key)? {
+        return Ok((slot.extract()?, key.unbind()));
+    }
+    *next_slot += 1;
+    slots.set_item(&key, *next_slot)?;
+    Ok((*next_slot, key.unbind()))
+}
+
 fn run_accumulator(stage: &StageShared) {
     let input = stage.input().expect("accumulators have an input").clone();
     let spec = &stage.spec;
@@ -441,33 +453,19 @@ fn run_accumulator(stage: &StageShared) {
                         stage.stats.add_in(n as u64);
                         for item in items {
                             let now = Instant::now();
-                            let slot = match (&slots, &spec.key) {
+                            let (slot, key) = match (&slots, &spec.key) {
                                 (Some(slots), Some(key_fn)) => {
-                                    let key = match key_fn.bind(py).call1((item.bind(py),)) {
-                                        Ok(key) => key,
+                                    match key_slot(slots.bind(py), key_fn.bind(py), item.bind(py), &mut next_slot) {
+                                        Ok(found) => found,
                                         Err(error) => {
                                             stage.stats.add_error();
                                             handle_failure(py, stage, error, Some(item.bind(py)))?;
                                             continue;
                                         }
-                                    };
-                                    let slots = slots.bind(py);
-                                    match slots.get_item(&key) {
-                                        Ok(Some(slot)) => (slot.extract::<u64>().unwrap_or(0), key.unbind()),
-                                        _ => {
-                                            next_slot += 1;
-                                            if let Err(error) = slots.set_item(&key, next_slot) {
-                                                stage.stats.add_error();
-                                                handle_failure(py, stage, error, Some(item.bind(py)))?;
-                                                continue;
-                                            }
-                                            (next_slot, key.unbind())
-                                        }
                                     }
                                 }
                                 _ => (0, py.None()),
                             };
-                            let (slot, key) = slot;
                             let due = batcher.push(slot, || Some(key), item, now);
                             flush(py, due)?;
                         }
