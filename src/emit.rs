@@ -298,9 +298,3 @@ pub fn emit(py: Python<'_>, value: Item, to: Option<&str>) -> PyResult<()> {
         Some(name) => emitter.emit_to(py, value, name),
     }
 }
-
-/// Whether this thread is running a stage (so `emit()` would work here).
-#[pyfunction]
-pub fn in_stage() -> bool {
-    CURRENT.with(|c| c.borrow().is_some())
-}

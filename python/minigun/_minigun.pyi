@@ -8,9 +8,6 @@ MAX_CHUNK: int
 def emit(value: Any, to: str | None = None) -> None:
     """Send ``value`` from the stage worker running on this thread."""
 
-def in_stage() -> bool:
-    """Whether this thread is a stage worker of a running pipeline."""
-
 def reap(pid: int, timeout: float | None = None) -> int | None:
     """Wait (without the GIL) up to ``timeout`` s for child ``pid``; its raw wait status,
     or None if it is still running."""

@@ -92,10 +92,10 @@ class Graph:
     def scopes(self) -> list[Scope]:
         return [self.root, *self.root.descendants()]
 
-    def members_of(self, scope: Scope, name: str) -> list[Node]:
-        """The flat nodes a member of ``scope`` stands for (several for a nested pipeline)."""
-        prefix = scope.qualified(name)
-        return [n for n in self.nodes if n.path == prefix or n.path.startswith(prefix + ".")]
+    def nodes_in(self, scope: Scope) -> list[Node]:
+        """The flat nodes of ``scope`` and of every pipeline nested in it."""
+        prefix = scope.path + "." if scope.path else ""
+        return [n for n in self.nodes if n.path.startswith(prefix)]
 
 
 def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:

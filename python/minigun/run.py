@@ -111,15 +111,11 @@ class Run:
         self._failure: BaseException | None = None
         self._cancelled = False
         self._hook_error: tuple[str | None, BaseException] | None = None
-        self._scope_left = {id(s): len(self._graph_nodes_in(s)) for s in self._graph.scopes()}
+        self._scope_left = {id(s): len(self._graph.nodes_in(s)) for s in self._graph.scopes()}
         self._scopes_closed: set[int] = set()
         self._scope_lock = threading.Lock()
 
     # -- building specs ---------------------------------------------------------------
-
-    def _graph_nodes_in(self, scope: Scope) -> list[Node]:
-        prefix = scope.path + "." if scope.path else ""
-        return [n for n in self._graph.nodes if n.path.startswith(prefix)]
 
     def _spec(self, node: Node) -> dict[str, Any]:
         stage, settings = node.stage, node.scope.settings
