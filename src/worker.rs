@@ -186,6 +186,17 @@ fn handle_failure(py: Python<'_>, stage: &StageShared, error: PyErr, item: Optio
 
 /// Set up a worker's emitter and per-worker call, run `body`, then close and flush.
 fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
+    worker_session(stage, body);
+    Python::attach(|py| stage.worker_finished(py));
+}
+
+/// One worker's life: open its call, run `body`, close it and flush its outboxes.
+///
+/// `close` runs whenever `open` succeeded, also when the run is stopping: it is where a
+/// worker releases what it opened (an async stage's event loop, a custom Stage's
+/// connection). What it emits then is dropped with the rest of the run's output, and a
+/// failure of it is not reported over the run's own failure or cancel.
+fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
     let emitter = Emitter::new(stage.routes.clone(), stage.stats.clone(), stage.outboxes(), stage.run.shutdown.clone());
     let _bound = emit::bind(&emitter);
     let opened = Python::attach(|py| WorkerCall::open(py, stage));
@@ -194,8 +205,9 @@ fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)
         Ok(worker) => {
             body(&worker, &emitter);
             Python::attach(|py| {
-                if !stage.run.shutdown.is_set() {
-                    if let Err(error) = worker.close(py) {
+                let closed = worker.close(py);
+                if let Err(error) = closed {
+                    if !stage.run.shutdown.is_set() {
                         stage.run.fail(Failure { stage: stage.name.clone(), error, item: None });
                     }
                 }
@@ -203,10 +215,7 @@ fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)
             });
         }
     }
-    Python::attach(|py| {
-        emitter.finish(py);
-        stage.worker_finished(py);
-    });
+    Python::attach(|py| emitter.finish(py));
 }
 
 fn run_producer(stage: &StageShared) {
@@ -360,7 +369,8 @@ fn run_spawning(stage: &Arc<StageShared>) {
     let input = stage.input().expect("processors have an input").clone();
     let limit = stage.spec.workers.max(1);
     let slots = Arc::new(Semaphore::new(limit));
-    with_worker(stage, |_, _| {
+    // This thread only hands items out: each spawned thread is a worker of its own.
+    {
         let mut children: Vec<JoinHandle<()>> = Vec::new();
         while let Some(items) = next_chunk(stage, &input) {
             stage.stats.add_in(items.len() as u64);
@@ -385,21 +395,22 @@ fn run_spawning(stage: &Arc<StageShared>) {
         // Every spawned thread sends through its own outboxes: they must all be done
         // before this stage reports the end of its stream downstream.
         join_all(children);
-    });
+    }
+    Python::attach(|py| stage.worker_finished(py));
 }
 
+/// One spawned thread: a worker with a single item (a custom Stage is opened and closed
+/// around it, in this thread).
 fn run_spawned(stage: &StageShared, item: Item) {
-    let emitter = Emitter::new(stage.routes.clone(), stage.stats.clone(), stage.outboxes(), stage.run.shutdown.clone());
-    let _bound = emit::bind(&emitter);
-    Python::attach(|py| {
-        if let Some(call) = stage.spec.call.as_ref() {
-            let t = Instant::now();
+    worker_session(stage, |worker, emitter| {
+        Python::attach(|py| {
             let item = item.into_bound(py);
-            if process_one(py, stage, call.bind(py), &emitter, &item).is_ok() {
+            let Some(call) = worker.call.as_ref() else { return };
+            let t = Instant::now();
+            if process_one(py, stage, call.bind(py), emitter, &item).is_ok() {
                 stage.stats.record_latency(t.elapsed());
             }
-        }
-        emitter.finish(py);
+        });
     });
 }
 
@@ -430,6 +441,10 @@ fn run_accumulator(stage: &StageShared) {
         let body = worker.call.as_ref();
         let flush = |py: Python<'_>, batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>| -> Result<(), Stop> {
             for batch in batches {
+                // A stopping run starts no more batch bodies (a drain may hold many).
+                if stage.run.shutdown.is_set() {
+                    return Err(Stop);
+                }
                 if let (Some(slots), Some(key)) = (&slots, &batch.key) {
                     let _ = slots.bind(py).del_item(key.bind(py));
                 }
@@ -452,6 +467,9 @@ fn run_accumulator(stage: &StageShared) {
                         let (n, started) = (items.len(), Instant::now());
                         stage.stats.add_in(n as u64);
                         for item in items {
+                            if stage.run.shutdown.is_set() {
+                                return Err(Stop);
+                            }
                             let now = Instant::now();
                             let (slot, key) = match (&slots, &spec.key) {
                                 (Some(slots), Some(key_fn)) => {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -112,6 +113,28 @@ def async_call(run: Any, node: Any, fn: Callable[..., Any], concurrency: int) ->
     def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
         worker = _AsyncWorker(fn, concurrency, policy, lambda: run.stopping)
         return worker, worker.close
+
+    return make_worker
+
+
+def async_stage(run: Any, node: Any, stage: Any, concurrency: int) -> Callable:
+    """The ``make_worker`` factory of a custom Stage with an ``async def process``: the
+    worker opens its own copy of the stage, runs its ``process`` on the event loop and
+    closes it (then the loop) after its last item."""
+    policy = RetryPolicy(node.stage, node.scope.settings)
+
+    def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
+        own = copy.copy(stage)
+        own.open()
+        worker = _AsyncWorker(own.process, concurrency, policy, lambda: run.stopping)
+
+        def close() -> None:
+            try:
+                own.close()
+            finally:
+                worker.close()
+
+        return worker, close
 
     return make_worker
 

@@ -123,6 +123,7 @@ class Run:
         call: Any = None
         make_worker = None
         mode = "iterate" if stage.kind == PRODUCER or stage.is_generator else "value"
+        min_chunk = 1
         if isinstance(stage, FunctionStage):
             fn = stage.fn
             if fn is not None and stage.takes_self:
@@ -131,9 +132,13 @@ class Run:
                     raise DefinitionError(f"stage {node.path!r} is a Task method but has no Task")
                 fn = fn.__get__(owner, type(owner))
             call = fn
+        elif stage.is_async:
+            # One thread runs the stage's event loop, `workers` coroutines at a time, each
+            # on the one copy of the stage that thread opened.
+            make_worker = aio.async_stage(self, node, stage, workers)
+            mode, min_chunk, workers = "chunk", workers, 1
         else:
             make_worker = _custom_worker_factory(stage)
-        min_chunk = 1
         if call is not None and aio.is_async(call):
             if stage.kind == PRODUCER:
                 call = aio.drive_producer(call)

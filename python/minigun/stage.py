@@ -89,6 +89,15 @@ class Stage:
         self.strategy = strategies.canonical(strategy, label) if strategy is not None else None
         if self.strategy is not None:
             strategies.check_available(self.strategy, label)
+        if self.is_async:
+            # ``async def process`` runs on the stage's event loop, as async functions do.
+            if self.strategy not in (None, "async"):
+                raise DefinitionError(
+                    f"stage {label!r} has an async def process(), which runs on the stage's "
+                    f"event loop (strategy='async'): remove strategy={self.strategy!r}, or "
+                    "make process() a plain def"
+                )
+            self.strategy = "async"
         self.to = _names(to, label, "to")
         self.from_ = _names(from_, label, "from_")
         if routing not in ("broadcast", "round_robin"):
@@ -131,6 +140,12 @@ class Stage:
     @property
     def is_generator(self) -> bool:
         return inspect.isgeneratorfunction(type(self).process)
+
+    @property
+    def is_async(self) -> bool:
+        """A custom Stage whose ``process`` is ``async def`` (or an async generator)."""
+        process = type(self).process
+        return inspect.iscoroutinefunction(process) or inspect.isasyncgenfunction(process)
 
     # -- what subclasses override -----------------------------------------------------
 
