@@ -280,6 +280,13 @@ impl Drop for BindGuard {
     }
 }
 
+/// The id of the run whose stage runs on this thread (`Runtime.run_id`), if any: what
+/// `mg.trigger` uses to reach the caller's own run when several run at once.
+#[pyfunction]
+pub fn current_run_id() -> Option<usize> {
+    CURRENT.with(|c| c.borrow().as_ref().map(|emitter| emitter.shutdown.id()))
+}
+
 /// `emit(value, to=None)`: send a value downstream from inside a running stage.
 #[pyfunction]
 #[pyo3(signature = (value, to=None))]

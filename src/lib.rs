@@ -23,6 +23,7 @@ use pyo3::prelude::*;
 fn _minigun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<scheduler::Runtime>()?;
     m.add_function(wrap_pyfunction!(emit::emit, m)?)?;
+    m.add_function(wrap_pyfunction!(emit::current_run_id, m)?)?;
     m.add("MAX_CHUNK", channel::MAX_CHUNK)?;
     m.add_function(wrap_pyfunction!(fork::reap, m)?)?;
     m.add_function(wrap_pyfunction!(fork::exited, m)?)?;

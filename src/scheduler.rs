@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
 use crate::emit::{Channel, Item, Outbox, Routes, Routing};
@@ -56,6 +57,19 @@ pub struct StageSpec {
     pub check_interval: usize,
     pub max_wait: Option<f64>,
     pub key: Option<Item>,
+}
+
+impl StageSpec {
+    /// Show the garbage collector the Python objects this spec holds.
+    fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.call)?;
+        visit.call(&self.make_worker)?;
+        visit.call(&self.route_error)?;
+        visit.call(&self.retry_on)?;
+        visit.call(&self.on_failure)?;
+        visit.call(&self.on_finish)?;
+        visit.call(&self.key)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -362,6 +376,17 @@ impl Runtime {
         Ok(Runtime { run, stages, threads: Mutex::new(Vec::new()), started: Mutex::new(false), owner_pid: std::process::id() })
     }
 
+    /// The stage specs hold callbacks into the Run that owns this runtime (a reference
+    /// cycle through a Rust object): showing them to the garbage collector lets it free a
+    /// finished run, its graph and its Task.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for stage in &self.stages {
+            stage.spec.traverse(&visit)?;
+            visit.call(&stage.routes.route_error)?;
+        }
+        visit.call(&self.run.merge_tick)
+    }
+
     /// Start every worker thread and the flusher.
     fn start(&self) -> PyResult<()> {
         self.check_process()?;
@@ -429,6 +454,12 @@ impl Runtime {
     #[getter]
     fn stopping(&self) -> bool {
         self.run.shutdown.is_set()
+    }
+
+    /// This run's id, as `current_run_id()` reports it on the run's worker threads.
+    #[getter]
+    fn run_id(&self) -> usize {
+        self.run.shutdown.id()
     }
 
     /// Start a waiting `auto_start=False` producer. "ok", "not_producer" or "already".

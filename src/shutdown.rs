@@ -20,6 +20,11 @@ struct Inner {
 }
 
 impl Shutdown {
+    /// An identity of this run's shutdown signal (so of the run) while it is alive.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     pub fn new() -> Self {
         let (tx, rx) = crossbeam_channel::bounded(0);
         Shutdown { inner: Arc::new(Inner { flag: AtomicBool::new(false), tx: Mutex::new(Some(tx)), rx }) }

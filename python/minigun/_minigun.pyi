@@ -8,6 +8,9 @@ MAX_CHUNK: int
 def emit(value: Any, to: str | None = None) -> None:
     """Send ``value`` from the stage worker running on this thread."""
 
+def current_run_id() -> int | None:
+    """The ``Runtime.run_id`` of the stage worker running on this thread, if any."""
+
 def reap(pid: int, timeout: float | None = None) -> int | None:
     """Wait (without the GIL) up to ``timeout`` s for child ``pid``; its raw wait status,
     or None if it is still running."""
@@ -41,3 +44,5 @@ class Runtime:
     def finished(self) -> bool: ...
     @property
     def stopping(self) -> bool: ...
+    @property
+    def run_id(self) -> int: ...

@@ -8,9 +8,10 @@ the worker (``set_child_emitter``) carries values back to the parent instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _minigun
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .run import Run
 
 _native_emit = _minigun.emit
+_current_run_id = _minigun.current_run_id
 _child_emit: Callable[[Any, str | None], None] | None = None
 #: An async stage's attempt that may be retried: its emits wait here (one per task).
 _held: contextvars.ContextVar[list[tuple[Any, str | None]] | None] = contextvars.ContextVar(
@@ -87,10 +89,42 @@ def unregister_run(run: Run) -> None:
             _active_runs.remove(run)
 
 
+#: The run whose hooks this thread is running (hooks run outside any stage worker).
+_hook_thread = threading.local()
+
+
+@contextlib.contextmanager
+def running_hooks_of(run: Run) -> Iterator[None]:
+    """Mark this thread as running ``run``'s hooks, so ``mg.trigger`` in them reaches it."""
+    outer = getattr(_hook_thread, "run", None)
+    _hook_thread.run = run
+    try:
+        yield
+    finally:
+        _hook_thread.run = outer
+
+
+def _callers_run(runs: list[Run]) -> Run | None:
+    """The run the calling code belongs to: the run of the stage worker on this thread,
+    or of the hooks it is running."""
+    run_id = _current_run_id()
+    if run_id is not None:
+        for run in runs:
+            if run.run_id == run_id:
+                return run
+    return getattr(_hook_thread, "run", None)
+
+
 def trigger(name: str) -> None:
-    """Start the ``auto_start=False`` producer called ``name`` in the running pipeline."""
+    """Start the ``auto_start=False`` producer called ``name`` in the running pipeline:
+    the caller's own run when called from a stage or hook, else the newest run that has
+    a stage of that name."""
     with _runs_lock:
         runs = list(_active_runs)
+    own = _callers_run(runs)
+    if own is not None:
+        own.trigger(name)
+        return
     for run in reversed(runs):
         if run.has_stage(name):
             run.trigger(name)

@@ -217,7 +217,7 @@ class Run:
     def _on_stage_finished(self, node: Node) -> None:
         logger.debug("stage %r: all workers stopped", node.path)
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
-            node.scope.bind(hook)()
+            self._call_hook(node.scope, hook)
         # A nested pipeline finishes with its last stage: its after hooks run then.
         for scope in node.scope.lineage():
             if scope.parent is None:
@@ -228,6 +228,10 @@ class Run:
             if finished:
                 self._close_scope(scope)
 
+    def _call_hook(self, scope: Scope, hook: Any) -> None:
+        with context.running_hooks_of(self):
+            scope.bind(hook)()
+
     def _close_scope(self, scope: Scope) -> None:
         with self._scope_lock:
             if id(scope) in self._scopes_closed:
@@ -235,9 +239,9 @@ class Run:
             self._scopes_closed.add(id(scope))
         local = scope.path.rsplit(".", 1)[-1]
         for hook in scope.hooks.of(_hooks.AFTER_RUN):
-            scope.bind(hook)()
+            self._call_hook(scope, hook)
         for hook in scope.parent.hooks.of(_hooks.AFTER, local):
-            scope.parent.bind(hook)()
+            self._call_hook(scope.parent, hook)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -248,10 +252,10 @@ class Run:
         try:
             for scope in scopes:
                 for hook in scope.hooks.of(_hooks.BEFORE_RUN):
-                    scope.bind(hook)()
+                    self._call_hook(scope, hook)
                 for name in scope.members:
                     for hook in scope.hooks.of(_hooks.BEFORE, name):
-                        scope.bind(hook)()
+                        self._call_hook(scope, hook)
         except Exception as exc:
             self._hook_error = (None, exc)
             self._runtime.cancel()
@@ -339,7 +343,7 @@ class Run:
                         self._hook_error = (scope.path, exc)
             for hook in self._graph.root.hooks.of(_hooks.AFTER_RUN):
                 try:
-                    self._graph.root.bind(hook)()
+                    self._call_hook(self._graph.root, hook)
                 except Exception as exc:  # noqa: BLE001
                     if failure is None and self._hook_error is None:
                         self._hook_error = (None, exc)
@@ -374,6 +378,11 @@ class Run:
         return any(s.hooks.of(_hooks.BEFORE_RUN) for s in self._graph.scopes())
 
     # -- the public Run API -----------------------------------------------------------
+
+    @property
+    def run_id(self) -> int:
+        """The runtime's id of this run (what ``mg.trigger`` matches its caller against)."""
+        return self._runtime.run_id
 
     @property
     def stopping(self) -> bool:
