@@ -234,12 +234,26 @@ def _member_edges(root: Scope) -> _Edges:
                 raise DefinitionError(
                     f"producer {label!r} declares from_=, but producers cannot receive items"
                 )
-    for scope in scopes:
+
+    def takes_implicit_input(scope: Scope, name: str) -> bool:
+        # A producer never does; a nested pipeline does when one of its stages would take
+        # implicit input and nothing inside feeds it (its inner edges are known by then).
+        stage = scope.members[name]
+        if stage.kind == PRODUCER:
+            return False
+        if stage.kind != PIPELINE:
+            return True
+        child = scope.children[name]
+        return any(takes_implicit_input(child, sub) and edges.key((child, sub)) not in edges.into
+                   for sub in child.members)
+
+    # Innermost pipelines first, so a pipeline's own edges decide whether it takes input.
+    for scope in reversed(scopes):
         names = list(scope.members)
         for i, name in enumerate(names):
             if scope.members[name].to:
                 continue
-            following = [n for n in names[i + 1:] if scope.members[n].kind != PRODUCER]
+            following = [n for n in names[i + 1:] if takes_implicit_input(scope, n)]
             if following and (id(scope), following[0]) not in explicitly_fed:
                 edges.add((scope, name), (scope, following[0]))
     return edges
