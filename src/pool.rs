@@ -7,12 +7,19 @@ use std::time::Duration;
 
 use crate::shutdown::Shutdown;
 
-/// Start a named runtime thread.
-pub fn spawn_named(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(f)
-        .expect("the OS refused to start a minigun worker thread")
+/// Start a named runtime thread. The OS may refuse (a thread or memory limit): callers
+/// turn that into the run's failure instead of a panic.
+pub fn spawn_named(name: String, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name).spawn(f)
+}
+
+/// The error a run fails with when the OS refuses `stage` a thread.
+pub fn refused_error(stage: &str, error: &std::io::Error) -> pyo3::PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(format!(
+        "the operating system refused to start a thread for stage {stage:?} ({error}); \
+         lower its threads= (or the pipeline's max_threads), or raise the process's thread \
+         or memory limits"
+    ))
 }
 
 /// Join every handle, ignoring panics (they were already reported as the run's failure).
@@ -75,13 +82,16 @@ mod tests {
         for i in 0..20 {
             assert!(sem.acquire(&shutdown));
             let (sem, alive, peak) = (sem.clone(), alive.clone(), peak.clone());
-            handles.push(spawn_named(format!("t{i}"), move || {
-                let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(2));
-                alive.fetch_sub(1, Ordering::SeqCst);
-                sem.release();
-            }));
+            handles.push(
+                spawn_named(format!("t{i}"), move || {
+                    let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(2));
+                    alive.fetch_sub(1, Ordering::SeqCst);
+                    sem.release();
+                })
+                .unwrap(),
+            );
         }
         sem.wait_for(3);
         join_all(handles);

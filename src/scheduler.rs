@@ -13,7 +13,7 @@ use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
 use crate::emit::{Channel, Item, Outbox, Routes, Routing};
-use crate::pool::{join_all, spawn_named};
+use crate::pool::{join_all, refused_error, spawn_named};
 use crate::shutdown::Shutdown;
 use crate::stats::StageStats;
 use crate::worker;
@@ -387,8 +387,10 @@ impl Runtime {
         visit.call(&self.run.merge_tick)
     }
 
-    /// Start every worker thread and the flusher.
-    fn start(&self) -> PyResult<()> {
+    /// Start every worker thread and the flusher. If the OS refuses a thread, the run
+    /// fails with that error: the workers not started count as finished, so the threads
+    /// that did start see the shutdown and end.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.check_process()?;
         let mut started = self.started.lock().unwrap();
         if *started {
@@ -400,11 +402,25 @@ impl Runtime {
             return Ok(());
         }
         self.run.workers_ready.lock().unwrap().1 = self.stages.iter().map(|s| worker::thread_count(s)).sum();
-        for stage in &self.stages {
-            threads.extend(worker::start_stage(stage.clone()));
+        for (index, stage) in self.stages.iter().enumerate() {
+            if let Err((missing, error)) = worker::start_stage(stage, &mut threads) {
+                self.run.fail(Failure { stage: stage.name.clone(), error: refused_error(&stage.name, &error), item: None });
+                for _ in 0..missing {
+                    stage.worker_finished(py);
+                }
+                for later in &self.stages[index + 1..] {
+                    for _ in 0..worker::thread_count(later) {
+                        later.worker_finished(py);
+                    }
+                }
+                return Ok(());
+            }
         }
         let run = self.run.clone();
-        threads.push(spawn_named("minigun-flusher".into(), move || flusher(run)));
+        match spawn_named("minigun-flusher".into(), move || flusher(run)) {
+            Ok(handle) => threads.push(handle),
+            Err(error) => self.run.fail(Failure { stage: "minigun-flusher".into(), error: refused_error("minigun-flusher", &error), item: None }),
+        }
         Ok(())
     }
 

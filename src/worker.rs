@@ -16,7 +16,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::accumulate::{Batcher, Limits};
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
-use crate::pool::{join_all, spawn_named, Semaphore};
+use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 
 /// How many long-lived threads `start_stage` starts for this stage.
@@ -27,27 +27,32 @@ pub fn thread_count(stage: &StageShared) -> usize {
     }
 }
 
-/// Start the threads of one stage.
-pub fn start_stage(stage: Arc<StageShared>) -> Vec<JoinHandle<()>> {
+/// Start the threads of one stage into `threads`. On the OS's refusal, returns how many
+/// of the stage's threads did not start, with the error.
+pub fn start_stage(stage: &Arc<StageShared>, threads: &mut Vec<JoinHandle<()>>) -> Result<(), (usize, std::io::Error)> {
     let body: fn(&Arc<StageShared>) = match stage.kind {
         Kind::Producer => |s| run_producer(s),
         Kind::Accumulator => |s| run_accumulator(s),
         Kind::Processor if stage.spec.spawn_per_item => run_spawning,
         Kind::Processor => |s| run_processor(s),
     };
-    (0..thread_count(&stage))
-        .map(|i| {
-            let s = stage.clone();
-            spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
-                python_thread(|| {
-                    s.run.worker_ready();
-                    body(&s);
-                    // Keep this thread's Python thread state until no stage can fork any more.
-                    s.run.wait_all_finished();
-                })
+    let count = thread_count(stage);
+    for i in 0..count {
+        let s = stage.clone();
+        let started = spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
+            python_thread(|| {
+                s.run.worker_ready();
+                body(&s);
+                // Keep this thread's Python thread state until no stage can fork any more.
+                s.run.wait_all_finished();
             })
-        })
-        .collect()
+        });
+        match started {
+            Ok(handle) => threads.push(handle),
+            Err(error) => return Err((count - i, error)),
+        }
+    }
+    Ok(())
 }
 
 /// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python thread
@@ -379,11 +384,20 @@ fn run_spawning(stage: &Arc<StageShared>) {
                     Python::attach(|_py| drop(item));
                     continue;
                 }
-                let (stage, slots) = (stage.clone(), slots.clone());
-                children.push(spawn_named(format!("minigun:{}:spawned", stage.name), move || {
-                    python_thread(|| run_spawned(&stage, item));
-                    slots.release();
-                }));
+                let (worker_stage, worker_slots) = (stage.clone(), slots.clone());
+                let spawned = spawn_named(format!("minigun:{}:spawned", stage.name), move || {
+                    python_thread(|| run_spawned(&worker_stage, item));
+                    worker_slots.release();
+                });
+                match spawned {
+                    Ok(handle) => children.push(handle),
+                    Err(error) => {
+                        // The item went with the closure the OS refused to run.
+                        slots.release();
+                        stage.run.fail(Failure { stage: stage.name.clone(), error: refused_error(&stage.name, &error), item: None });
+                        break;
+                    }
+                }
                 if children.len() > 4 * limit {
                     // Join finished threads now and then so the handle list stays short.
                     let (done, running): (Vec<_>, Vec<_>) = children.drain(..).partition(|h| h.is_finished());

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -260,3 +262,44 @@ def test_two_nested_pipelines_with_their_own_producers_run_side_by_side():
     root.run()
     assert sorted(out1.items) == [0, 1, 2]
     assert sorted(out2.items) == [10, 11, 12]
+
+
+_REFUSED_THREADS = r'''
+import re, resource, threading
+import minigun as mg
+
+class Wide(mg.Task):
+    max_threads = 200
+
+    @mg.producer
+    def numbers(self):
+        yield from range(1000)
+
+    @mg.processor(threads=200)
+    def double(self, x):
+        return x * 2
+
+    @mg.consumer
+    def sink(self, x):
+        pass
+
+task = Wide()
+with open("/proc/self/status") as f:
+    size = int(re.search(r"VmSize:\s+(\d+) kB", f.read()).group(1)) * 1024
+# Room for a few threads' stacks, not for 200.
+resource.setrlimit(resource.RLIMIT_AS, (size + 64 * 2**20, resource.RLIM_INFINITY))
+try:
+    task.run()
+except mg.PipelineError as error:
+    print("failed:", error)
+print("threads left:", threading.active_count())
+'''
+
+
+def test_a_thread_the_os_refuses_fails_the_run_cleanly():
+    done = subprocess.run([sys.executable, "-c", _REFUSED_THREADS], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "failed: stage 'double' failed" in done.stdout
+    assert "refused to start a thread" in done.stdout
+    assert "threads left: 1" in done.stdout
