@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install everything the tests need and run every test: Rust unit tests, then the pytest
-# suite on CPython 3.11 and on the free-threaded CPython 3.13t (built once, cached in /opt).
-# Usage: bash scripts/test.sh            (what .ci/run and README's test command run)
+# Install everything the tests need and run every test, on a bare clone:
+#   the advisory check, Rust unit tests, quality gates, the pytest suite on CPython 3.11,
+#   3.13 (GIL) and free-threaded 3.13t, then the wheels built and installed by a test.
+# Usage: bash scripts/test.sh      (what .ci/run and the README's test command run)
+# Interpreters: PYTHON (default python3, a 3.11), and 3.13 / 3.13t from scripts/get-python.sh
+# (MINIGUN_PYTHON_3_13 / MINIGUN_PYTHON_3_13T name ones the machine already has).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -12,22 +15,56 @@ log() { printf '\n== %s\n' "$*"; }
 # extension whose PyO3 refuses free-threaded 3.13.
 deps=(maturin pytest pytest-timeout hypothesis ruff)
 
-make_venv() {  # make_venv PYTHON DIR
+make_venv() {  # make_venv PYTHON DIR: a venv with the test deps and minigun built into it
   local python=$1 dir=$2
   [ -x "$dir/bin/python" ] || "$python" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check --only-binary=hypothesis "${deps[@]}"
   VIRTUAL_ENV="$root/$dir" "$dir/bin/maturin" develop --release -q
 }
 
+pytest_in() {  # pytest_in DIR [ARGS...]
+  local dir=$1
+  shift
+  "$dir/bin/python" -m pytest -q -p no:cacheprovider -m "not wheels" "$@"
+}
+
+test_cpython_311() {
+  log "CPython 3.11: build and pytest"
+  make_venv "${PYTHON:-python3}" .venv
+  pytest_in .venv
+}
+
+test_cpython_313() {
+  log "CPython 3.13 (GIL): build and pytest"
+  make_venv "$(bash scripts/get-python.sh 3.13 | tail -n 1)" .venv-313
+  pytest_in .venv-313
+}
+
+test_cpython_313t() {
+  log "free-threaded CPython 3.13t: build and pytest"
+  make_venv "$(bash scripts/get-python.sh 3.13 t | tail -n 1)" .venv-313t
+  pytest_in .venv-313t
+}
+
+test_wheels() {
+  log "wheels: build (manylinux2014, stripped, audited), install each into a fresh venv"
+  bash scripts/build-wheels.sh dist/wheels
+  MINIGUN_WHEEL_DIR=$root/dist/wheels \
+    MINIGUN_WHEEL_PYTHONS="$root/.venv/bin/python:$(bash scripts/get-python.sh 3.13 | tail -n 1):$(bash scripts/get-python.sh 3.13 t | tail -n 1)" \
+    .venv/bin/python -m pytest -q -p no:cacheprovider -m wheels tests/test_wheels.py
+}
+
+log "advisory check (RUSTSEC-2026-0176, RUSTSEC-2026-0177)"
+python3 scripts/check_advisories.py
+
 log "cargo test"
 cargo test --quiet
 
-log "CPython 3.11: build and pytest"
-make_venv "${PYTHON:-python3}" .venv
-.venv/bin/ruff check python tests benchmarks examples
-.venv/bin/python -m pytest -q -p no:cacheprovider
+test_cpython_311
 
-log "free-threaded CPython 3.13t: build and pytest"
-ft_python=$(bash ../shared/tools/build-python.sh | tail -n 1)
-make_venv "$ft_python" .venv-ft
-.venv-ft/bin/python -m pytest -q -p no:cacheprovider
+log "quality gates"
+.venv/bin/ruff check python tests benchmarks examples scripts
+
+test_cpython_313
+test_cpython_313t
+test_wheels
