@@ -254,7 +254,8 @@ def run_chunk(call: Call, mode: str, items: list[Any], careful: bool, out: Outbo
     for k, item in enumerate(items):
         attempt = 0
         while True:
-            out.hold()
+            if policy.retries:  # without retries, nothing is ever taken back
+                out.hold()
             try:
                 _results(call, mode, item, out)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
