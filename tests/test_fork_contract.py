@@ -261,3 +261,32 @@ def test_an_unpicklable_spawn_fork_result_names_its_type_with_the_child_tracebac
     assert "exit code" not in text
     assert "lock" in text.lower() and "pickle" in text.lower() and "'work'" in text
     assert "Traceback" in getattr(error, "traceback_text", "")
+
+
+def test_the_worker_loop_never_imports_the_extension():
+    """Forked children, subinterpreters and Ray workers run minigun.worker_loop; none of
+    them may load minigun._minigun, not even through another minigun module."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(mg.__file__).parent
+    seen, todo = set(), ["worker_loop"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == "_minigun":
+            break
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for block in ast.walk(tree):  # imports for type checkers only do not count
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test):
+                block.body = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                todo += [t.split(".")[0] for t in targets]
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("minigun.")]
+    assert "_minigun" not in seen, sorted(seen)

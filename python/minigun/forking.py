@@ -27,6 +27,13 @@ touched any of them could wait forever. minigun's rule is therefore:
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake (the Rust ``Runtime`` would refuse
   another pid as well, but only after taking PyO3 locks).
+* The fork happens with the Rust fork gate closed (``_minigun.fork_gate_close``): no
+  minigun thread is creating or deleting its Python thread state at that instant, which
+  would leave the child deadlocked in ``PyOS_AfterFork_Child`` on CPython 3.11/3.12.
+* The child never touches the std streams it inherited (another thread may have held
+  their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2.
+* What the child runs (the item contract: stage forms, retries, per-item outcomes) is
+  :mod:`minigun.worker_loop`, pure Python; this module is the fork and the parent side.
 * Pipes are created and forks happen under one lock, and each child closes the parent's
   ends of every other child's pipes, so a pipe's end of stream is seen as soon as its child
   exits (a sibling never keeps it open).
