@@ -25,13 +25,19 @@ make_venv() {  # make_venv PYTHON DIR: a venv with the test deps and minigun bui
 pytest_in() {  # pytest_in DIR [ARGS...]
   local dir=$1
   shift
-  "$dir/bin/python" -m pytest -q -p no:cacheprovider -m "not wheels" "$@"
+  "$dir/bin/python" -m pytest -q -p no:cacheprovider -m "not wheels and not stress" "$@"
+}
+
+stress_in() {  # stress_in DIR: the fork stress tests, bounded by MINIGUN_STRESS_SECONDS
+  MINIGUN_STRESS_SECONDS=${MINIGUN_STRESS_SECONDS:-20} \
+    "$1/bin/python" -m pytest -q -p no:cacheprovider -m stress
 }
 
 test_cpython_311() {
   log "CPython 3.11: build and pytest"
   make_venv "${PYTHON:-python3}" .venv
   pytest_in .venv
+  stress_in .venv
 }
 
 test_cpython_313() {
@@ -44,6 +50,7 @@ test_cpython_313t() {
   log "free-threaded CPython 3.13t: build and pytest"
   make_venv "$(bash scripts/get-python.sh 3.13 t | tail -n 1)" .venv-313t
   pytest_in .venv-313t
+  stress_in .venv-313t
 }
 
 test_wheels() {

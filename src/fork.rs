@@ -12,6 +12,7 @@
 //! with a short backoff.
 
 use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyChildProcessError;
@@ -169,6 +170,109 @@ pub fn exited(pid: i32) -> bool {
 pub fn terminate(py: Python<'_>, pid: i32, grace: f64) -> PyResult<i32> {
     let grace = Duration::from_secs_f64(grace.max(0.0));
     py.detach(move || terminate_child(pid, grace)).map_err(os_error)
+}
+
+// -- the fork gate ---------------------------------------------------------------------
+
+/// One process-wide gate between forks and the births and deaths of minigun's thread
+/// states.
+///
+/// Attaching a thread that has no Python thread state creates one, and detaching it the
+/// last time deletes it, both under CPython's runtime-wide `HEAD_LOCK`; creation happens
+/// before the thread takes the GIL. CPython 3.11 and 3.12 do not hold `HEAD_LOCK` across
+/// `fork()`, so a child forked at that instant deadlocks in `PyOS_AfterFork_Child`. Every
+/// thread minigun starts therefore creates and deletes its thread state inside the gate
+/// ([`python_thread`]), and every fork happens with the gate closed
+/// ([`fork_gate_close`] / [`fork_gate_open`]): no fork can meet a half-made thread state,
+/// whatever the timing. A waiting fork has priority over threads about to pass, so a
+/// stream of new threads (spawn_thread) cannot starve it.
+struct ForkGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    /// Threads creating or deleting their thread state right now.
+    passing: usize,
+    /// Forks waiting for the gate, and whether one holds it closed.
+    waiting: usize,
+    closed: bool,
+}
+
+static GATE: ForkGate = ForkGate {
+    state: Mutex::new(GateState { passing: 0, waiting: 0, closed: false }),
+    changed: Condvar::new(),
+};
+
+impl ForkGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        // The state stays consistent whatever panicked while holding it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self) {
+        let mut state = self.lock();
+        while state.closed || state.waiting > 0 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.passing += 1;
+    }
+
+    fn leave(&self) {
+        let mut state = self.lock();
+        state.passing -= 1;
+        if state.passing == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        state.waiting += 1;
+        while state.closed || state.passing > 0 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.waiting -= 1;
+        state.closed = true;
+    }
+
+    fn open(&self) {
+        let mut state = self.lock();
+        state.closed = false;
+        self.changed.notify_all();
+    }
+}
+
+/// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python
+/// thread state for its whole life, created and deleted inside the fork gate.
+///
+/// The gate is entered without the GIL and left once attached, and entered again while
+/// detached before the last detach: so a thread never waits for the gate while holding
+/// the GIL, and a fork (which closes the gate without the GIL, then attaches) never
+/// waits for a thread that waits for it.
+pub fn python_thread(f: impl FnOnce() + Send) {
+    GATE.enter();
+    Python::attach(|py| {
+        GATE.leave();
+        py.detach(f);
+        py.detach(|| GATE.enter());
+    });
+    GATE.leave();
+}
+
+/// `fork_gate_close()`: wait (without the GIL) until no minigun thread is creating or
+/// deleting its thread state, and keep them from starting to until `fork_gate_open()`.
+/// Called by `minigun.forking` just before `os.fork()`; the child never opens it (a
+/// forked child runs no Rust code).
+#[pyfunction]
+pub fn fork_gate_close(py: Python<'_>) {
+    py.detach(|| GATE.close());
+}
+
+/// `fork_gate_open()`: the parent's side of a fork is done.
+#[pyfunction]
+pub fn fork_gate_open() {
+    GATE.open();
 }
 
 #[cfg(test)]

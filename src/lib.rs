@@ -28,6 +28,8 @@ fn _minigun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fork::reap, m)?)?;
     m.add_function(wrap_pyfunction!(fork::exited, m)?)?;
     m.add_function(wrap_pyfunction!(fork::terminate, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::fork_gate_close, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::fork_gate_open, m)?)?;
     m.add_function(wrap_pyfunction!(ipc::read_frame, m)?)?;
     m.add_function(wrap_pyfunction!(ipc::write_frame, m)?)?;
     Ok(())

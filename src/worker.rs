@@ -56,16 +56,12 @@ pub fn start_stage(stage: &Arc<StageShared>, threads: &mut Vec<JoinHandle<()>>) 
 }
 
 /// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python thread
-/// state for its whole life.
+/// state for its whole life, made and deleted inside the fork gate (`fork::python_thread`).
 ///
-/// Why: attaching from a thread without a thread state creates one and detaching the last
-/// time deletes it, both under CPython's runtime-wide `HEAD_LOCK`. A stage that forks while
-/// another thread holds that lock leaves the child deadlocked in `PyOS_AfterFork_Child`
-/// (seen here with 3.11). So workers create their thread state once, wait until every
-/// worker of the run has one before any runs a stage (so before any fork), and keep it
-/// until every stage has finished (so after the last fork). It is also much cheaper: on
-/// free-threaded builds every new thread state brings a new allocator heap, and every
-/// deleted one abandons it for the other threads to sweep.
+/// Workers create their thread state once, wait until every worker of the run has one
+/// before any runs a stage, and keep it until every stage has finished: that is cheaper
+/// than a thread state per attach (on free-threaded builds every new thread state brings a
+/// new allocator heap, and every deleted one abandons it for the other threads to sweep).
 ///
 /// On free-threaded builds a thread also owns the reference counts of the objects it made;
 /// other threads hand their decrements back to it, and it merges them only when it runs
@@ -73,7 +69,7 @@ pub fn start_stage(stage: &Arc<StageShared>, threads: &mut Vec<JoinHandle<()>>) 
 /// would keep those objects alive, so every loop calls `RunShared::tick` (a Python no-op)
 /// now and then.
 fn python_thread(f: impl FnOnce() + Send) {
-    Python::attach(|py| py.detach(f));
+    crate::fork::python_thread(f);
 }
 
 /// What one worker calls: the stage function, or a custom Stage's per-worker copy.

@@ -27,6 +27,13 @@ touched any of them could wait forever. minigun's rule is therefore:
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake (the Rust ``Runtime`` would refuse
   another pid as well, but only after taking PyO3 locks).
+* The fork happens with the Rust fork gate closed (``_minigun.fork_gate_close``): no
+  minigun thread is creating or deleting its Python thread state at that instant, which
+  would leave the child deadlocked in ``PyOS_AfterFork_Child`` on CPython 3.11/3.12.
+* The child never touches the std streams it inherited (another thread may have held
+  their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2.
+* What the child runs (the item contract: stage forms, retries, per-item outcomes) is
+  :mod:`minigun.worker_loop`, pure Python; this module is the fork and the parent side.
 * Pipes are created and forks happen under one lock, and each child closes the parent's
   ends of every other child's pipes, so a pipe's end of stream is seen as soon as its child
   exits (a sibling never keeps it open).
@@ -58,15 +65,14 @@ could deadlock a pipeline whose long-lived workers wait for input from a starved
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import time
-import traceback
 import warnings
 import weakref
 from collections.abc import Callable
@@ -81,32 +87,17 @@ except ImportError:  # pragma: no cover - no fork there either
 
 from . import _minigun, context
 from . import hooks as _hooks
+from . import worker_loop as loop
 from .config import RetryPolicy
 from .errors import MinigunError, WorkerError
-from .strategies import plan
+from .fork_budget import RunForks
 
 logger = logging.getLogger("minigun")
 
-_HEADER = struct.Struct("<Q")
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: Seconds a child gets to exit after SIGTERM before SIGKILL.
 GRACE = 1.0
 #: How often a waiting parent looks at the run's stop flag (the Rust side ticks at 50 ms).
 _POLL = 0.05
-#: A child sends what it emitted when this many values are buffered, or when the oldest
-#: buffered value is this old (checked at each emit).
-_FLUSH_VALUES = 256
-_FLUSH_SECONDS = 0.05
-#: Payloads up to this size are written with their header in one write.
-_SMALL = 64 * 1024
-#: Frame tags (each frame is a pickled ``(tag, data)``).
-_VALUES, _DONE, _ERROR, _FATAL = "values", "done", "error", "fatal"
-_CHUNK, _CLOSE = "chunk", "close"
-#: Markers a fork_ipc child puts among its emitted ``(to, value)`` pairs as ``(kind, data)``
-#: (an int ``kind`` never clashes with ``to``, a stage name or None): item ``data`` of the
-#: chunk is finished; ``(k, error payload)``: item k failed after its retries; ``data``
-#: retries happened.
-_MARK_FINISHED, _MARK_FAILED, _MARK_RETRIED = 0, 1, 2
 _CHILD_EXIT_OK, _CHILD_EXIT_BROKEN = 0, 70
 
 
@@ -134,12 +125,42 @@ def _quiet_fork_warning() -> None:
     _warning_filter = warnings.filters[0]
 
 
-def _flush_std_streams() -> None:
+#: In a child: the std streams it inherited, kept alive and untouched until os._exit.
+_inherited_streams: list[Any] = []
+
+
+def _fresh_std_streams() -> None:
+    """In a child: give it its own ``sys.stdout`` and ``sys.stderr`` over fds 1 and 2.
+
+    The inherited stream objects may be locked forever: another parent thread may have
+    been inside a write or flush (holding the buffer's lock) at the instant of the fork.
+    The child never touches them, so it cannot block on them (and never writes out what
+    the parent had buffered, which the parent writes itself). Streams the user replaced
+    (anything but ``sys.__stdout__`` / ``sys.__stderr__``) are left alone."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        inherited = getattr(sys, name)
+        original = getattr(sys, f"__{name}__")
+        if inherited is None or inherited is not original:
+            continue
+        try:
+            raw = io.FileIO(fd, "w", closefd=False)
+            stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding=original.encoding,
+                                      errors=original.errors,
+                                      line_buffering=original.line_buffering)
+        except Exception:  # noqa: BLE001 - no such fd: keep what there is
+            continue
+        _inherited_streams.append(inherited)  # never finalized: that would flush it
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _flush_child_streams() -> None:
+    """Flush the child's stdout and stderr (its own, see :func:`_fresh_std_streams`)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
-        except Exception:  # noqa: BLE001 - a broken stdout must not break a fork
+        except Exception:  # noqa: BLE001 - a broken stdout must not break a child
             pass
 
 
@@ -159,7 +180,7 @@ def _describe(status: int) -> str:
 class _Child:
     """A forked child as the parent sees it. Only the thread that owns it reaps it."""
 
-    def __init__(self, pid: int, rfd: int, wfd: int | None, stage: str, forks: _RunForks):
+    def __init__(self, pid: int, rfd: int, wfd: int | None, stage: str, forks: RunForks):
         self.pid = pid
         self.rfd = rfd
         self.wfd = wfd
@@ -218,13 +239,12 @@ class _Child:
         )
 
 
-def _spawn(forks: _RunForks, stage: str, n_items: int, before: list[Callable[[], Any]],
+def _spawn(forks: RunForks, stage: str, n_items: int, before: list[Callable[[], Any]],
            child_main: Callable[..., int], args: tuple[Any, ...], duplex: bool) -> _Child:
     """Run the before_fork hooks and fork a child that runs ``child_main(wfd, [rfd,] *args)``
     and exits. Returns the parent's view of the child."""
     for hook in before:
         hook()
-    _flush_std_streams()
     _quiet_fork_warning()
     blocked = {signal.SIGINT, signal.SIGTERM}
     with _fork_lock:
@@ -238,12 +258,15 @@ def _spawn(forks: _RunForks, stage: str, n_items: int, before: list[Callable[[],
             # Signals stay blocked across the fork so the child cannot take a Ctrl-C before
             # it has set SIGINT to "ignore"; this thread gets its mask back right after.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            # No minigun thread creates or deletes its thread state during the fork.
+            _minigun.fork_gate_close()
             try:
                 pid = os.fork()
                 if pid == 0:
                     own = (w, cr) if duplex else (w,)
                     _child_entry(own, mask, child_main, args)  # never returns
             finally:
+                _minigun.fork_gate_open()
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             for fd in fds:
@@ -288,13 +311,14 @@ def _child_entry(own: tuple[int, ...], mask: Any, child_main: Callable[..., int]
             code = child_main(*own, *args)
         except BaseException:  # noqa: BLE001 - nothing may escape a child
             code = _CHILD_EXIT_BROKEN
-        _flush_std_streams()
+        _flush_child_streams()
     finally:
         os._exit(code)
 
 
 def _child_setup(own: tuple[int, ...], mask: Any) -> None:
     global _fork_lock, _parent_fds, _runs
+    _fresh_std_streams()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -336,210 +360,33 @@ def _detach_runs() -> None:
             pass
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _send(fd: int, tag: str, data: Any) -> None:
-    payload = pickle.dumps((tag, data), _PROTOCOL)
-    if len(payload) <= _SMALL:
-        _write_all(fd, _HEADER.pack(len(payload)) + payload)
-    else:
-        _write_all(fd, _HEADER.pack(len(payload)))
-        _write_all(fd, payload)
-
-
-def _read_into(fd: int, buf: bytearray) -> bool:
-    view, got = memoryview(buf), 0
-    while got < len(buf):
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            return False
-        got += n
-    return True
-
-
-def _receive(fd: int) -> tuple[str, Any] | None:
-    head = bytearray(_HEADER.size)
-    if not _read_into(fd, head):
-        return None
-    payload = bytearray(_HEADER.unpack(head)[0])
-    if not _read_into(fd, payload):
-        return None
-    return pickle.loads(payload)
-
-
-class _ChildOut:
-    """What ``emit`` does in a child: buffer values and send them to the parent in frames."""
-
-    def __init__(self, fd: int, send: bool) -> None:
-        self.fd = fd
-        self.send = send
-        self.buffer: list[tuple[Any, Any]] = []
-        self.since = 0.0
-        #: While an attempt that may be retried runs, what it emits waits here.
-        self.held: list[tuple[str | None, Any]] | None = None
-
-    def emit(self, value: Any, to: str | None = None) -> None:
-        if not self.send:
-            return
-        if self.held is not None:
-            self.held.append((to, value))
-            return
-        self._add((to, value))
-
-    def mark(self, kind: int, data: Any) -> None:
-        self._add((kind, data))
-
-    def hold(self) -> None:
-        self.held = []
-
-    def release(self, keep: bool) -> None:
-        """End an attempt: send what it emitted if it succeeded (``keep``), else drop it."""
-        held, self.held = self.held, None
-        if keep:
-            for entry in held or ():
-                self._add(entry)
-
-    def _add(self, entry: tuple[Any, Any]) -> None:
-        if not self.buffer:
-            self.since = time.monotonic()
-        self.buffer.append(entry)
-        if len(self.buffer) >= _FLUSH_VALUES or time.monotonic() - self.since >= _FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            batch = self.buffer
-            _send(self.fd, _VALUES, batch)
-            self.buffer = []
-
-    def finish(self) -> None:
-        # The last values travel in the "done" frame: one frame per item in the common
-        # case of a few results.
-        _flush_std_streams()
-        batch, self.buffer = self.buffer, []
-        _send(self.fd, _DONE, batch)
-
-    def fail(self, exc: BaseException, tag: str = _ERROR) -> None:
-        # What was emitted before the error goes out, as it would from a thread (the parent
-        # discards it if the item is retried); values that cannot be pickled are dropped.
-        try:
-            self.flush()
-        except Exception:  # noqa: BLE001
-            self.buffer = []
-        _flush_std_streams()
-        _send(self.fd, tag, _error_payload(exc))
-
-
-def _error_payload(exc: BaseException) -> tuple[bytes | None, str, str, str]:
-    text = "".join(traceback.format_exception(exc))
-    pickled = None
-    if isinstance(exc, Exception):
-        try:
-            pickled = pickle.dumps(exc, _PROTOCOL)
-        except Exception:  # noqa: BLE001 - reported as WorkerError instead
-            pickled = None
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001
-        message = "<str() failed>"
-    return pickled, f"{type(exc).__module__}.{type(exc).__qualname__}", message, text
-
-
-def _run_body(call: Callable[[Any], Any], mode: str, item: Any, out: _ChildOut) -> None:
-    result = call(item)
-    if result is None:
-        return
-    if mode == "iterate":
-        for value in result:
-            out.emit(value)
-    else:
-        out.emit(result)
-
-
-def _run_chunk(call: Callable[[Any], Any], mode: str, items: list, careful: bool,
-               out: _ChildOut, policy: RetryPolicy) -> None:
-    """Run a fork_ipc chunk item by item, with retries, marking each item's outcome.
-    ``careful``: send each item's values and marker before starting the next item, so that
-    if this process dies, the parent knows exactly which item it died on."""
-    for k, item in enumerate(items):
-        attempt = 0
-        while True:
-            if policy.retries:
-                out.hold()
-            try:
-                _run_body(call, mode, item, out)
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                out.release(keep=False)
-                if attempt < policy.retries and isinstance(exc, policy.retry_on):
-                    attempt += 1
-                    out.mark(_MARK_RETRIED, 1)
-                    time.sleep(policy.delay(attempt))
-                    continue
-                out.mark(_MARK_FAILED, (k, _error_payload(exc)))
-            else:
-                out.release(keep=True)
-            break
-        out.mark(_MARK_FINISHED, k)
-        if careful:
-            out.flush()
-
-
-def _spawn_child(wfd: int, after: list[Callable[[], Any]], call: Callable[[Any], Any],
-                 mode: str, item: Any, send: bool) -> int:
-    out = _ChildOut(wfd, send)
+def _spawn_child(wfd: int, fn: _Node, start: loop.Start, item: Any) -> int:
+    """A spawn_fork child: the worker for one item (see worker_loop.run_one)."""
+    out = loop.Outbox(loop.pipe_sender(wfd), fn.path, fn.routes, fn.route_error,
+                      deliver=fn.send_back, streaming=True, before_reply=_flush_child_streams)
     context.set_child_emitter(out.emit)
-    try:
-        for hook in after:
-            hook()
-        _run_body(call, mode, item, out)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        out.fail(exc)
-    else:
-        out.finish()
+    loop.run_one(_with_hooks(fn.after, start), fn.mode, item, out)
     return _CHILD_EXIT_OK
 
 
-def _ipc_child(wfd: int, rfd: int, after: list[Callable[[], Any]],
-               open_worker: Callable[[], tuple[Callable[[Any], Any], Any]], mode: str,
-               policy: RetryPolicy) -> int:
-    out = _ChildOut(wfd, True)
+def _ipc_child(wfd: int, rfd: int, fn: _Node, start: loop.Start, policy: RetryPolicy) -> int:
+    """A fork_ipc worker: answers chunks until the parent closes it (worker_loop.serve)."""
+    out = loop.Outbox(loop.pipe_sender(wfd), fn.path, fn.routes, fn.route_error,
+                      before_reply=_flush_child_streams)
     context.set_child_emitter(out.emit)
-    try:
+    loop.serve(loop.pipe_receiver(rfd), out, _with_hooks(fn.after, start), fn.mode, policy)
+    return _CHILD_EXIT_OK
+
+
+def _with_hooks(after: list[Callable[[], Any]], start: loop.Start) -> loop.Start:
+    """The child's worker start: the after_fork hooks, then the worker's own start."""
+
+    def start_after_fork() -> tuple[loop.Call, Callable[[], Any] | None]:
         for hook in after:
             hook()
-        call, close = open_worker()
-    except BaseException as exc:  # noqa: BLE001 - reported with the first message
-        startup: BaseException | None = exc
-    else:
-        startup = None
-    while True:
-        message = _receive(rfd)
-        if message is None:
-            return _CHILD_EXIT_OK  # the parent closed the pipe (or is gone)
-        tag, data = message
-        if startup is not None:
-            out.fail(startup, _FATAL)
-            return _CHILD_EXIT_OK
-        if tag == _CLOSE:
-            try:
-                if close is not None:
-                    close()
-            except BaseException as exc:  # noqa: BLE001
-                out.fail(exc, _FATAL)
-            else:
-                out.finish()
-            return _CHILD_EXIT_OK
-        try:
-            items, careful = data
-            _run_chunk(call, mode, items, careful, out, policy)
-        except BaseException as exc:  # noqa: BLE001 - e.g. a value that cannot be pickled
-            out.fail(exc, _FATAL)
-            return _CHILD_EXIT_OK
-        out.finish()
+        return start()
+
+    return start_after_fork
 
 
 # -- the parent side ----------------------------------------------------------------------
@@ -569,33 +416,28 @@ def _child_exception(stage: str, pid: int, payload: tuple[Any, ...]) -> BaseExce
     return exc
 
 
-def _pump(child: _Child, tick: Callable[[], None], emit: Callable[..., None],
-          mark: Callable[[int, Any], None] | None = None) -> tuple[str, Any]:
-    """Read the child's frames, re-emitting values in this worker thread (and passing
-    fork_ipc's markers to ``mark``), until it reports the work done (``("done", None)``),
-    failed (``("error" | "fatal", exception)``) or the pipe ends without either
-    (``("eof", None)``)."""
+def _pump(child: _Child, tick: Callable[[], None],
+          take: Callable[[list[tuple[Any, Any]]], None]) -> tuple[str, Any]:
+    """Read the child's frames, handing their entries to ``take``, until it reports the
+    work done (``("done" | "retired", None)``), failed (``("error" | "fatal",
+    exception)``) or the pipe ends without either (``("eof", None)``)."""
     while True:
         frame = _minigun.read_frame(child.rfd, tick, child.pid)
         if frame is None:
             return "eof", None
         tag, data = pickle.loads(frame)
         del frame
-        if tag in (_VALUES, _DONE):
-            for to, value in data:
-                if to.__class__ is int:
-                    mark(to, value)
-                else:
-                    emit(value, to)
+        if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
+            take(data)
             del data
-            if tag == _DONE:
-                return _DONE, None
+            if tag != loop.VALUES:
+                return tag, None
         else:
             return tag, _child_exception(child.stage, child.pid, data)
 
 
 class _Node:
-    """What the parent needs to run one fork stage."""
+    """What the parent and its children need to run one fork stage."""
 
     def __init__(self, run: Any, node: Any, mode: str) -> None:
         self.run = run
@@ -604,6 +446,9 @@ class _Node:
         self.before = _fork_hooks(node, _hooks.BEFORE_FORK)
         self.after = _fork_hooks(node, _hooks.AFTER_FORK)
         self.send_back = bool(node.downstream) or bool(node.scope.settings["use_ipc"])
+        #: The names ``emit(to=)`` accepts, checked in the child as the runtime does.
+        self.routes = frozenset(node.route_names)
+        self.route_error = run._route_error_factory(node)
         self.scopes = [id(s) for s in node.scope.lineage()]
         self.forks = _run_forks(run)
 
@@ -613,7 +458,6 @@ class _Node:
     def tick(self) -> None:
         if self.stopping():
             raise _Stopping(f"stage {self.path!r}: the run is stopping")
-
 
 
 def _fork_hooks(node: Any, kind: str) -> list[Callable[[], Any]]:
@@ -634,20 +478,35 @@ def _count(item: Any) -> int:
     return len(item) if isinstance(item, (list, tuple)) else 1
 
 
+def _function_worker(call: loop.Call) -> loop.Start:
+    """The worker start of a function stage: nothing to open or close."""
+
+    def start() -> tuple[loop.Call, None]:
+        return call, None
+
+    return start
+
+
 # spawn_fork -------------------------------------------------------------------------------
 
 
-def _spawn_fork_call(fn: _Node, call: Callable[[Any], Any]) -> Callable[[Any], None]:
+def _spawn_fork_call(fn: _Node, start: loop.Start) -> Callable[[Any], None]:
+    """The call a spawn_fork stage's worker thread makes per item: fork a child that is
+    the stage's worker for that one item, forward what it emits, raise what it raised."""
     emit = _minigun.emit
+
+    def forward(entries: list[tuple[Any, Any]]) -> None:
+        for to, value in entries:
+            emit(value, to)
 
     def spawn_fork(item: Any) -> None:
         fn.forks.acquire(fn)
         try:
             child = _spawn(fn.forks, fn.path, _count(item), fn.before, _spawn_child,
-                           (fn.after, call, fn.mode, item, fn.send_back), duplex=False)
+                           (fn, start, item), duplex=False)
             child.items = _count(item)
             try:
-                outcome, error = _pump(child, fn.tick, emit)
+                outcome, error = _pump(child, fn.tick, forward)
                 child.wait(fn.stopping)
             except BaseException:
                 child.kill()
@@ -666,21 +525,53 @@ def _spawn_fork_call(fn: _Node, call: Callable[[Any], Any]) -> Callable[[Any], N
 # fork_ipc ---------------------------------------------------------------------------------
 
 
+class _ChunkReply:
+    """What a fork_ipc worker has reported about the chunk sent to it. An item's values are
+    held here until its outcome arrives, and delivered only then: values of an item the
+    worker did not finish are never delivered (the item runs again elsewhere)."""
+
+    def __init__(self, worker: _IpcWorker, items: list[Any]) -> None:
+        self.worker = worker
+        self.items = items
+        self.pending: list[tuple[Any, Any]] = []
+        self.finished = 0  # items reported finished, from the start of the chunk
+        self.retries = 0
+        self.failures: list[tuple[Any, BaseException]] = []
+
+    def take(self, entries: list[tuple[Any, Any]]) -> None:
+        for to, data in entries:
+            if to.__class__ is not int:
+                self.pending.append((to, data))
+            elif to == loop.MARK_FINISHED:
+                self.deliver()
+                self.finished = data + 1
+            elif to == loop.MARK_RETRIED:
+                self.retries += data
+            else:
+                k, payload = data
+                child = self.worker.child
+                self.failures.append((self.items[k], _child_exception(
+                    self.worker.fn.path, child.pid if child else 0, payload)))
+
+    def deliver(self) -> None:
+        values, self.pending = self.pending, []
+        for target, value in values:
+            _minigun.emit(value, target)
+
+
 class _IpcWorker:
     """One Rust worker thread's long-lived child, forked at its first item."""
 
-    def __init__(self, fn: _Node, open_worker: Callable[[], tuple[Callable[[Any], Any], Any]],
-                 policy: RetryPolicy):
+    def __init__(self, fn: _Node, start: loop.Start, policy: RetryPolicy):
         self.fn = fn
-        self.open_worker = open_worker
+        self.start = start
         self.policy = policy
         self.child: _Child | None = None
 
     def _start(self) -> _Child:
         self.fn.tick()
         child = _spawn(self.fn.forks, self.fn.path, 0, self.fn.before, _ipc_child,
-                       (self.fn.after, self.open_worker, self.fn.mode, self.policy),
-                       duplex=True)
+                       (self.fn, self.start, self.policy), duplex=True)
         self.child = child
         return child
 
@@ -690,7 +581,7 @@ class _IpcWorker:
             child.kill() if kill else child.wait(self.fn.stopping)
 
     def _exchange(self, message: bytes,
-                  mark: Callable[[int, Any], None] | None = None) -> tuple[str, Any]:
+                  take: Callable[[list[tuple[Any, Any]]], None]) -> tuple[str, Any]:
         """Send one message and collect the reply. A worker found dead before it could
         read the message (killed while idle) is replaced once, transparently."""
         for attempt in (1, 2):
@@ -705,9 +596,9 @@ class _IpcWorker:
                     _minigun.write_frame(child.wfd, message, self.fn.tick)
                 except BrokenPipeError:
                     delivered = False  # gone; its last frames (if any) say why
-                outcome, error = _pump(child, self.fn.tick, _minigun.emit, mark)
+                outcome, error = _pump(child, self.fn.tick, take)
             except BaseException:
-                # Stopping, or a re-emitted value was refused: the child may be mid-item.
+                # Stopping, or a value was refused downstream: the child may be mid-item.
                 self._drop(kill=True)
                 raise
             if outcome == "eof":
@@ -715,7 +606,7 @@ class _IpcWorker:
                 if not delivered and attempt == 1:
                     continue
                 return "error", child.died_error()
-            if outcome == _FATAL:
+            if outcome in (loop.FATAL, loop.RETIRED):
                 self._drop(kill=False)
             return outcome, error
         raise AssertionError("unreachable")
@@ -724,188 +615,95 @@ class _IpcWorker:
         """Run one chunk in the child: ``(retries, [(item, exception), ...])`` for the
         runtime (None when nothing failed or was retried).
 
-        The child reports its items' values and outcomes in batches. If it dies mid-chunk,
-        the items it had not reported go again to a fresh child in careful mode (each item
-        reported before the next starts): the item that kills that child fails with a
-        WorkerError, the rest complete. Values of unreported items never reached the
-        parent, so nothing is delivered twice, but those items' code may run twice."""
+        The child reports each item's values with its outcome, and they are delivered
+        when the outcome arrives. If the child dies mid-chunk, the items it had not
+        reported go again to a fresh child in careful mode (each item reported before the
+        next starts): the item that kills that child fails with a WorkerError, the rest
+        complete. What an unreported item emitted was never delivered, so nothing is
+        delivered twice, but the code of those items may run twice, as for any retry."""
         retries = 0
         failures: list[tuple[Any, BaseException]] = []
         start = 0
         careful = False
         while start < len(items):
-            finished = 0
-
-            def mark(kind: int, data: Any, start: int = start) -> None:
-                nonlocal retries, finished
-                if kind == _MARK_FINISHED:
-                    finished = data + 1
-                elif kind == _MARK_RETRIED:
-                    retries += data
-                else:
-                    k, payload = data
-                    pid = self.child.pid if self.child else 0
-                    failures.append((items[start + k],
-                                     _child_exception(self.fn.path, pid, payload)))
-
-            message = pickle.dumps((_CHUNK, (items[start:], careful)), _PROTOCOL)
-            outcome, error = self._exchange(message, mark)
-            if outcome == _DONE:
-                break
-            if outcome == _FATAL:
+            try:
+                message = pickle.dumps((loop.CHUNK, (items[start:], careful)), loop.PROTOCOL)
+            except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
+                items = items[:start] + self._picklable(items[start:], failures)
+                continue
+            reply = _ChunkReply(self, items[start:])
+            outcome, error = self._exchange(message, reply.take)
+            retries += reply.retries
+            failures += reply.failures
+            if outcome in (loop.DONE, loop.RETIRED):
+                start = len(items)
+            elif outcome == loop.FATAL:
                 raise error
-            if careful:
+            elif careful:
                 # It died on the first item it had not reported: that item fails.
-                failures.append((items[start + finished], error))
-                start += finished + 1
+                failures.append((items[start + reply.finished], error))
+                start += reply.finished + 1
                 careful = False
             else:
-                start += finished
+                start += reply.finished
                 careful = True
         if self.child is not None:
             self.child.items += len(items)
         return (retries, failures) if retries or failures else None
 
+    def _picklable(self, items: list[Any],
+                   failures: list[tuple[Any, BaseException]]) -> list[Any]:
+        """The items that can be pickled to the worker; the others fail, one by one."""
+        kept = []
+        for item in items:
+            try:
+                pickle.dumps(item, loop.PROTOCOL)
+            except Exception as exc:  # noqa: BLE001
+                kind = type(item)
+                error = WorkerError(
+                    f"stage {self.fn.path!r}: an item of type {kind.__module__}."
+                    f"{kind.__qualname__} cannot be pickled to send it to a fork_ipc "
+                    f"worker process ({type(exc).__name__}: {exc}); send picklable items, "
+                    "or use strategy='spawn_fork' (its children read items without "
+                    "pickling) or 'threads'")
+                error.__cause__ = exc
+                failures.append((item, error))
+            else:
+                kept.append(item)
+        return kept
+
     def close(self) -> None:
         if self.child is None:
             return
-        outcome, error = self._exchange(pickle.dumps((_CLOSE, None), _PROTOCOL))
+        reply = _ChunkReply(self, [])
+        outcome, error = self._exchange(pickle.dumps((loop.CLOSE, None), loop.PROTOCOL),
+                                        reply.take)
         self._drop(kill=False)
         if error is not None:
             raise error
+        reply.deliver()  # what close() emitted
 
 
-def _ipc_factory(fn: _Node, call: Callable[[Any], Any] | None,
-                 make_worker: Callable[[], tuple[Any, Any]] | None,
-                 policy: RetryPolicy) -> Callable[[], tuple]:
-    if make_worker is not None:
-        open_worker = make_worker  # a custom Stage: open() runs in the child
-    else:
-        def open_worker() -> tuple[Callable[[Any], Any], None]:
-            return call, None
-
+def _ipc_factory(fn: _Node, start: loop.Start, policy: RetryPolicy) -> Callable[[], tuple]:
     def make_ipc_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
-        worker = _IpcWorker(fn, open_worker, policy)
+        worker = _IpcWorker(fn, start, policy)
         return worker.call, worker.close
 
     return make_ipc_worker
 
 
-# -- the process budget of a run ------------------------------------------------------------
-
-
-class _RunForks:
-    """Children of one run: the live ones (for clean-up) and the max_processes budget.
-
-    Per pipeline scope, each fork stage below it holds a standing reservation: a fork_ipc
-    stage one process per worker, a spawn_fork stage one process (its guaranteed child).
-    What the scope's limit leaves over is a pool that spawn_fork stages draw on for their
-    second and later concurrent children. So children alive in a scope never exceed
-    ``max(max_processes, number of fork stages in it)``, and no stage waits on another.
-    """
-
-    def __init__(self, run: Any) -> None:
-        self.cond = threading.Condition()
-        self.children: dict[int, _Child] = {}
-        self.limit: dict[int, int] = {}
-        self.reserved: dict[int, int] = {}
-        self.extra: dict[int, int] = {}
-        self.stage_alive: dict[str, int] = {}
-        self.ipc_workers: dict[str, int] = {}
-        self._plan(run)
-
-    def _plan(self, run: Any) -> None:
-        """Reserve the fork stages' processes; lower fork_ipc process counts (each keeps
-        one) where a scope's fork stages need more than its max_processes together."""
-        scopes = run._graph.scopes()
-        for scope in scopes:
-            self.limit[id(scope)] = scope.settings["max_processes"]
-        forking: list[tuple[Any, str, int]] = []
-        for node in run._graph.nodes:
-            strategy, workers = plan(node.stage, node.scope.settings, None)
-            if strategy in ("fork_ipc", "spawn_fork"):
-                forking.append((node, strategy, workers if strategy == "fork_ipc" else 1))
-        wanted = {node.path: n for node, _, n in forking}
-        count = dict(wanted)
-        for scope in scopes:
-            members = [n.path for n, _, _ in forking if scope in n.scope.lineage()]
-            ipc = [n.path for n, kind, _ in forking
-                   if kind == "fork_ipc" and n.path in members]
-            while ipc and sum(count[p] for p in members) > self.limit[id(scope)]:
-                widest = max(ipc, key=lambda p: count[p])
-                if count[widest] <= 1:
-                    break
-                count[widest] -= 1
-        for node, strategy, _ in forking:
-            path = node.path
-            if count[path] < wanted[path]:
-                logger.warning(
-                    "stage %r asks for %d fork_ipc processes, but with the other fork stages "
-                    "of its pipeline that is more than max_processes=%d; using %d (raise "
-                    "max_processes to allow more)", path, wanted[path],
-                    node.scope.settings["max_processes"], count[path])
-            for scope in node.scope.lineage():
-                self.reserved[id(scope)] = self.reserved.get(id(scope), 0) + count[path]
-            if strategy == "fork_ipc":
-                self.ipc_workers[path] = count[path]
-
-    def acquire(self, fn: _Node) -> None:
-        """Wait for room for one more spawn_fork child of ``fn``'s stage."""
-        with self.cond:
-            while True:
-                # Checked even when there is room: a child killed because the run stops
-                # frees room, and no new child may take it.
-                fn.tick()
-                if self._room(fn):
-                    break
-                self.cond.wait(_POLL)
-            alive = self.stage_alive.get(fn.path, 0)
-            self.stage_alive[fn.path] = alive + 1
-            if alive:
-                for s in fn.scopes:
-                    self.extra[s] = self.extra.get(s, 0) + 1
-
-    def _room(self, fn: _Node) -> bool:
-        if not self.stage_alive.get(fn.path):
-            return True  # the stage's own reserved process
-        return all(self.extra.get(s, 0) + self.reserved.get(s, 0) < self.limit[s]
-                   for s in fn.scopes)
-
-    def most_children(self, fn: _Node) -> int:
-        """The most children ``fn``'s spawn_fork stage can ever have alive at once."""
-        return 1 + min(max(0, self.limit[s] - self.reserved.get(s, 0)) for s in fn.scopes)
-
-    def release(self, fn: _Node) -> None:
-        with self.cond:
-            alive = self.stage_alive[fn.path]
-            self.stage_alive[fn.path] = alive - 1
-            if alive > 1:
-                for s in fn.scopes:
-                    self.extra[s] -= 1
-            self.cond.notify_all()
-
-    def remember(self, child: _Child) -> None:
-        with self.cond:
-            self.children[child.pid] = child
-
-    def forget(self, child: _Child) -> None:
-        with self.cond:
-            self.children.pop(child.pid, None)
-
-    def live(self) -> list[_Child]:
-        with self.cond:
-            return list(self.children.values())
+# -- the runs and their children ---------------------------------------------------------
 
 
 _runs_lock = threading.Lock()
-_runs: weakref.WeakKeyDictionary[Any, _RunForks] = weakref.WeakKeyDictionary()
+_runs: weakref.WeakKeyDictionary[Any, RunForks] = weakref.WeakKeyDictionary()
 
 
-def _run_forks(run: Any) -> _RunForks:
+def _run_forks(run: Any) -> RunForks:
     with _runs_lock:
         forks = _runs.get(run)
         if forks is None:
-            forks = _runs[run] = _RunForks(run)
+            forks = _runs[run] = RunForks(run)
         return forks
 
 
@@ -945,22 +743,17 @@ def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[
     then runs in forked children; the returned call runs in the parent's worker thread,
     forwards what the child emits, and raises what the child raised."""
     fn = _Node(run, node, mode)
+    # The worker the child starts: a custom Stage's copy is made and opened in the child.
+    start = make_worker if make_worker is not None else _function_worker(call)
     if strategy == "spawn_fork":
-        # No more worker threads than children the budget could ever allow this stage.
+        # Each child is the stage's worker for one item: it opens, processes and closes
+        # (a custom Stage), so what close() emits comes back too. The parent's worker
+        # thread has nothing to open or close.
         workers = max(1, min(workers, fn.forks.most_children(fn)))
-        if make_worker is None:
-            assert call is not None
-            return _spawn_fork_call(fn, call), "value", workers, None
-        inner = make_worker
-
-        def make_spawning_worker() -> tuple[Callable[[Any], None], Any]:
-            process, close = inner()
-            return _spawn_fork_call(fn, process), close
-
-        return None, "value", workers, make_spawning_worker
+        return _spawn_fork_call(fn, start), "value", workers, None
     if strategy == "fork_ipc":
         workers = fn.forks.ipc_workers.get(node.path, workers)
         # Items travel in the runtime's chunks; the child retries, the runtime counts.
-        return None, "chunk", workers, _ipc_factory(fn, call, make_worker,
+        return None, "chunk", workers, _ipc_factory(fn, start,
                                                       RetryPolicy(node.stage, node.scope.settings))
     raise ValueError(f"fork_call: {strategy!r} is not a fork strategy")
