@@ -28,6 +28,7 @@ forks thousands of times beside spawn_thread stages and a second run in another 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import shutil
@@ -327,3 +328,84 @@ def test_every_scenario_has_cells_for_every_registered_strategy():
     for scenario in SCENARIOS:
         names = {p.values[0].name for p in _cells(scenario)}
         assert names == {case.name for case in REGISTRY}, scenario
+
+
+# -- fork stress: forks beside spawn_thread stages and beside another run ----------------------
+
+#: The stress test's time budget in seconds (per part; it has two).
+STRESS_SECONDS = float(os.environ.get("MINIGUN_STRESS_SECONDS", "60"))
+#: Not strict: a fixed runtime passes, but a broken one may also get through a short budget.
+FORK_HANGS = (
+    "a forked child deadlocks when another thread creates or deletes its thread state at "
+    "the fork (3.11: HEAD_LOCK in PyOS_AfterFork_Child; spawn_thread beside a fork stage, or "
+    "a second run in another thread), or holds a stream lock or critical section (3.13t)")
+#: A single run of the stress pipeline taking longer than this is a hang.
+HANG_AFTER = 20.0
+
+
+def _stress_pipeline(sink):
+    """spawn_thread + spawn_fork + fork_ipc in one pipeline: the mix that deadlocked forks."""
+    p = mg.Pipeline("stress", config={"max_processes": 3})
+    p.producer(lambda: iter(range(12)), name="source")
+    p.processor(lambda x: x + 1, name="spawned", strategy="spawn_thread")
+    p.accumulator(name="batch", max_size=3)
+    p.processor(lambda batch: [x * 10 for x in batch], name="forked", strategy="spawn_fork")
+    p.processor(lambda batch: sum(batch), name="ipc", strategy="fork_ipc", processes=2)
+    p.consumer(sink.add, name="sink")
+    return p
+
+
+def _stress_runs(deadline, failures):
+    """Run the stress pipeline until ``deadline``; returns how many runs finished."""
+    runs = 0
+    while time.monotonic() < deadline and not failures:
+        sink = Collector()
+        run = _stress_pipeline(sink).start()
+        try:
+            result = run.wait(timeout=HANG_AFTER)
+        except TimeoutError:
+            run.cancel()
+            progress = {name: (s.items_in, s.items_out) for name, s in run.stats.items()}
+            failures.append(f"run {runs} hung for {HANG_AFTER} s; (in, out) per stage: "
+                            f"{progress}")
+            with contextlib.suppress(Exception):
+                run.wait(timeout=HANG_AFTER)  # the cancel reaps the stuck children
+            return runs
+        except mg.PipelineError as error:
+            failures.append(f"run {runs} failed: {error!r}")
+            return runs
+        # spawn_thread does not keep the order, so batches vary: compare count and total.
+        delivered = sink.items
+        if result.status != "ok" or (len(delivered), sum(delivered)) != (4, 780):
+            failures.append(f"run {runs}: status {result.status}, delivered {sink.items}")
+            return runs
+        runs += 1
+    return runs
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=False, reason=FORK_HANGS)
+@pytest.mark.timeout(int(2 * STRESS_SECONDS + 4 * HANG_AFTER + 30))
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_stress_one_run_at_a_time_then_two_runs_in_two_threads():
+    before = LeftBehind()
+    failures = []
+    alone = _stress_runs(time.monotonic() + STRESS_SECONDS, failures)
+    assert not failures, failures
+
+    counts = [0, 0]
+    deadline = time.monotonic() + STRESS_SECONDS
+
+    def side(k):
+        counts[k] = _stress_runs(deadline, failures)
+
+    threads = [threading.Thread(target=side, args=(k,), name=f"stress-{k}") for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(STRESS_SECONDS + 2 * HANG_AFTER + 10)
+    assert not any(thread.is_alive() for thread in threads), "a stress thread hung"
+    assert not failures, failures
+    print(f"fork stress: {alone} runs alone, {counts} runs in two threads")
+    assert alone >= 1 and min(counts) >= 1
+    before.assert_nothing_new(settle=SETTLE)
