@@ -26,8 +26,12 @@ log "CPython 3.11: build and pytest"
 make_venv "${PYTHON:-python3}" .venv
 .venv/bin/ruff check python tests benchmarks examples
 .venv/bin/python -m pytest -q -p no:cacheprovider
+MINIGUN_STRESS_SECONDS=${MINIGUN_STRESS_SECONDS:-60} \
+  .venv/bin/python -m pytest -q -p no:cacheprovider -m stress
 
 log "free-threaded CPython 3.13t: build and pytest"
 ft_python=$(bash ../shared/tools/build-python.sh | tail -n 1)
 make_venv "$ft_python" .venv-ft
 .venv-ft/bin/python -m pytest -q -p no:cacheprovider
+MINIGUN_STRESS_SECONDS=${MINIGUN_STRESS_SECONDS:-60} \
+  .venv-ft/bin/python -m pytest -q -p no:cacheprovider -m stress

@@ -199,8 +199,11 @@ class LeftBehind:
 
     def assert_nothing_new(self, settle=2.0):
         """Fail unless everything that appeared since the snapshot is gone within
-        ``settle`` seconds (threads and children take a moment to end)."""
-        if wait_until(lambda: not self.new(), timeout=settle):
+        ``settle`` seconds (threads and children take a moment to end; fds are closed by
+        then, by the run or by its ending threads, so they get no grace of their own)."""
+        wait_until(lambda: not (os_threads() - self.threads)
+                   and not (child_processes() - self.children), timeout=settle)
+        if wait_until(lambda: not self.new(), timeout=0.05):
             return
         left = self.new()
         assert not left, f"left behind after the run: {left}"
