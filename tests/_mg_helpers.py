@@ -133,3 +133,77 @@ def subprocess_env(*extra_paths):
 
 
 PYTHON = sys.executable
+
+
+# -- what a run leaves behind: fds, OS threads, child processes --------------------------------
+
+
+def open_fds():
+    """This process's open file descriptors, each with what it points to (so a number the
+    kernel reused for something else still counts as new)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor of the listing itself, closed by now
+    return set(fds.items())
+
+
+def os_threads():
+    """Ids of this process's OS threads (Rust threads included, unlike threading)."""
+    return set(os.listdir("/proc/self/task"))
+
+
+def child_processes():
+    """Pids of this process's children, zombies included (scans /proc: no psutil, and
+    /proc/<pid>/task/*/children is not built into every kernel)."""
+    me = os.getpid()
+    children = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name (field 2) is in parentheses and may contain spaces.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == me:
+            children.add(int(name))
+    return children
+
+
+class LeftBehind:
+    """Snapshot of fds, threads and children now; ``new()`` says what appeared since."""
+
+    def __init__(self):
+        self.fds = open_fds()
+        self.threads = os_threads()
+        self.children = child_processes()
+
+    def new(self):
+        left = {}
+        fds = open_fds() - self.fds
+        threads = os_threads() - self.threads
+        children = child_processes() - self.children
+        if fds:
+            left["fds"] = sorted(fds)
+        if threads:
+            left["threads"] = sorted(threads)
+            left["python threads"] = [t.name for t in threading.enumerate()]
+        if children:
+            left["children"] = sorted(children)
+        return left
+
+    def assert_nothing_new(self, settle=2.0):
+        """Fail unless everything that appeared since the snapshot is gone within
+        ``settle`` seconds (threads and children take a moment to end; fds are closed by
+        then, by the run or by its ending threads, so they get no grace of their own)."""
+        wait_until(lambda: not (os_threads() - self.threads)
+                   and not (child_processes() - self.children), timeout=settle)
+        if wait_until(lambda: not self.new(), timeout=0.05):
+            return
+        left = self.new()
+        assert not left, f"left behind after the run: {left}"
