@@ -9,7 +9,7 @@ a redefined method replacing its base stage in place) and builds one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import config as _config
 from . import hooks as _hooks
@@ -54,9 +54,32 @@ def accumulator(fn: Callable[..., Any] | str | None = None, /, **options: Any) -
         fn = None
     if fn is not None:
         return FunctionStage(ACCUMULATOR, fn, takes_self=True, **options)
-    stage = FunctionStage(ACCUMULATOR, None, takes_self=True, **options)
+    try:
+        stage = FunctionStage(ACCUMULATOR, None, takes_self=True, **options)
+    except DefinitionError:
+        if options.get("name") is not None:
+            raise
+        # The stage's name is not known yet: the error names it once it is.
+        return _MisdefinedAccumulator(options)
     stage._auto_named = options.get("name") is None
     return stage
+
+
+class _MisdefinedAccumulator:
+    """What ``@mg.accumulator(...)`` with wrong options returns before it knows its name:
+    decorating a method (or becoming a class attribute) raises the error, naming the stage
+    after the method (or the attribute)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def __call__(self, fn: Callable[..., Any]) -> NoReturn:
+        FunctionStage(ACCUMULATOR, fn, takes_self=True, **self.options)
+        raise AssertionError("unreachable: the options were rejected")  # pragma: no cover
+
+    def raise_for(self, attr: str) -> NoReturn:
+        FunctionStage(ACCUMULATOR, None, takes_self=True, name=attr, **self.options)
+        raise AssertionError("unreachable: the options were rejected")  # pragma: no cover
 
 
 def nested(target: Any, *, name: str | None = None, **options: Any) -> NestedStage:
@@ -129,6 +152,8 @@ class Task:
                 for hook in base.__dict__.get("_minigun_hooks", []):
                     hooks.add(hook)
         for attr, value in list(cls.__dict__.items()):
+            if isinstance(value, _MisdefinedAccumulator):
+                value.raise_for(attr)
             if isinstance(value, Stage):
                 if value.name is None:
                     value.name = attr
