@@ -13,7 +13,6 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import _minigun, aio, context
@@ -22,74 +21,12 @@ from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
 from .graph import Graph, Node, Scope, compile_graph
 from .stage import ACCUMULATOR, PRODUCER, FunctionStage
+from .stats import RunResult, StageInfo, StageStats
 from .strategies import FORKING, plan
 
 logger = logging.getLogger("minigun")
 
 _POLL = 0.05
-
-
-@dataclass(frozen=True)
-class StageStats:
-    """Counters of one stage. Latencies are in seconds, throughput in items per second."""
-
-    items_in: int = 0
-    items_out: int = 0
-    errors: int = 0
-    retries: int = 0
-    latency_p50: float = 0.0
-    latency_p99: float = 0.0
-    throughput: float = 0.0
-    #: Items waiting in the stage's input queue (live stats) and chunks it received.
-    queued: int = 0
-    chunks_in: int = 0
-
-    @classmethod
-    def from_runtime(cls, raw: dict[str, Any]) -> StageStats:
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
-@dataclass
-class RunResult:
-    """What a run did: ``status`` ("ok", "failed" or "cancelled"), ``duration`` in seconds
-    and ``stats`` per stage (nested stages by dotted path)."""
-
-    status: str
-    duration: float
-    stats: dict[str, StageStats] = field(default_factory=dict)
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def summary(self) -> str:
-        """An aligned text table of the per-stage counters."""
-        head = ("stage", "in", "out", "errors", "retries", "p50", "p99", "items/s")
-        rows = [head]
-        for name, s in self.stats.items():
-            rows.append((name, f"{s.items_in:,}", f"{s.items_out:,}", f"{s.errors:,}",
-                         f"{s.retries:,}", _duration(s.latency_p50), _duration(s.latency_p99),
-                         f"{s.throughput:,.0f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = [f"run {self.status} in {self.duration:.3f}s"]
-        for k, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])]
-            cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-            lines.append("  ".join(cells).rstrip())
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds <= 0:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f}ms"
-    return f"{seconds:.2f}s"
 
 
 class _Terminated(BaseException):
@@ -102,6 +39,7 @@ class Run:
     def __init__(self, pipeline: Any, owner: Any, options: dict[str, Any]) -> None:
         self._graph: Graph = compile_graph(pipeline, owner, options)
         self._caps = CapWarnings()
+        self._infos: dict[str, StageInfo] = {}
         self._specs = [self._spec(node) for node in self._graph.nodes]
         self._runtime = _minigun.Runtime(self._specs)
         self._started_at = 0.0
@@ -120,6 +58,7 @@ class Run:
     def _spec(self, node: Node) -> dict[str, Any]:
         stage, settings = node.stage, node.scope.settings
         strategy, workers = plan(stage, settings, self._caps)
+        plan_workers = workers
         call: Any = None
         make_worker = None
         mode = "iterate" if stage.kind == PRODUCER or stage.is_generator else "value"
@@ -150,6 +89,10 @@ class Run:
                                                          call, mode, make_worker)
         retries = self._caps.cap(node.path, "retries", stage.retries, settings["max_retries"],
                                  "max_retries")
+        self._infos[node.path] = StageInfo(
+            kind=stage.kind, strategy=strategy, workers=plan_workers, threads=max(1, workers),
+            queue_size=None if stage.kind == PRODUCER else stage.queue_size,
+            runs_code=not (isinstance(stage, FunctionStage) and stage.fn is None))
         return {
             "name": node.path,
             "kind": "processor" if stage.kind not in (PRODUCER, ACCUMULATOR) else stage.kind,
@@ -338,7 +281,7 @@ class Run:
                 except Exception as exc:  # noqa: BLE001
                     if failure is None and self._hook_error is None:
                         self._hook_error = (None, exc)
-            stats = {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+            stats = self.stats
             duration = time.perf_counter() - self._started_at
             if failure is not None:
                 stage, exc, item = failure
@@ -383,7 +326,8 @@ class Run:
     @property
     def stats(self) -> dict[str, StageStats]:
         """A live snapshot of the per-stage counters."""
-        return {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+        return {k: StageStats.from_runtime(v, self._infos.get(k))
+                for k, v in self._runtime.stats().items()}
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for the run to end and return its result. Raises TimeoutError if it is
