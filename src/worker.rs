@@ -83,8 +83,9 @@ impl WorkerCall {
             None => Ok(WorkerCall { call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)), close: None }),
             Some(make) => {
                 let made = make.bind(py).call0()?;
-                let (call, close): (Item, Option<Item>) = made.extract()?;
-                Ok(WorkerCall { call: Some(call), close })
+                // A None call keeps a body-less accumulator body-less (worker hooks wrap it).
+                let (call, close): (Option<Item>, Option<Item>) = made.extract()?;
+                Ok(WorkerCall { call, close })
             }
         }
     }

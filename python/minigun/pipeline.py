@@ -138,6 +138,30 @@ class Pipeline:
     def after(self, stage: str, *, prepend: bool = False) -> Any:
         return self._scoped(_hooks.AFTER, stage, prepend, required=True)
 
+    def _worker_hook(self, kind: str, fn: Any, stage: Any, prepend: bool) -> Any:
+        if isinstance(fn, (str, list, tuple)):
+            fn, stage = None, fn
+        names = _hooks.stage_names(kind, stage)
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            for name in names:
+                self._register(kind, f, name, prepend=prepend)
+            return f
+
+        return register if fn is None else register(fn)
+
+    def before_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
+                      prepend: bool = False) -> Any:
+        """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
+        before its first item, on the worker's own thread and in its own process."""
+        return self._worker_hook(_hooks.BEFORE_WORKER, fn, stage, prepend)
+
+    def after_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
+                     prepend: bool = False) -> Any:
+        """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
+        after its last item, on the worker's own thread and in its own process."""
+        return self._worker_hook(_hooks.AFTER_WORKER, fn, stage, prepend)
+
     def on_error(self, *types: Any, stage: str | None = None, prepend: bool = False) -> Any:
         """Register ``handler(error, item, stage)`` for items failing with ``types``."""
         if len(types) == 1 and callable(types[0]) and not isinstance(types[0], type):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import queue
 import signal
 import threading
 import time
@@ -52,6 +53,7 @@ class Run:
         self._scope_left = {id(s): len(self._graph.nodes_in(s)) for s in self._graph.scopes()}
         self._scopes_closed: set[int] = set()
         self._scope_lock = threading.Lock()
+        self._finished_stages: queue.SimpleQueue[Node] = queue.SimpleQueue()
 
     # -- building specs ---------------------------------------------------------------
 
@@ -82,6 +84,10 @@ class Run:
                 # One thread runs the stage's event loop, `workers` coroutines at a time.
                 make_worker = aio.async_call(self, node, call, workers)
                 call, mode, min_chunk, workers = None, "chunk", workers, 1
+        worker_hooks = _hooks.WorkerHooks(node)
+        if worker_hooks:
+            call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode,
+                                                   make_worker)
         if strategy in FORKING:
             from .forking import fork_call  # noqa: PLC0415
 
@@ -153,7 +159,27 @@ class Run:
         return False
 
     def _on_stage_finished(self, node: Node) -> None:
+        # Called on the stage's last worker thread: its after hooks run on the thread that
+        # ran its before hooks, the one driving the run (see _after_finished_stages).
         logger.debug("stage %r: all workers stopped", node.path)
+        self._finished_stages.put(node)
+
+    def _after_finished_stages(self) -> None:
+        """Run the after hooks of the stages that finished since the last call; on the
+        thread that drives the run, which ran their before hooks."""
+        while True:
+            try:
+                node = self._finished_stages.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._after_stage(node)
+            except Exception as exc:  # noqa: BLE001 - reported as the run's failure
+                if self._hook_error is None:
+                    self._hook_error = (node.path, exc)
+                self._runtime.cancel()
+
+    def _after_stage(self, node: Node) -> None:
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
             node.scope.bind(hook)()
         # A nested pipeline finishes with its last stage: its after hooks run then.
@@ -223,7 +249,7 @@ class Run:
             self._begin()
             try:
                 while not self._runtime.wait(_POLL):
-                    pass
+                    self._after_finished_stages()
             except (KeyboardInterrupt, _Terminated) as interrupt:
                 # A second Ctrl-C (or SIGTERM) during the clean-up abandons it at once.
                 with contextlib.suppress(KeyboardInterrupt, _Terminated):
@@ -250,14 +276,30 @@ class Run:
 
     def start(self) -> Run:
         self._check_hook_names(self._graph.scopes())
-        self._begin()
-        watcher = threading.Thread(target=self._watch, name="minigun-run", daemon=True)
-        watcher.start()
+        # The background thread runs every hook that runs in the parent, so before("stage")
+        # and after("stage") share a thread as they do under run().
+        begun = threading.Event()
+        failed: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                self._begin()
+            except BaseException as exc:  # noqa: BLE001 - raised by start() below
+                failed.append(exc)
+                return
+            finally:
+                begun.set()
+            self._watch()
+
+        threading.Thread(target=drive, name="minigun-run", daemon=True).start()
+        begun.wait()
+        if failed:
+            raise failed[0]
         return self
 
     def _watch(self) -> None:
         while not self._runtime.wait(_POLL):
-            pass
+            self._after_finished_stages()
         self._finish()
 
     def _finish(self) -> RunResult:
@@ -268,6 +310,7 @@ class Run:
             from .forking import reap_run  # noqa: PLC0415 - ends idle fork_ipc children
 
             reap_run(self)
+            self._after_finished_stages()
             failure = self._runtime.failure()
             for scope in self._graph.scopes()[1:]:
                 try:
@@ -383,6 +426,31 @@ def _custom_worker_factory(stage: Any) -> Any:
         return worker.process, worker.close
 
     return make_worker
+
+
+def _with_worker_hooks(hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode: str,
+                       make_worker: Any) -> tuple[Any, Any]:
+    """Wrap a stage's call (or worker factory) so its worker hooks run in each worker."""
+    if strategy in ("spawn_thread", "spawn_fork"):
+        # Each item gets a thread or child of its own: that is the worker.
+        iterate = mode == "iterate"
+        if make_worker is None:
+            return hooks.around_item(call, iterate), None
+        inner = make_worker
+
+        def make_item_worker() -> tuple[Any, Any]:
+            process, close = inner()
+            return hooks.around_item(process, iterate), close
+
+        return None, make_item_worker
+    if make_worker is None:
+        plain = call
+
+        def make_worker() -> tuple[Any, Any]:
+            return plain, None
+
+        call = None
+    return call, hooks.around_worker(make_worker)
 
 
 def _pipeline_error(stage: str | None, exc: BaseException, item: Any,
