@@ -217,7 +217,8 @@ fn run_producer(stage: &StageShared) {
         return;
     }
     with_worker(stage, |worker, emitter| {
-        let started = Instant::now();
+        // Busy time is added as the producer goes, so the live view sees it.
+        let mut since = Instant::now();
         Python::attach(|py| {
             let Some(call) = worker.call.as_ref() else { return };
             let produced = (|| -> PyResult<()> {
@@ -232,6 +233,8 @@ fn run_producer(stage: &StageShared) {
                     emitter.emit_default(py, value?.unbind());
                     if n % MAX_CHUNK == MAX_CHUNK - 1 {
                         stage.run.tick(py);
+                        stage.stats.add_busy(since.elapsed());
+                        since = Instant::now();
                     }
                 }
                 Ok(())
@@ -243,7 +246,7 @@ fn run_producer(stage: &StageShared) {
                 }
             }
         });
-        stage.stats.add_busy(started.elapsed());
+        stage.stats.add_busy(since.elapsed());
     });
 }
 

@@ -21,6 +21,7 @@ from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
 from .graph import Graph, Node, Scope, compile_graph
+from .progress import ProgressView
 from .stage import ACCUMULATOR, PRODUCER, FunctionStage
 from .stats import RunResult, StageInfo, StageStats
 from .strategies import FORKING, plan
@@ -38,6 +39,12 @@ class Run:
     """A pipeline run. ``Task().start()`` returns one running in the background."""
 
     def __init__(self, pipeline: Any, owner: Any, options: dict[str, Any]) -> None:
+        options = dict(options)
+        # progress=True draws on stderr; a text stream (progress=sys.stdout) draws there.
+        self._show_progress: Any = options.pop("progress", False)
+        #: Producers' item counts, where known: their total= or len() of what they return.
+        self._totals: dict[str, int] = {}
+        self._progress: ProgressView | None = None
         self._graph: Graph = compile_graph(pipeline, owner, options)
         self._caps = CapWarnings()
         self._infos: dict[str, StageInfo] = {}
@@ -75,6 +82,8 @@ class Run:
         else:
             make_worker = _custom_worker_factory(stage)
         min_chunk = 1
+        if stage.kind == PRODUCER and self._show_progress:
+            call = self._count_total(node, call)
         if call is not None and aio.is_async(call):
             if stage.kind == PRODUCER:
                 call = aio.drive_producer(call)
@@ -125,6 +134,24 @@ class Run:
             "max_wait": getattr(stage, "max_wait", None),
             "key": getattr(stage, "key", None),
         }
+
+    def _count_total(self, node: Node, call: Any) -> Any:
+        """For the progress view: note a producer's total (its total=, or len() of the
+        iterable a non-generator producer returns)."""
+        total = getattr(node.stage, "total", None)
+        if total is not None:
+            self._totals[node.path] = total
+        if total is not None or call is None or node.stage.is_generator or aio.is_async(call):
+            return call
+        produce = call
+
+        def counted() -> Any:
+            produced = produce()
+            if hasattr(produced, "__len__"):
+                self._totals[node.path] = len(produced)
+            return produced
+
+        return counted
 
     def _route_error_factory(self, node: Node) -> Any:
         def route_error(name: str) -> RoutingError:
@@ -226,6 +253,10 @@ class Run:
             for spec in self._specs:
                 logger.debug("stage %r: starting %d worker(s)", spec["name"], spec["workers"])
         self._runtime.start()
+        if self._show_progress:
+            stream = None if self._show_progress is True else self._show_progress
+            self._progress = ProgressView(lambda: self.stats, lambda: self._totals,
+                                          stream).start()
 
     def _check_hook_names(self, scopes: list[Scope]) -> None:
         for scope in scopes:
@@ -307,6 +338,8 @@ class Run:
             if self._result is not None:
                 return self._result
             self._runtime.join()
+            if self._progress is not None:
+                self._progress.stop()
             from .forking import reap_run  # noqa: PLC0415 - ends idle fork_ipc children
 
             reap_run(self)
