@@ -9,7 +9,7 @@ a redefined method replacing its base stage in place) and builds one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
@@ -17,33 +17,73 @@ from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
 from .pipeline import Pipeline
-from .stage import ACCUMULATOR, PROCESSOR, PRODUCER, FunctionStage, NestedStage, Stage
+from .stage import (
+    ACCUMULATOR,
+    PROCESSOR,
+    PRODUCER,
+    AccumulatorOptions,
+    FunctionStage,
+    NestedStage,
+    Stage,
+    StageOptions,
+)
 
 if TYPE_CHECKING:
     from .run import Run, RunResult
 
 
-def _decorator(kind: str, doc: str) -> Callable[..., Any]:
-    def decorator(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
-        if fn is None:
-            return lambda f: FunctionStage(kind, f, takes_self=True, **options)
-        return FunctionStage(kind, fn, takes_self=True, **options)
-
-    decorator.__name__ = kind
-    decorator.__doc__ = doc
-    return decorator
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-producer = _decorator(PRODUCER, "A stage that makes items: ``def users(self): yield ...``.")
-processor = _decorator(
-    PROCESSOR, "A stage that handles one item; a non-None return value is emitted."
-)
-consumer = _decorator(
-    PROCESSOR, "The same as ``processor``; the name says the stage ends a branch."
-)
+def _stage_decorator(kind: str, fn: F | None, options: StageOptions) -> Any:
+    if fn is None:
+        return lambda f: FunctionStage(kind, f, takes_self=True, **options)
+    return FunctionStage(kind, fn, takes_self=True, **options)
 
 
-def accumulator(fn: Callable[..., Any] | str | None = None, /, **options: Any) -> Any:
+# Each decorator keeps the function's type for type checkers (the Stage it makes behaves as
+# the method on instances) and spells out its options (StageOptions) for IDEs.
+
+
+@overload
+def producer(fn: F, /) -> F: ...
+@overload
+def producer(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def producer(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """A stage that makes items: ``def users(self): yield ...`` (or returns an iterable)."""
+    return _stage_decorator(PRODUCER, fn, options)
+
+
+@overload
+def processor(fn: F, /) -> F: ...
+@overload
+def processor(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def processor(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """A stage that handles one item; a non-None return value is emitted."""
+    return _stage_decorator(PROCESSOR, fn, options)
+
+
+@overload
+def consumer(fn: F, /) -> F: ...
+@overload
+def consumer(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def consumer(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """The same as ``processor``; the name says the stage ends a branch."""
+    return _stage_decorator(PROCESSOR, fn, options)
+
+
+class BatchStage(Protocol):
+    """What ``mg.accumulator(...)`` returns without a function: a body-less accumulator
+    (a class attribute emitting each batch) that also decorates a method to give it a body."""
+
+    def __call__(self, fn: F, /) -> F: ...
+
+
+@overload
+def accumulator(fn: F, /) -> F: ...
+@overload
+def accumulator(fn: str | None = None, /, **options: Unpack[AccumulatorOptions]) -> BatchStage: ...
+def accumulator(fn: Any = None, /, **options: Any) -> Any:
     """A stage that collects items into lists of up to ``max_size`` (per ``key=``).
 
     ``@mg.accumulator(max_size=500)`` above a method gives the batch to the method;

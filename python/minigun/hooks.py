@@ -7,9 +7,9 @@ names register plain functions. Both end up as :class:`Hook` records in a :class
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast, overload
 
 from .errors import DefinitionError
 
@@ -115,12 +115,51 @@ def _stage_scoped(kind: str, *, required: bool):
     return decorator
 
 
-before_run = _plain(BEFORE_RUN)
-after_run = _plain(AFTER_RUN)
-before_fork = _stage_scoped(BEFORE_FORK, required=False)
-after_fork = _stage_scoped(AFTER_FORK, required=False)
-before = _stage_scoped(BEFORE, required=True)
-after = _stage_scoped(AFTER, required=True)
+# The decorators' types, so a decorated method keeps its own type for type checkers.
+
+
+class PlainHookDecorator(Protocol):
+    """``@mg.before_run`` / ``@mg.before_run(prepend=True)``."""
+
+    @overload
+    def __call__(self, fn: F, /) -> F: ...
+    @overload
+    def __call__(self, fn: None = None, /, *, prepend: bool = False) -> Callable[[F], F]: ...
+
+
+class ForkHookDecorator(Protocol):
+    """``@mg.before_fork`` / ``@mg.before_fork("stage")``."""
+
+    @overload
+    def __call__(self, stage: F, /) -> F: ...
+    @overload
+    def __call__(self, stage: str | None = None, /, *,
+                 prepend: bool = False) -> Callable[[F], F]: ...
+
+
+class StageHookDecorator(Protocol):
+    """``@mg.before("stage")``."""
+
+    def __call__(self, stage: str, /, *, prepend: bool = False) -> Callable[[F], F]: ...
+
+
+class WorkerHookDecorator(Protocol):
+    """``@mg.before_worker`` / ``@mg.before_worker(stage="save")``."""
+
+    @overload
+    def __call__(self, fn: F, /) -> F: ...
+    @overload
+    def __call__(self, fn: str | Sequence[str] | None = None, /, *,
+                 stage: str | Sequence[str] | None = None,
+                 prepend: bool = False) -> Callable[[F], F]: ...
+
+
+before_run = cast(PlainHookDecorator, _plain(BEFORE_RUN))
+after_run = cast(PlainHookDecorator, _plain(AFTER_RUN))
+before_fork = cast(ForkHookDecorator, _stage_scoped(BEFORE_FORK, required=False))
+after_fork = cast(ForkHookDecorator, _stage_scoped(AFTER_FORK, required=False))
+before = cast(StageHookDecorator, _stage_scoped(BEFORE, required=True))
+after = cast(StageHookDecorator, _stage_scoped(AFTER, required=True))
 
 
 def _worker_scoped(kind: str):
@@ -160,8 +199,8 @@ def _mark_each(fn: F, kind: str, names: tuple[str | None, ...], prepend: bool) -
     return fn
 
 
-before_worker = _worker_scoped(BEFORE_WORKER)
-after_worker = _worker_scoped(AFTER_WORKER)
+before_worker = cast(WorkerHookDecorator, _worker_scoped(BEFORE_WORKER))
+after_worker = cast(WorkerHookDecorator, _worker_scoped(AFTER_WORKER))
 
 
 def for_node(node: Any, kind: str) -> list[Callable[..., Any]]:
@@ -251,6 +290,11 @@ def error_types(types: tuple[Any, ...]) -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+@overload
+def on_error(fn: F, /) -> F: ...  # type: ignore[overload-overlap]
+@overload
+def on_error(*types: type[BaseException], stage: str | None = None,
+             prepend: bool = False) -> Callable[[F], F]: ...
 def on_error(*types: Any, stage: str | None = None, prepend: bool = False) -> Any:
     """Mark a Task method ``handler(self, error, item, stage)`` as the handler of items
     whose processing failed with one of ``types`` (after retries)."""

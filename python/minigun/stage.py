@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypedDict
 
 from . import strategies
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
@@ -24,6 +24,36 @@ ACCUMULATOR = "accumulator"
 PIPELINE = "pipeline"
 
 _UNSET: Any = object()
+
+
+class StageOptions(TypedDict, total=False):
+    """The options every decorator and builder method takes (API.md section 3), so type
+    checkers and IDEs know them: ``@mg.processor(threads=4, to="save")``."""
+
+    name: str
+    threads: int
+    processes: int
+    interpreters: int
+    strategy: str
+    to: str | Sequence[str]
+    from_: str | Sequence[str]
+    actors: int
+    concurrency: int
+    routing: Literal["broadcast", "round_robin"]
+    queue_size: int | None
+    retries: int
+    retry_on: type[BaseException] | tuple[type[BaseException], ...]
+    retry_backoff: float
+    auto_start: bool
+    total: int
+
+
+class AccumulatorOptions(StageOptions, total=False):
+    """The stage options plus the accumulator's own."""
+
+    max_size: int
+    max_wait: float
+    key: Callable[[Any], Any]
 
 #: The largest count an option may give (``queue_size=``, ``max_size=``, ``total=``...): the
 #: runtime counts items in 64-bit integers.
@@ -312,6 +342,11 @@ class FunctionStage(Stage):
             raise DefinitionError(f"stage {self.name!r}: expected a function, got {fn!r}")
         label = self.name or getattr(fn, "__name__", self.kind)
         check_arity(fn, self.kind, label, self.takes_self)
+        # What functools.wraps keeps: help(), inspect.signature() and IDEs see the function.
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(fn, attr):
+                self.__dict__[attr] = getattr(fn, attr)
+        self.__dict__["__wrapped__"] = fn
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
