@@ -25,7 +25,7 @@ from .stats import StageStats
 
 #: Seconds between redraws on a terminal, and before the first plain block and between
 #: plain blocks (API.md: the first within 1 s, then at least every 5 s).
-RICH_EVERY = 0.25
+RICH_EVERY = 0.5
 PLAIN_FIRST = 0.5
 PLAIN_EVERY = 5.0
 
