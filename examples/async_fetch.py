@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import minigun as mg
 
@@ -9,21 +10,21 @@ import minigun as mg
 class Crawl(mg.Task):
     """Fetch 100 "pages" that each take 50 ms, 25 at a time."""
 
-    def __init__(self):
-        self.sizes = {}
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
 
     @mg.producer
-    def urls(self):
+    def urls(self) -> Iterator[str]:
         for n in range(100):
             yield f"https://example.invalid/page/{n}"
 
     @mg.processor(concurrency=25)          # async def implies strategy="async"
-    async def fetch(self, url):
+    async def fetch(self, url: str) -> tuple[str, int]:
         await asyncio.sleep(0.05)          # stands in for a network round trip
         return url, len(url) * 100
 
     @mg.consumer
-    def save(self, page):
+    def save(self, page: tuple[str, int]) -> None:
         url, size = page
         self.sizes[url] = size
 

@@ -13,7 +13,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 # The test dependencies. hypothesis is taken as a wheel: its newest sdists build a Rust
 # extension whose PyO3 refuses free-threaded 3.13.
-deps=(maturin pytest pytest-timeout hypothesis ruff)
+deps=(maturin pytest pytest-timeout hypothesis ruff rich)
 
 make_venv() {  # make_venv PYTHON DIR: a venv with the test deps and minigun built into it
   local python=$1 dir=$2
@@ -71,6 +71,9 @@ test_cpython_311
 
 log "quality gates"
 .venv/bin/ruff check python tests benchmarks examples scripts
+# mypy only in the 3.11 venv: its ast-serialize dependency does not build on free-threaded 3.13.
+.venv/bin/python -m pip install -q --disable-pip-version-check mypy
+.venv/bin/python -m mypy --strict tests/typing/user_code.py examples/
 
 test_cpython_313
 test_cpython_313t

@@ -35,14 +35,17 @@ struct OutboxState {
 
 pub struct Outbox {
     target: Arc<Channel>,
+    /// The sending stage's stats: time spent waiting for room is not busy time.
+    sender_stats: Arc<StageStats>,
     state: Mutex<OutboxState>,
 }
 
 impl Outbox {
-    pub fn new(target: Arc<Channel>) -> Arc<Self> {
+    pub fn new(target: Arc<Channel>, sender_stats: Arc<StageStats>) -> Arc<Self> {
         let tx = target.sender();
         Arc::new(Outbox {
             target,
+            sender_stats,
             state: Mutex::new(OutboxState { items: Vec::new(), oldest: None, tx, sending: false }),
         })
     }
@@ -85,9 +88,11 @@ impl Outbox {
         };
         let target = self.target.clone();
         let shutdown = shutdown.clone();
+        let waiting = Instant::now();
         let unsent = py.detach(move || target.send(&tx, items, &shutdown).err());
         self.state.lock().unwrap().sending = false;
         drop(unsent); // dropped with the GIL held
+        self.sender_stats.add_blocked(waiting.elapsed());
     }
 
     /// Called by the flusher thread (no GIL): send items older than `max_age` if the

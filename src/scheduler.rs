@@ -223,7 +223,7 @@ impl StageShared {
             .iter()
             .map(|&target| {
                 let channel = self.run.channels[target].clone().expect("downstream stages have an input");
-                let outbox = Outbox::new(channel);
+                let outbox = Outbox::new(channel, self.stats.clone());
                 self.run.register_outbox(&outbox);
                 outbox
             })
@@ -510,6 +510,7 @@ impl Runtime {
             d.set_item("latency_p99", s.latency_p99)?;
             d.set_item("throughput", s.throughput)?;
             d.set_item("active_seconds", s.active_seconds)?;
+            d.set_item("busy_seconds", s.busy_seconds)?;
             d.set_item(
                 "queued",
                 stage.input().map(|c| c.queued_items()).unwrap_or(0),

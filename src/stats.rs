@@ -14,6 +14,10 @@ pub struct StageStats {
     pub errors: AtomicU64,
     pub retries: AtomicU64,
     pub chunks_in: AtomicU64,
+    /// Time workers spent handling items, and the part of it they spent waiting for room
+    /// in a full downstream queue: their difference is the busy time (the bottleneck).
+    busy_nanos: AtomicU64,
+    blocked_nanos: AtomicU64,
     histogram: Box<[AtomicU64]>,
     /// When the stage took its first item and when it finished, for throughput.
     window: Mutex<(Option<Instant>, Option<Instant>)>,
@@ -31,6 +35,7 @@ pub struct Snapshot {
     pub latency_p99: f64,
     pub throughput: f64,
     pub active_seconds: f64,
+    pub busy_seconds: f64,
 }
 
 fn bucket_of(nanos: u64) -> usize {
@@ -55,6 +60,8 @@ impl StageStats {
             errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             chunks_in: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+            blocked_nanos: AtomicU64::new(0),
             histogram: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             window: Mutex::new((None, None)),
         }
@@ -87,6 +94,16 @@ impl StageStats {
 
     pub fn add_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A worker spent `spent` handling items (emits that waited for room included).
+    pub fn add_busy(&self, spent: Duration) {
+        self.busy_nanos.fetch_add(spent.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// A worker waited `waited` for room in a downstream queue.
+    pub fn add_blocked(&self, waited: Duration) {
+        self.blocked_nanos.fetch_add(waited.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     pub fn record_latency(&self, latency: Duration) {
@@ -135,6 +152,11 @@ impl StageStats {
             // Producers take no items: their rate is what they emit.
             throughput: if active > 0.0 { items_in.max(items_out) as f64 / active } else { 0.0 },
             active_seconds: active,
+            busy_seconds: self
+                .busy_nanos
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.blocked_nanos.load(Ordering::Relaxed)) as f64
+                / 1e9,
         }
     }
 }
@@ -170,6 +192,16 @@ mod tests {
         let snap = s.snapshot();
         assert!((snap.latency_p50 / 100e-6 - 1.0).abs() < 0.2, "{}", snap.latency_p50);
         assert!((snap.latency_p99 / 50e-3 - 1.0).abs() < 0.2, "{}", snap.latency_p99);
+    }
+
+    #[test]
+    fn busy_time_excludes_time_blocked_downstream() {
+        let s = StageStats::new();
+        s.add_busy(Duration::from_millis(30));
+        s.add_blocked(Duration::from_millis(10));
+        assert!((s.snapshot().busy_seconds - 0.020).abs() < 1e-9);
+        s.add_blocked(Duration::from_millis(50));
+        assert_eq!(s.snapshot().busy_seconds, 0.0);
     }
 
     #[test]

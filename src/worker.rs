@@ -84,8 +84,9 @@ impl WorkerCall {
             None => Ok(WorkerCall { call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)), close: None }),
             Some(make) => {
                 let made = make.bind(py).call0()?;
-                let (call, close): (Item, Option<Item>) = made.extract()?;
-                Ok(WorkerCall { call: Some(call), close })
+                // A None call keeps a body-less accumulator body-less (worker hooks wrap it).
+                let (call, close): (Option<Item>, Option<Item>) = made.extract()?;
+                Ok(WorkerCall { call, close })
             }
         }
     }
@@ -226,6 +227,8 @@ fn run_producer(stage: &StageShared) {
         return;
     }
     with_worker(stage, |worker, emitter| {
+        // Busy time is added as the producer goes, so the live view sees it.
+        let mut since = Instant::now();
         Python::attach(|py| {
             let Some(call) = worker.call.as_ref() else { return };
             let produced = (|| -> PyResult<()> {
@@ -240,6 +243,8 @@ fn run_producer(stage: &StageShared) {
                     emitter.emit_default(py, value?.unbind());
                     if n % MAX_CHUNK == MAX_CHUNK - 1 {
                         stage.run.tick(py);
+                        stage.stats.add_busy(since.elapsed());
+                        since = Instant::now();
                     }
                 }
                 Ok(())
@@ -251,6 +256,7 @@ fn run_producer(stage: &StageShared) {
                 }
             }
         });
+        stage.stats.add_busy(since.elapsed());
     });
 }
 
@@ -292,7 +298,9 @@ fn run_processor(stage: &StageShared) {
                     run_items(py, stage, call, emitter, items)
                 };
                 let target = if stage.mode == CallMode::Chunk { TARGET_CHUNK_NANOS_REMOTE } else { TARGET_CHUNK_NANOS };
-                input.observe_cost(n, started.elapsed().as_nanos() as u64, target);
+                let spent = started.elapsed();
+                stage.stats.add_busy(spent);
+                input.observe_cost(n, spent.as_nanos() as u64, target);
                 stage.run.tick(py);
                 if result.is_ok() && input.is_empty() {
                     emitter.flush(py);
@@ -330,7 +338,9 @@ fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitt
 
 /// Chunk mode: the call takes the whole chunk as a list, emits through `emit()`, runs its
 /// own retries, and returns None or `(retries, [(item, exception), ...])` for the items
-/// that failed after their retries; those go to `on_error` here, one by one.
+/// that failed after their retries; those go to `on_error` here, one by one. A third
+/// element, `[seconds, ...]`, gives each item's own latency (items of an async chunk
+/// overlap, so the chunk's time divided by its items would be no item's latency).
 fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items: Vec<Item>) -> Result<(), Stop> {
     let n = items.len() as u64;
     stage.stats.add_in(n);
@@ -338,13 +348,23 @@ fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items
     let list = PyList::new(py, items).map_err(|_| Stop)?;
     let report = call.call1((&list,)).and_then(|report| {
         if report.is_none() {
-            return Ok((0, Vec::new()));
+            return Ok((0, Vec::new(), None));
         }
-        report.extract::<(u64, Vec<(Item, Item)>)>()
+        if let Ok((retries, failures, latencies)) = report.extract::<(u64, Vec<(Item, Item)>, Vec<f64>)>() {
+            return Ok((retries, failures, Some(latencies)));
+        }
+        report.extract::<(u64, Vec<(Item, Item)>)>().map(|(r, f)| (r, f, None))
     });
-    stage.stats.record_latency_n(t.elapsed() / (n.max(1) as u32), n);
+    match &report {
+        Ok((_, _, Some(latencies))) => {
+            for &seconds in latencies {
+                stage.stats.record_latency(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX));
+            }
+        }
+        _ => stage.stats.record_latency_n(t.elapsed() / (n.max(1) as u32), n),
+    }
     match report {
-        Ok((retries, failures)) => {
+        Ok((retries, failures, _)) => {
             for _ in 0..retries {
                 stage.stats.add_retry();
             }
@@ -420,6 +440,7 @@ fn run_spawned(stage: &StageShared, item: Item) {
             if process_one(py, stage, call.bind(py), emitter, &item).is_ok() {
                 stage.stats.record_latency(t.elapsed());
             }
+            stage.stats.add_busy(t.elapsed());
         });
     });
 }
@@ -497,7 +518,9 @@ fn run_accumulator(stage: &StageShared) {
                             let due = batcher.push(slot, || Some(key), item, now);
                             flush(py, due)?;
                         }
-                        input.observe_cost(n, started.elapsed().as_nanos() as u64, TARGET_CHUNK_NANOS);
+                        let spent = started.elapsed();
+                        stage.stats.add_busy(spent);
+                        input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
                         stage.run.tick(py);
                         if input.is_empty() {
                             emitter.flush(py);
@@ -505,7 +528,9 @@ fn run_accumulator(stage: &StageShared) {
                         Ok(false)
                     }
                     Recv::Timeout => {
+                        let started = Instant::now();
                         flush(py, batcher.expired(Instant::now()))?;
+                        stage.stats.add_busy(started.elapsed());
                         emitter.flush(py);
                         Ok(false)
                     }

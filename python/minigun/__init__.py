@@ -30,7 +30,17 @@ from .errors import (
     UnsupportedStrategy,
     WorkerError,
 )
-from .hooks import after, after_fork, after_run, before, before_fork, before_run, on_error
+from .hooks import (
+    after,
+    after_fork,
+    after_run,
+    after_worker,
+    before,
+    before_fork,
+    before_run,
+    before_worker,
+    on_error,
+)
 from .pipeline import Pipeline
 from .run import Run, RunResult, StageStats
 from .stage import Stage
@@ -54,9 +64,11 @@ __all__ = [
     "after",
     "after_fork",
     "after_run",
+    "after_worker",
     "before",
     "before_fork",
     "before_run",
+    "before_worker",
     "consumer",
     "emit",
     "nested",

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ class _AsyncWorker:
         self.stopping = stopping
         self.loop = asyncio.new_event_loop()
 
-    def __call__(self, items: list) -> tuple[int, list] | None:
+    def __call__(self, items: list) -> tuple[int, list, list[float]]:
         try:
             return self.loop.run_until_complete(self._chunk(items))
         except BaseException:
@@ -66,31 +67,41 @@ class _AsyncWorker:
         if not self.loop.is_closed():
             self.loop.close()
 
-    async def _chunk(self, items: list) -> tuple[int, list] | None:
+    async def _chunk(self, items: list) -> tuple[int, list, list[float]]:
         slots = asyncio.Semaphore(self.concurrency)
         retries = 0
         failures: list[tuple[Any, BaseException]] = []
+        # Each item's own time from its first attempt to its end: the coroutines of a
+        # chunk overlap, so the chunk's time divided by its items is no item's latency.
+        latencies: list[float] = []
 
         async def one(item: Any) -> None:
-            nonlocal retries
             async with slots:
-                attempt = 0
-                while True:
-                    held = context.hold_emits() if self.policy.retries else None
-                    try:
-                        await _body(self.fn, item)
-                    except Exception as exc:  # noqa: BLE001 - reported to the runtime
-                        context.release_emits(held, keep=False)
-                        if attempt < self.policy.retries and isinstance(exc,
-                                                                        self.policy.retry_on):
-                            attempt += 1
-                            retries += 1
-                            await asyncio.sleep(self.policy.delay(attempt))
-                            continue
-                        failures.append((item, exc))
-                    else:
-                        context.release_emits(held, keep=True)
-                    return
+                began = time.perf_counter()
+                try:
+                    await attempts(item)
+                finally:
+                    latencies.append(time.perf_counter() - began)
+
+        async def attempts(item: Any) -> None:
+            nonlocal retries
+            attempt = 0
+            while True:
+                held = context.hold_emits() if self.policy.retries else None
+                try:
+                    await _body(self.fn, item)
+                except Exception as exc:  # noqa: BLE001 - reported to the runtime
+                    context.release_emits(held, keep=False)
+                    if attempt < self.policy.retries and isinstance(exc,
+                                                                    self.policy.retry_on):
+                        attempt += 1
+                        retries += 1
+                        await asyncio.sleep(self.policy.delay(attempt))
+                        continue
+                    failures.append((item, exc))
+                else:
+                    context.release_emits(held, keep=True)
+                return
 
         work = asyncio.gather(*(one(item) for item in items))
         while True:
@@ -103,7 +114,7 @@ class _AsyncWorker:
                     await work
                 raise RuntimeError("the run is stopping")
         await work
-        return (retries, failures) if retries or failures else None
+        return retries, failures, latencies
 
 
 def async_call(run: Any, node: Any, fn: Callable[..., Any], concurrency: int) -> Callable:

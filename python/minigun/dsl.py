@@ -9,7 +9,7 @@ a redefined method replacing its base stage in place) and builds one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
@@ -17,33 +17,73 @@ from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
 from .pipeline import Pipeline
-from .stage import ACCUMULATOR, PROCESSOR, PRODUCER, FunctionStage, NestedStage, Stage
+from .stage import (
+    ACCUMULATOR,
+    PROCESSOR,
+    PRODUCER,
+    AccumulatorOptions,
+    FunctionStage,
+    NestedStage,
+    Stage,
+    StageOptions,
+)
 
 if TYPE_CHECKING:
     from .run import Run, RunResult
 
 
-def _decorator(kind: str, doc: str) -> Callable[..., Any]:
-    def decorator(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
-        if fn is None:
-            return lambda f: FunctionStage(kind, f, takes_self=True, **options)
-        return FunctionStage(kind, fn, takes_self=True, **options)
-
-    decorator.__name__ = kind
-    decorator.__doc__ = doc
-    return decorator
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-producer = _decorator(PRODUCER, "A stage that makes items: ``def users(self): yield ...``.")
-processor = _decorator(
-    PROCESSOR, "A stage that handles one item; a non-None return value is emitted."
-)
-consumer = _decorator(
-    PROCESSOR, "The same as ``processor``; the name says the stage ends a branch."
-)
+def _stage_decorator(kind: str, fn: F | None, options: StageOptions) -> Any:
+    if fn is None:
+        return lambda f: FunctionStage(kind, f, takes_self=True, **options)
+    return FunctionStage(kind, fn, takes_self=True, **options)
 
 
-def accumulator(fn: Callable[..., Any] | str | None = None, /, **options: Any) -> Any:
+# Each decorator keeps the function's type for type checkers (the Stage it makes behaves as
+# the method on instances) and spells out its options (StageOptions) for IDEs.
+
+
+@overload
+def producer(fn: F, /) -> F: ...
+@overload
+def producer(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def producer(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """A stage that makes items: ``def users(self): yield ...`` (or returns an iterable)."""
+    return _stage_decorator(PRODUCER, fn, options)
+
+
+@overload
+def processor(fn: F, /) -> F: ...
+@overload
+def processor(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def processor(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """A stage that handles one item; a non-None return value is emitted."""
+    return _stage_decorator(PROCESSOR, fn, options)
+
+
+@overload
+def consumer(fn: F, /) -> F: ...
+@overload
+def consumer(fn: None = None, /, **options: Unpack[StageOptions]) -> Callable[[F], F]: ...
+def consumer(fn: F | None = None, /, **options: Unpack[StageOptions]) -> Any:
+    """The same as ``processor``; the name says the stage ends a branch."""
+    return _stage_decorator(PROCESSOR, fn, options)
+
+
+class BatchStage(Protocol):
+    """What ``mg.accumulator(...)`` returns without a function: a body-less accumulator
+    (a class attribute emitting each batch) that also decorates a method to give it a body."""
+
+    def __call__(self, fn: F, /) -> F: ...
+
+
+@overload
+def accumulator(fn: F, /) -> F: ...
+@overload
+def accumulator(fn: str | None = None, /, **options: Unpack[AccumulatorOptions]) -> BatchStage: ...
+def accumulator(fn: Any = None, /, **options: Any) -> Any:
     """A stage that collects items into lists of up to ``max_size`` (per ``key=``).
 
     ``@mg.accumulator(max_size=500)`` above a method gives the batch to the method;
@@ -54,9 +94,32 @@ def accumulator(fn: Callable[..., Any] | str | None = None, /, **options: Any) -
         fn = None
     if fn is not None:
         return FunctionStage(ACCUMULATOR, fn, takes_self=True, **options)
-    stage = FunctionStage(ACCUMULATOR, None, takes_self=True, **options)
+    try:
+        stage = FunctionStage(ACCUMULATOR, None, takes_self=True, **options)
+    except DefinitionError:
+        if options.get("name") is not None:
+            raise
+        # The stage's name is not known yet: the error names it once it is.
+        return _MisdefinedAccumulator(options)
     stage._auto_named = options.get("name") is None
     return stage
+
+
+class _MisdefinedAccumulator:
+    """What ``@mg.accumulator(...)`` with wrong options returns before it knows its name:
+    decorating a method (or becoming a class attribute) raises the error, naming the stage
+    after the method (or the attribute)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def __call__(self, fn: Callable[..., Any]) -> NoReturn:
+        FunctionStage(ACCUMULATOR, fn, takes_self=True, **self.options)
+        raise AssertionError("unreachable: the options were rejected")  # pragma: no cover
+
+    def raise_for(self, attr: str) -> NoReturn:
+        FunctionStage(ACCUMULATOR, None, takes_self=True, name=attr, **self.options)
+        raise AssertionError("unreachable: the options were rejected")  # pragma: no cover
 
 
 def nested(target: Any, *, name: str | None = None, **options: Any) -> NestedStage:
@@ -129,6 +192,8 @@ class Task:
                 for hook in base.__dict__.get("_minigun_hooks", []):
                     hooks.add(hook)
         for attr, value in list(cls.__dict__.items()):
+            if isinstance(value, _MisdefinedAccumulator):
+                value.raise_for(attr)
             if isinstance(value, Stage):
                 if value.name is None:
                     value.name = attr

@@ -36,12 +36,12 @@ class PipelineError(MinigunError):
         *,
         stage: str | None = None,
         item: Any = None,
-        result: RunResult | None = None,
+        result: RunResult,
     ) -> None:
         super().__init__(message)
         self.stage = stage
         self.item = item
-        self.result = result
+        self.result: RunResult = result
 
 
 class WorkerError(MinigunError):

@@ -7,12 +7,21 @@ builds one of these per Task class (``Task.root_pipeline``); both run on the sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
 from .errors import DefinitionError
-from .stage import ACCUMULATOR, PROCESSOR, PRODUCER, FunctionStage, NestedStage, Stage
+from .stage import (
+    ACCUMULATOR,
+    PROCESSOR,
+    PRODUCER,
+    AccumulatorOptions,
+    FunctionStage,
+    NestedStage,
+    Stage,
+    StageOptions,
+)
 
 if TYPE_CHECKING:
     from .run import Run, RunResult
@@ -67,19 +76,38 @@ class Pipeline:
             return lambda f: self._function_stage(kind, f, options)
         return self.add(FunctionStage(kind, fn, takes_self=False, **options))
 
+    @overload
+    def producer(self, fn: Callable[..., Any], /,
+                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    @overload
+    def producer(self, fn: None = None, /, **options: Unpack[StageOptions]
+                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def producer(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a producer: a function of no arguments that yields (or returns) items."""
         return self._function_stage(PRODUCER, fn, options)
 
+    @overload
+    def processor(self, fn: Callable[..., Any], /,
+                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    @overload
+    def processor(self, fn: None = None, /, **options: Unpack[StageOptions]
+                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def processor(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a processor: a function of one item; its non-None return value is emitted."""
         return self._function_stage(PROCESSOR, fn, options)
 
+    @overload
+    def consumer(self, fn: Callable[..., Any], /,
+                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    @overload
+    def consumer(self, fn: None = None, /, **options: Unpack[StageOptions]
+                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def consumer(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a consumer (the same as a processor; the name documents intent)."""
         return self._function_stage(PROCESSOR, fn, options)
 
-    def accumulator(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    def accumulator(self, fn: Callable[..., Any] | None = None, /,
+                    **options: Unpack[AccumulatorOptions]) -> FunctionStage:
         """Add an accumulator that collects items into lists of up to ``max_size``.
 
         Without a function it is added at once (named ``"accumulator"`` unless ``name=``)
@@ -87,12 +115,16 @@ class Pipeline:
         body (and, without ``name=``, the function's name).
         """
         if fn is not None:
-            return self.add(FunctionStage(ACCUMULATOR, fn, takes_self=False, **options))
+            return self._added(FunctionStage(ACCUMULATOR, fn, takes_self=False, **options))
         auto = options.get("name") is None
         options.setdefault("name", "accumulator")
         stage = FunctionStage(ACCUMULATOR, None, takes_self=False, **options)
         stage._auto_named = auto
-        return self.add(stage)
+        return self._added(stage)
+
+    def _added(self, stage: FunctionStage) -> FunctionStage:
+        self.add(stage)
+        return stage
 
     def pipeline(self, other: Any, /, *, name: str | None = None, **options: Any) -> Stage:
         """Nest another Pipeline (or a Task class or instance) as one stage."""
@@ -137,6 +169,30 @@ class Pipeline:
 
     def after(self, stage: str, *, prepend: bool = False) -> Any:
         return self._scoped(_hooks.AFTER, stage, prepend, required=True)
+
+    def _worker_hook(self, kind: str, fn: Any, stage: Any, prepend: bool) -> Any:
+        if isinstance(fn, (str, list, tuple)):
+            fn, stage = None, fn
+        names = _hooks.stage_names(kind, stage)
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            for name in names:
+                self._register(kind, f, name, prepend=prepend)
+            return f
+
+        return register if fn is None else register(fn)
+
+    def before_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
+                      prepend: bool = False) -> Any:
+        """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
+        before its first item, on the worker's own thread and in its own process."""
+        return self._worker_hook(_hooks.BEFORE_WORKER, fn, stage, prepend)
+
+    def after_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
+                     prepend: bool = False) -> Any:
+        """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
+        after its last item, on the worker's own thread and in its own process."""
+        return self._worker_hook(_hooks.AFTER_WORKER, fn, stage, prepend)
 
     def on_error(self, *types: Any, stage: str | None = None, prepend: bool = False) -> Any:
         """Register ``handler(error, item, stage)`` for items failing with ``types``."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import _minigun, aio, context
@@ -21,75 +21,14 @@ from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
 from .graph import Graph, Node, Scope, compile_graph
+from .progress import ProgressView
 from .stage import ACCUMULATOR, PRODUCER, FunctionStage
+from .stats import RunResult, StageInfo, StageStats
 from .strategies import FORKING, plan
 
 logger = logging.getLogger("minigun")
 
 _POLL = 0.05
-
-
-@dataclass(frozen=True)
-class StageStats:
-    """Counters of one stage. Latencies are in seconds, throughput in items per second."""
-
-    items_in: int = 0
-    items_out: int = 0
-    errors: int = 0
-    retries: int = 0
-    latency_p50: float = 0.0
-    latency_p99: float = 0.0
-    throughput: float = 0.0
-    #: Items waiting in the stage's input queue (live stats) and chunks it received.
-    queued: int = 0
-    chunks_in: int = 0
-
-    @classmethod
-    def from_runtime(cls, raw: dict[str, Any]) -> StageStats:
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
-@dataclass
-class RunResult:
-    """What a run did: ``status`` ("ok", "failed" or "cancelled"), ``duration`` in seconds
-    and ``stats`` per stage (nested stages by dotted path)."""
-
-    status: str
-    duration: float
-    stats: dict[str, StageStats] = field(default_factory=dict)
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def summary(self) -> str:
-        """An aligned text table of the per-stage counters."""
-        head = ("stage", "in", "out", "errors", "retries", "p50", "p99", "items/s")
-        rows = [head]
-        for name, s in self.stats.items():
-            rows.append((name, f"{s.items_in:,}", f"{s.items_out:,}", f"{s.errors:,}",
-                         f"{s.retries:,}", _duration(s.latency_p50), _duration(s.latency_p99),
-                         f"{s.throughput:,.0f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = [f"run {self.status} in {self.duration:.3f}s"]
-        for k, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])]
-            cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-            lines.append("  ".join(cells).rstrip())
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds <= 0:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f}ms"
-    return f"{seconds:.2f}s"
 
 
 class _Terminated(BaseException):
@@ -100,8 +39,15 @@ class Run:
     """A pipeline run. ``Task().start()`` returns one running in the background."""
 
     def __init__(self, pipeline: Any, owner: Any, options: dict[str, Any]) -> None:
+        options = dict(options)
+        # progress=True draws on stderr; a text stream (progress=sys.stdout) draws there.
+        self._show_progress: Any = options.pop("progress", False)
+        #: Producers' item counts, where known: their total= or len() of what they return.
+        self._totals: dict[str, int] = {}
+        self._progress: ProgressView | None = None
         self._graph: Graph = compile_graph(pipeline, owner, options)
         self._caps = CapWarnings()
+        self._infos: dict[str, StageInfo] = {}
         self._specs = [self._spec(node) for node in self._graph.nodes]
         self._runtime = _minigun.Runtime(self._specs)
         self._started_at = 0.0
@@ -114,12 +60,14 @@ class Run:
         self._scope_left = {id(s): len(self._graph.nodes_in(s)) for s in self._graph.scopes()}
         self._scopes_closed: set[int] = set()
         self._scope_lock = threading.Lock()
+        self._finished_stages: queue.SimpleQueue[Node] = queue.SimpleQueue()
 
     # -- building specs ---------------------------------------------------------------
 
     def _spec(self, node: Node) -> dict[str, Any]:
         stage, settings = node.stage, node.scope.settings
         strategy, workers = plan(stage, settings, self._caps)
+        plan_workers = workers
         call: Any = None
         make_worker = None
         mode = "iterate" if stage.kind == PRODUCER or stage.is_generator else "value"
@@ -139,6 +87,8 @@ class Run:
             mode, min_chunk, workers = "chunk", workers, 1
         else:
             make_worker = _custom_worker_factory(stage)
+        if stage.kind == PRODUCER and self._show_progress:
+            call = self._count_total(node, call)
         if call is not None and aio.is_async(call):
             if stage.kind == PRODUCER:
                 call = aio.drive_producer(call)
@@ -148,6 +98,10 @@ class Run:
                 # One thread runs the stage's event loop, `workers` coroutines at a time.
                 make_worker = aio.async_call(self, node, call, workers)
                 call, mode, min_chunk, workers = None, "chunk", workers, 1
+        worker_hooks = _hooks.WorkerHooks(node)
+        if worker_hooks:
+            call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode,
+                                                   make_worker)
         if strategy in FORKING:
             from .forking import fork_call  # noqa: PLC0415
 
@@ -155,6 +109,10 @@ class Run:
                                                          call, mode, make_worker)
         retries = self._caps.cap(node.path, "retries", stage.retries, settings["max_retries"],
                                  "max_retries")
+        self._infos[node.path] = StageInfo(
+            kind=stage.kind, strategy=strategy, workers=plan_workers, threads=max(1, workers),
+            queue_size=None if stage.kind == PRODUCER else stage.queue_size,
+            runs_code=not (isinstance(stage, FunctionStage) and stage.fn is None))
         return {
             "name": node.path,
             "kind": "processor" if stage.kind not in (PRODUCER, ACCUMULATOR) else stage.kind,
@@ -181,6 +139,24 @@ class Run:
             "max_wait": getattr(stage, "max_wait", None),
             "key": getattr(stage, "key", None),
         }
+
+    def _count_total(self, node: Node, call: Any) -> Any:
+        """For the progress view: note a producer's total (its total=, or len() of the
+        iterable a non-generator producer returns)."""
+        total = getattr(node.stage, "total", None)
+        if total is not None:
+            self._totals[node.path] = total
+        if total is not None or call is None or node.stage.is_generator or aio.is_async(call):
+            return call
+        produce = call
+
+        def counted() -> Any:
+            produced = produce()
+            if hasattr(produced, "__len__"):
+                self._totals[node.path] = len(produced)
+            return produced
+
+        return counted
 
     def _route_error_factory(self, node: Node) -> Any:
         def route_error(name: str) -> RoutingError:
@@ -215,7 +191,27 @@ class Run:
         return False
 
     def _on_stage_finished(self, node: Node) -> None:
+        # Called on the stage's last worker thread: its after hooks run on the thread that
+        # ran its before hooks, the one driving the run (see _after_finished_stages).
         logger.debug("stage %r: all workers stopped", node.path)
+        self._finished_stages.put(node)
+
+    def _after_finished_stages(self) -> None:
+        """Run the after hooks of the stages that finished since the last call; on the
+        thread that drives the run, which ran their before hooks."""
+        while True:
+            try:
+                node = self._finished_stages.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._after_stage(node)
+            except Exception as exc:  # noqa: BLE001 - reported as the run's failure
+                if self._hook_error is None:
+                    self._hook_error = (node.path, exc)
+                self._runtime.cancel()
+
+    def _after_stage(self, node: Node) -> None:
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
             self._call_hook(node.scope, hook)
         # A nested pipeline finishes with its last stage: its after hooks run then.
@@ -266,6 +262,10 @@ class Run:
             for spec in self._specs:
                 logger.debug("stage %r: starting %d worker(s)", spec["name"], spec["workers"])
         self._runtime.start()
+        if self._show_progress:
+            stream = None if self._show_progress is True else self._show_progress
+            self._progress = ProgressView(lambda: self.stats, lambda: self._totals,
+                                          stream).start()
 
     def _check_hook_names(self, scopes: list[Scope]) -> None:
         for scope in scopes:
@@ -289,7 +289,7 @@ class Run:
             self._begin()
             try:
                 while not self._runtime.wait(_POLL):
-                    pass
+                    self._after_finished_stages()
             except (KeyboardInterrupt, _Terminated) as interrupt:
                 # A second Ctrl-C (or SIGTERM) during the clean-up abandons it at once.
                 with contextlib.suppress(KeyboardInterrupt, _Terminated):
@@ -316,14 +316,30 @@ class Run:
 
     def start(self) -> Run:
         self._check_hook_names(self._graph.scopes())
-        self._begin()
-        watcher = threading.Thread(target=self._watch, name="minigun-run", daemon=True)
-        watcher.start()
+        # The background thread runs every hook that runs in the parent, so before("stage")
+        # and after("stage") share a thread as they do under run().
+        begun = threading.Event()
+        failed: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                self._begin()
+            except BaseException as exc:  # noqa: BLE001 - raised by start() below
+                failed.append(exc)
+                return
+            finally:
+                begun.set()
+            self._watch()
+
+        threading.Thread(target=drive, name="minigun-run", daemon=True).start()
+        begun.wait()
+        if failed:
+            raise failed[0]
         return self
 
     def _watch(self) -> None:
         while not self._runtime.wait(_POLL):
-            pass
+            self._after_finished_stages()
         self._finish()
 
     def _finish(self) -> RunResult:
@@ -331,9 +347,12 @@ class Run:
             if self._result is not None:
                 return self._result
             self._runtime.join()
+            if self._progress is not None:
+                self._progress.stop()
             from .forking import reap_run  # noqa: PLC0415 - ends idle fork_ipc children
 
             reap_run(self)
+            self._after_finished_stages()
             failure = self._runtime.failure()
             for scope in self._graph.scopes()[1:]:
                 try:
@@ -347,7 +366,7 @@ class Run:
                 except Exception as exc:  # noqa: BLE001
                     if failure is None and self._hook_error is None:
                         self._hook_error = (None, exc)
-            stats = {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+            stats = self.stats
             duration = time.perf_counter() - self._started_at
             if failure is not None:
                 stage, exc, item = failure
@@ -397,7 +416,8 @@ class Run:
     @property
     def stats(self) -> dict[str, StageStats]:
         """A live snapshot of the per-stage counters."""
-        return {k: StageStats.from_runtime(v) for k, v in self._runtime.stats().items()}
+        return {k: StageStats.from_runtime(v, self._infos.get(k))
+                for k, v in self._runtime.stats().items()}
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for the run to end and return its result. Raises TimeoutError if it is
@@ -453,6 +473,31 @@ def _custom_worker_factory(stage: Any) -> Any:
         return worker.process, worker.close
 
     return make_worker
+
+
+def _with_worker_hooks(hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode: str,
+                       make_worker: Any) -> tuple[Any, Any]:
+    """Wrap a stage's call (or worker factory) so its worker hooks run in each worker."""
+    if strategy in ("spawn_thread", "spawn_fork"):
+        # Each item gets a thread or child of its own: that is the worker.
+        iterate = mode == "iterate"
+        if make_worker is None:
+            return hooks.around_item(call, iterate), None
+        inner = make_worker
+
+        def make_item_worker() -> tuple[Any, Any]:
+            process, close = inner()
+            return hooks.around_item(process, iterate), close
+
+        return None, make_item_worker
+    if make_worker is None:
+        plain = call
+
+        def make_worker() -> tuple[Any, Any]:
+            return plain, None
+
+        call = None
+    return call, hooks.around_worker(make_worker)
 
 
 def _pipeline_error(stage: str | None, exc: BaseException, item: Any,

@@ -7,9 +7,10 @@ nested pipelines (:class:`NestedStage`) and custom subclasses that override
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypedDict
 
 from . import strategies
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
@@ -23,6 +24,40 @@ ACCUMULATOR = "accumulator"
 PIPELINE = "pipeline"
 
 _UNSET: Any = object()
+
+
+class StageOptions(TypedDict, total=False):
+    """The options every decorator and builder method takes (API.md section 3), so type
+    checkers and IDEs know them: ``@mg.processor(threads=4, to="save")``."""
+
+    name: str
+    threads: int
+    processes: int
+    interpreters: int
+    strategy: str
+    to: str | Sequence[str]
+    from_: str | Sequence[str]
+    actors: int
+    concurrency: int
+    routing: Literal["broadcast", "round_robin"]
+    queue_size: int | None
+    retries: int
+    retry_on: type[BaseException] | tuple[type[BaseException], ...]
+    retry_backoff: float
+    auto_start: bool
+    total: int
+
+
+class AccumulatorOptions(StageOptions, total=False):
+    """The stage options plus the accumulator's own."""
+
+    max_size: int
+    max_wait: float
+    key: Callable[[Any], Any]
+
+#: The largest count an option may give (``queue_size=``, ``max_size=``, ``total=``...): the
+#: runtime counts items in 64-bit integers.
+_MAX_COUNT = 2**62
 
 
 def _names(value: str | Iterable[str] | None, stage: str, option: str) -> tuple[str, ...]:
@@ -105,16 +140,16 @@ class Stage:
                 f"stage {label!r}: routing must be 'broadcast' or 'round_robin', got {routing!r}"
             )
         self.routing = routing
-        if queue_size is not None and (
-            not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1
-        ):
+        if queue_size is not None and not _is_count(queue_size, 1):
             raise DefinitionError(
-                f"stage {label!r}: queue_size must be a positive int, or None for an "
-                f"unbounded queue; got {queue_size!r}"
+                f"stage {label!r}: queue_size= must be a positive int (at most 2**62), or None "
+                f"for an unbounded queue; got {queue_size!r}"
             )
         self.queue_size = queue_size
-        if not isinstance(retries, int) or retries < 0:
-            raise DefinitionError(f"stage {label!r}: retries must be an int >= 0, got {retries!r}")
+        if not _is_count(retries, 0):
+            raise DefinitionError(
+                f"stage {label!r}: retries= must be an int >= 0, got {retries!r}"
+            )
         self.retries = retries
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -124,6 +159,12 @@ class Stage:
                 f"stage {label!r}: retry_on must be exception types, got {retry_on!r}"
             )
         self.retry_on = retry_on
+        if (not isinstance(retry_backoff, (int, float)) or isinstance(retry_backoff, bool)
+                or not 0 <= retry_backoff <= 3600):
+            raise DefinitionError(
+                f"stage {label!r}: retry_backoff= must be a number of seconds between 0 and "
+                f"3600, got {retry_backoff!r}"
+            )
         self.retry_backoff = float(retry_backoff)
         self.auto_start = bool(auto_start)
 
@@ -171,12 +212,32 @@ class Stage:
         _trigger(name)
 
 
+def _is_count(value: Any, low: int) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and low <= value <= _MAX_COUNT)
+
+
 def _positive(value: int | None, option: str, stage: str) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_count(value, 1):
         raise DefinitionError(f"stage {stage!r}: {option}= must be a positive int, got {value!r}")
     return value
+
+
+def check_options(options: dict[str, Any], stage: str, valid: Iterable[str]) -> None:
+    """Reject an option no stage takes (a typo such as ``thread=4``), naming the stage and
+    the nearest valid option."""
+    valid = sorted(valid)
+    for option in options:
+        if option in valid:
+            continue
+        nearest = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {nearest[0]}=? " if nearest else ""
+        raise DefinitionError(
+            f"stage {stage!r}: unknown option {option}=; {hint}(stage options: "
+            f"{', '.join(valid)})"
+        )
 
 
 def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool) -> None:
@@ -235,11 +296,20 @@ class FunctionStage(Stage):
         max_size: int | None = None,
         max_wait: float | None = None,
         key: Callable[[Any], Any] | None = None,
+        total: int | None = None,
         **options: Any,
     ) -> None:
         if name is None and fn is not None:
             name = getattr(fn, "__name__", None)  # two unnamed lambdas collide: "<lambda>"
         label = name or kind
+        check_options(options, label, FUNCTION_STAGE_OPTIONS)
+        if total is not None and kind != PRODUCER:
+            raise DefinitionError(f"{kind} {label!r}: total= is a producer option")
+        if total is not None and not _is_count(total, 0):
+            raise DefinitionError(
+                f"producer {label!r}: total= must be the number of items it emits (an int "
+                f">= 0), got {total!r}"
+            )
         if kind == ACCUMULATOR:
             if options.get("threads", 1) not in (None, 1):
                 raise DefinitionError(
@@ -251,7 +321,7 @@ class FunctionStage(Stage):
                     f"accumulator {label!r} runs in the pipeline's own process; remove "
                     f"strategy={options['strategy']!r} and put the strategy on the stage after it"
                 )
-            if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+            if max_size is not None and not _is_count(max_size, 1):
                 raise DefinitionError(
                     f"accumulator {label!r}: max_size must be a positive int, got {max_size!r}"
                 )
@@ -274,6 +344,8 @@ class FunctionStage(Stage):
         self.max_size = max_size
         self.max_wait = None if max_wait is None else float(max_wait)
         self.key = key
+        #: A producer's announced item count, for the progress view (None: unknown).
+        self.total = total
         self.fn: Callable[..., Any] | None = None
         if fn is not None:
             self._set_body(fn)
@@ -285,6 +357,11 @@ class FunctionStage(Stage):
             raise DefinitionError(f"stage {self.name!r}: expected a function, got {fn!r}")
         label = self.name or getattr(fn, "__name__", self.kind)
         check_arity(fn, self.kind, label, self.takes_self)
+        # What functools.wraps keeps: help(), inspect.signature() and IDEs see the function.
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(fn, attr):
+                self.__dict__[attr] = getattr(fn, attr)
+        self.__dict__["__wrapped__"] = fn
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
@@ -358,5 +435,15 @@ class NestedStage(Stage):
             )
         if name is None and isinstance(target, Pipeline):
             name = target.name
+        check_options(options, name or "nested pipeline", STAGE_OPTIONS)
         super().__init__(name, **options)
         self.target = target
+
+
+#: Options every stage takes (``Stage.__init__``'s keywords, API.md section 3).
+STAGE_OPTIONS = frozenset(
+    p for p in inspect.signature(Stage.__init__).parameters if p not in ("self", "name")
+)
+#: What the decorators and builder methods take: the stage options plus the accumulator
+#: and producer ones.
+FUNCTION_STAGE_OPTIONS = STAGE_OPTIONS | {"name", "max_size", "max_wait", "key", "total"}
