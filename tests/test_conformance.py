@@ -48,7 +48,7 @@ from conformance.forms import (
     make_item,
     worker_events,
 )
-from conformance.strategies import REGISTRY, REJECT, SCENARIOS
+from conformance.strategies import INTERMITTENT, REGISTRY, REJECT, SCENARIOS
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +85,7 @@ def _cells(scenario):
             marks.append(pytest.mark.skip(reason=unavailable))
         defect = case.defect(form.name, scenario)
         if defect:
-            marks.append(pytest.mark.xfail(strict=True, reason=defect))
+            marks.append(pytest.mark.xfail(strict=defect not in INTERMITTENT, reason=defect))
         yield pytest.param(case, form, api, id=f"{case}-{form}-{api}", marks=marks)
 
 
@@ -148,7 +148,8 @@ class Cell:
         assert len(set(opens)) == len(opens), "a worker token was opened twice"
         assert collections.Counter(closes) == collections.Counter(opens), (
             f"every opened worker must be closed exactly once: opens {opens}, closes {closes}")
-        assert len(opens) <= self.case.max_workers, f"{len(opens)} workers opened"
+        if self.case.max_workers is not None:
+            assert len(opens) <= self.case.max_workers, f"{len(opens)} workers opened"
         if self.received("out"):
             assert opens, "items were processed without any worker being opened"
         if ran_ok:

@@ -133,6 +133,11 @@ class Stage:
                     "make process() a plain def"
                 )
             self.strategy = "async"
+        elif self.strategy == "async" and type(self).process is not Stage.process:
+            raise DefinitionError(
+                f"stage {label!r} has strategy='async' but a plain def process(); define "
+                "process() with async def, or choose another strategy"
+            )
         self.to = _names(to, label, "to")
         self.from_ = _names(from_, label, "from_")
         if routing not in ("broadcast", "round_robin"):

@@ -238,12 +238,27 @@ def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
     outcome. The worker's emits, close()'s included, stream back."""
     try:
         call, close = start()
-        _results(call, mode, item, out)
-        if close is not None:
-            close()
-        out.finish()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out.fail(exc)
+        return
+    failure: BaseException | None = None
+    try:
+        _results(call, mode, item, out)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        failure = exc
+    # A worker that was opened is closed, whatever its item did (as in the runtime).
+    if close is not None:
+        try:
+            close()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            failure = failure or exc
+    if failure is None:
+        try:
+            out.finish()  # sends what is still buffered: an unpicklable value fails here
+            return
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            failure = exc
+    out.fail(failure)
 
 
 def run_chunk(call: Call, mode: str, items: list[Any], careful: bool, out: Outbox,
