@@ -77,3 +77,13 @@ def test_total_is_a_producer_option():
         p.processor(lambda x: x, name="w", total=3)
     with pytest.raises(mg.DefinitionError, match=r"producer 'src': total="):
         p.producer(lambda: [], name="src", total=-1)
+
+
+def test_custom_stage_option_typo_names_the_stage_and_the_nearest_option():
+    class Upper(mg.Stage):
+        def process(self, item):
+            return item.upper()
+
+    with pytest.raises(mg.DefinitionError, match=r"stage 'upper'.*thread=.*did you mean threads="):
+        Upper("upper", thread=4)
+    assert Upper("upper", threads=2).threads == 2

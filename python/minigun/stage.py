@@ -93,6 +93,15 @@ class Stage:
 
     kind: str = PROCESSOR
 
+    def __new__(cls, *args: Any, **options: Any) -> Stage:
+        # A custom Stage that keeps Stage.__init__: a typo in its options is a
+        # DefinitionError naming the stage and the nearest option (not a bare TypeError).
+        if cls.__init__ is Stage.__init__:
+            name = options.get("name", args[0] if args else None)
+            check_options(options, name if isinstance(name, str) else cls.__name__,
+                          STAGE_OPTIONS | {"name"})
+        return super().__new__(cls)
+
     def __init__(
         self,
         name: str | None = None,
