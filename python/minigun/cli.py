@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from . import __version__
+from .demo import main as demo_main
 from .dsl import Task
 from .errors import DefinitionError, MinigunError, PipelineError
 from .pipeline import Pipeline
@@ -162,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from .demo import main as demo_main  # noqa: PLC0415 - the demo is a job, not the CLI
 
         if args.records < 1:
             raise UsageError(f"--records must be at least 1, got {args.records}")

@@ -12,13 +12,21 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _minigun
 from .errors import MinigunError, RoutingError
 
-if TYPE_CHECKING:
-    from .run import Run
+
+class Run(Protocol):
+    """What this module needs of a run (``minigun.run.Run``, a layer above this one)."""
+
+    @property
+    def run_id(self) -> int: ...
+    def has_stage(self, name: str) -> bool: ...
+    def trigger(self, name: str) -> None: ...
+    def cancel(self) -> None: ...
+    def stop_for_exit(self, grace: float) -> None: ...
 
 _native_emit = _minigun.emit
 _current_run_id = _minigun.current_run_id

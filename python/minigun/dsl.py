@@ -9,14 +9,17 @@ a redefined method replacing its base stage in place) and builds one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, Unpack, overload
+from typing import Any, NoReturn, Protocol, TypeVar, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
 from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
+from .graph import compile_graph
+from .mermaid import render
 from .pipeline import Pipeline
+from .run import Run, RunResult
 from .stage import (
     ACCUMULATOR,
     PROCESSOR,
@@ -27,10 +30,6 @@ from .stage import (
     Stage,
     StageOptions,
 )
-
-if TYPE_CHECKING:
-    from .run import Run, RunResult
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -232,21 +231,17 @@ class Task:
             cached = Pipeline(cls.__name__)
             cached.stages = list(cls._minigun_members.values())
             cached.hooks = _hooks.HookSet(list(cls._minigun_hooks))
-            cached.task_class = cls
+            cached.settings_of = lambda owner: task_settings(cls, owner)
             type.__setattr__(cls, "_minigun_pipeline", cached)
         return cached
 
     def run(self, **options: Any) -> RunResult:
         """Run the job to completion and return its :class:`RunResult`. Keyword options
         override the Task's limits for this run (``run(max_threads=8)``)."""
-        from .run import Run  # noqa: PLC0415
-
         return Run(type(self).root_pipeline, self, options).run()
 
     def start(self, **options: Any) -> Run:
         """Start the job in the background and return its :class:`Run`."""
-        from .run import Run  # noqa: PLC0415
-
         return Run(type(self).root_pipeline, self, options).start()
 
     def emit(self, value: Any, to: str | None = None) -> None:
@@ -260,9 +255,6 @@ class Task:
     @_HybridMethod
     def to_mermaid(self_or_cls) -> str:  # noqa: N805 - works on the class and instances
         """A Mermaid ``flowchart`` of the job's graph."""
-        from .graph import compile_graph  # noqa: PLC0415
-        from .mermaid import render  # noqa: PLC0415
-
         cls = self_or_cls if isinstance(self_or_cls, type) else type(self_or_cls)
         owner = None if isinstance(self_or_cls, type) else self_or_cls
         return render(compile_graph(cls.root_pipeline, owner))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .run import RunResult
+    from .stats import RunResult
 
 
 class MinigunError(Exception):

@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from .strategies import plan
+from .plan import plan
 
 logger = logging.getLogger("minigun")
 

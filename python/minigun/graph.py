@@ -100,14 +100,12 @@ class Graph:
 
 def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:
     """The pipeline a nested stage runs and the Task instance its stages see."""
-    from .dsl import Task  # noqa: PLC0415 - dsl builds on graph's callers
-    from .pipeline import Pipeline  # noqa: PLC0415
-
     target = stage.target
-    if isinstance(target, Pipeline):
+    pipeline = target.root_pipeline
+    if pipeline is target:  # a Pipeline
         return target, None
-    if isinstance(target, Task):
-        return type(target).root_pipeline, target
+    if not isinstance(target, type):  # a Task instance
+        return pipeline, target
     # A Task class: one instance per outer instance, made with no arguments.
     if owner is None:
         return target.root_pipeline, None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .graph import Graph, Scope
+from .plan import plan
 from .stage import ACCUMULATOR, PRODUCER
-from .strategies import plan
 
 _ESCAPES = {"&": "#amp;", '"': "#quot;", "<": "#lt;", ">": "#gt;", "|": "#124;",
             "[": "#91;", "]": "#93;", "{": "#123;", "}": "#125;", "`": "#96;"}

@@ -7,11 +7,14 @@ builds one of these per Task class (``Task.root_pipeline``); both run on the sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Unpack, overload
+from typing import Any, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
 from .errors import DefinitionError
+from .graph import compile_graph
+from .mermaid import render
+from .run import Run, RunResult
 from .stage import (
     ACCUMULATOR,
     PROCESSOR,
@@ -22,9 +25,6 @@ from .stage import (
     Stage,
     StageOptions,
 )
-
-if TYPE_CHECKING:
-    from .run import Run, RunResult
 
 
 class Pipeline:
@@ -47,8 +47,15 @@ class Pipeline:
         self.config = _config.normalize(config or {}, f"pipeline {name!r}")
         self.stages: list[Stage] = []
         self.hooks = _hooks.HookSet()
-        #: Set on the pipelines Task classes build: the class whose attributes are settings.
-        self.task_class: type | None = None
+        #: Set on the pipelines Task classes build: reads the settings a Task class (and
+        #: its instance, the argument) sets as attributes.
+        self.settings_of: Callable[[Any], dict[str, Any]] | None = None
+
+    @property
+    def root_pipeline(self) -> Pipeline:
+        """A Pipeline is its own root pipeline (as a Task class has one): whatever has a
+        ``root_pipeline`` can be nested."""
+        return self
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {', '.join(s.name or '?' for s in self.stages)}>"
@@ -206,10 +213,8 @@ class Pipeline:
     def settings_for(self, owner: Any) -> dict[str, Any]:
         """The settings this pipeline sets itself, read from ``owner`` for Task pipelines."""
         own = dict(self.config)
-        if self.task_class is not None:
-            from .dsl import task_settings  # noqa: PLC0415
-
-            own.update(task_settings(self.task_class, owner))
+        if self.settings_of is not None:
+            own.update(self.settings_of(owner))
         return own
 
     # -- running ----------------------------------------------------------------------
@@ -217,19 +222,12 @@ class Pipeline:
     def run(self, **options: Any) -> RunResult:
         """Run to completion and return the :class:`RunResult`; raises
         :class:`PipelineError` if the run failed."""
-        from .run import Run  # noqa: PLC0415
-
         return Run(self, None, options).run()
 
     def start(self, **options: Any) -> Run:
         """Start running in the background and return the :class:`Run`."""
-        from .run import Run  # noqa: PLC0415
-
         return Run(self, None, options).start()
 
     def to_mermaid(self) -> str:
         """A Mermaid ``flowchart`` of the graph, nested pipelines as subgraphs."""
-        from .graph import compile_graph  # noqa: PLC0415
-        from .mermaid import render  # noqa: PLC0415
-
         return render(compile_graph(self, None))

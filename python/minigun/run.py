@@ -20,11 +20,13 @@ from . import _minigun, aio, context
 from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
+from .forking import fork_call, reap_run
 from .graph import Graph, Node, Scope, compile_graph
+from .plan import plan
 from .progress import ProgressView
 from .stage import ACCUMULATOR, PRODUCER, FunctionStage
 from .stats import RunResult, StageInfo, StageStats
-from .strategies import FORKING, plan
+from .strategies import FORKING
 
 logger = logging.getLogger("minigun")
 
@@ -103,8 +105,6 @@ class Run:
             call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode,
                                                    make_worker)
         if strategy in FORKING:
-            from .forking import fork_call  # noqa: PLC0415
-
             call, mode, workers, make_worker = fork_call(self, node, strategy, workers,
                                                          call, mode, make_worker)
         retries = self._caps.cap(node.path, "retries", stage.retries, settings["max_retries"],
@@ -349,8 +349,6 @@ class Run:
             self._runtime.join()
             if self._progress is not None:
                 self._progress.stop()
-            from .forking import reap_run  # noqa: PLC0415 - ends idle fork_ipc children
-
             reap_run(self)
             self._after_finished_stages()
             failure = self._runtime.failure()

@@ -17,11 +17,7 @@ from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
 from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
-
-PRODUCER = "producer"
-PROCESSOR = "processor"
-ACCUMULATOR = "accumulator"
-PIPELINE = "pipeline"
+from .kinds import ACCUMULATOR, PIPELINE, PROCESSOR, PRODUCER
 
 _UNSET: Any = object()
 
@@ -436,18 +432,15 @@ class NestedStage(Stage):
     kind = PIPELINE
 
     def __init__(self, target: Any, *, name: str | None = None, **options: Any) -> None:
-        from .dsl import Task  # noqa: PLC0415 - the DSL builds on this module
-        from .pipeline import Pipeline  # noqa: PLC0415
-
-        ok = isinstance(target, (Pipeline, Task)) or (
-            isinstance(target, type) and issubclass(target, Task)
-        )
-        if not ok:
+        # Task classes, their instances and Pipelines all have a root pipeline (this module
+        # is below the DSL and the builder, so it asks for that rather than their types).
+        pipeline = getattr(target, "root_pipeline", None)
+        if pipeline is None or not hasattr(pipeline, "stages"):
             raise DefinitionError(
                 f"a nested pipeline must be a Task class, a Task instance or a Pipeline, "
                 f"got {target!r}"
             )
-        if name is None and isinstance(target, Pipeline):
+        if name is None and pipeline is target:
             name = target.name
         check_options(options, name or "nested pipeline", STAGE_OPTIONS)
         super().__init__(name, **options)

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .stage import PRODUCER
+from .kinds import PRODUCER
 
 
 @dataclass(frozen=True)
