@@ -443,8 +443,8 @@ class _Node:
         self.run = run
         self.path: str = node.path
         self.mode = mode
-        self.before = _fork_hooks(node, _hooks.BEFORE_FORK)
-        self.after = _fork_hooks(node, _hooks.AFTER_FORK)
+        self.before = _hooks.for_node(node, _hooks.BEFORE_FORK)
+        self.after = _hooks.for_node(node, _hooks.AFTER_FORK)
         self.send_back = bool(node.downstream) or bool(node.scope.settings["use_ipc"])
         #: The names ``emit(to=)`` accepts, checked in the child as the runtime does.
         self.routes = frozenset(node.route_names)
@@ -458,20 +458,6 @@ class _Node:
     def tick(self) -> None:
         if self.stopping():
             raise _Stopping(f"stage {self.path!r}: the run is stopping")
-
-
-def _fork_hooks(node: Any, kind: str) -> list[Callable[[], Any]]:
-    """Pipeline-wide hooks of every enclosing pipeline (outermost first), then the hooks
-    scoped to this stage, or to a nested pipeline containing it (outermost first)."""
-    lineage = node.scope.lineage()[::-1]
-    wide = [s.bind(h) for s in lineage for h in s.hooks.of(kind)]
-    scoped = []
-    for scope in lineage:
-        relative = node.path[len(scope.path) + 1:] if scope.path else node.path
-        names = {relative, relative.split(".", 1)[0]}
-        scoped += [scope.bind(h) for h in scope.hooks.all()
-                   if h.kind == kind and h.stage is not None and h.stage in names]
-    return wide + scoped
 
 
 def _count(item: Any) -> int:
