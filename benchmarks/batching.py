@@ -25,7 +25,9 @@ def consume(batch):
     total += len(batch)
 """
 
-QUEUE = COMMON + """
+QUEUE = (
+    COMMON
+    + """
 import queue, threading
 done = object()
 q_items, q_batches = queue.Queue(maxsize=1000), queue.Queue(maxsize=10)
@@ -51,8 +53,11 @@ threads = [threading.Thread(target=f) for f in (produce, batch, sink)]
 for t in threads: t.start()
 for t in threads: t.join()
 """
+)
 
-MINIGUN = COMMON + """
+MINIGUN = (
+    COMMON
+    + """
 import minigun as mg
 p = mg.Pipeline("batching")
 p.producer(records)
@@ -61,6 +66,7 @@ p.consumer(consume)
 start = time.perf_counter()
 p.run()
 """
+)
 
 REPORT = """
 seconds = time.perf_counter() - start
@@ -70,8 +76,9 @@ print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def measure(code: str) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", code + REPORT, str(N)], check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code + REPORT, str(N)], check=True, capture_output=True, text=True
+    ).stdout.split()
     return float(out[0]), int(out[1]) / 1024
 
 
@@ -82,8 +89,10 @@ def main() -> None:
     print(f"{N:,} items in batches of 1000, Python {sys.version.split()[0]} (GIL {gil})")
     for name, (seconds, rss_mib) in results.items():
         rate = N / seconds
-        print(f"  {name:<22} {rate / 1e6:6.2f} M items/s  {rate / base:5.2f}x queue.Queue"
-              f"  peak RSS {rss_mib:6.1f} MiB")
+        print(
+            f"  {name:<22} {rate / 1e6:6.2f} M items/s  {rate / base:5.2f}x queue.Queue"
+            f"  peak RSS {rss_mib:6.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

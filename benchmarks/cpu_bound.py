@@ -29,8 +29,11 @@ import minigun as mg
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 400
 BATCH = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 MS = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
-CPUS = int(sys.argv[4]) if len(sys.argv) > 4 else (
-    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+CPUS = (
+    int(sys.argv[4])
+    if len(sys.argv) > 4
+    else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
 
 LOOPS = 1000  # calibrated in main()
 
@@ -92,9 +95,11 @@ def pool_imap() -> int:
 
 def main() -> None:
     loops = calibrate()
-    print(f"cpu_bound: {ITEMS} items x ~{MS:g} ms ({loops:,} loop iterations each), "
-          f"batches of {BATCH}, {CPUS} CPU(s), Python {sys.version.split()[0]}"
-          + (" free-threaded" if not getattr(sys, "_is_gil_enabled", lambda: True)() else ""))
+    print(
+        f"cpu_bound: {ITEMS} items x ~{MS:g} ms ({loops:,} loop iterations each), "
+        f"batches of {BATCH}, {CPUS} CPU(s), Python {sys.version.split()[0]}"
+        + (" free-threaded" if not getattr(sys, "_is_gil_enabled", lambda: True)() else "")
+    )
     runs = [
         ("serial", serial),
         ("threads", lambda: minigun_job("threads")),
@@ -115,8 +120,10 @@ def main() -> None:
     pool = times["mp.Pool.imap"]
     print(f"\n{'run':<14}{'wall s':>8}{'speed-up':>10}{'/ ideal':>9}{'/ Pool':>8}")
     for name, took in times.items():
-        print(f"{name:<14}{took:>8.3f}{times['serial'] / took:>9.2f}x"
-              f"{took / ideal:>9.2f}{took / pool:>8.2f}")
+        print(
+            f"{name:<14}{took:>8.3f}{times['serial'] / took:>9.2f}x"
+            f"{took / ideal:>9.2f}{took / pool:>8.2f}"
+        )
     print(f"\nideal ({CPUS} CPUs): {ideal:.3f} s; '/ ideal' 1.15 = 15% slower than ideal")
 
 

@@ -89,8 +89,11 @@ def timed(fn, n: int) -> tuple[float, int]:
 def main() -> None:
     expected = n_sum = N * (N - 1)
     results = {}
-    for name, fn in [("plain loop", plain_loop), ("queue.Queue+threads", queue_threads),
-                     ("minigun", minigun)]:
+    for name, fn in [
+        ("plain loop", plain_loop),
+        ("queue.Queue+threads", queue_threads),
+        ("minigun", minigun),
+    ]:
         seconds, total = timed(fn, N)
         assert total == expected, (name, total, n_sum)
         results[name] = N / seconds

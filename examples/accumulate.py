@@ -20,7 +20,7 @@ class Mailer(mg.Task):
     def mails(self) -> Iterator[dict[str, Any]]:
         for n in range(7):
             yield {"to": f"user{n}@{'a.com' if n % 2 else 'b.org'}", "n": n}
-        self.idle.wait(2)      # the producer goes quiet; max_wait still flushes
+        self.idle.wait(2)  # the producer goes quiet; max_wait still flushes
         yield {"to": "late@a.com", "n": 99}
 
     @mg.accumulator(max_size=3, max_wait=0.2, key=lambda mail: mail["to"].split("@")[1])
@@ -30,7 +30,7 @@ class Mailer(mg.Task):
     @mg.consumer
     def send(self, batch: list[int]) -> None:
         self.sent.append((time.monotonic(), batch))
-        if len(self.sent) == 3:   # the two full batches and the timed-out one
+        if len(self.sent) == 3:  # the two full batches and the timed-out one
             self.idle.set()
 
 

@@ -18,9 +18,9 @@ class Crawl(mg.Task):
         for n in range(100):
             yield f"https://example.invalid/page/{n}"
 
-    @mg.processor(concurrency=25)          # async def implies strategy="async"
+    @mg.processor(concurrency=25)  # async def implies strategy="async"
     async def fetch(self, url: str) -> tuple[str, int]:
-        await asyncio.sleep(0.05)          # stands in for a network round trip
+        await asyncio.sleep(0.05)  # stands in for a network round trip
         return url, len(url) * 100
 
     @mg.consumer

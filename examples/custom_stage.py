@@ -19,7 +19,7 @@ class Dedupe(mg.Stage):
         return None
 
     def close(self) -> None:
-        self.emit(("distinct", len(self.seen)))   # close may emit, e.g. to flush
+        self.emit(("distinct", len(self.seen)))  # close may emit, e.g. to flush
 
 
 if __name__ == "__main__":

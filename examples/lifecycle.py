@@ -19,7 +19,7 @@ class Import(mg.Task):
         self.log.append("connect")
 
     @mg.after_run
-    def disconnect(self) -> None:         # runs even when the run fails
+    def disconnect(self) -> None:  # runs even when the run fails
         self.log.append("disconnect")
 
     @mg.producer
@@ -29,9 +29,9 @@ class Import(mg.Task):
     @mg.processor(retries=3, retry_on=(TimeoutError,), retry_backoff=0.001)
     def fetch(self, row: int) -> int:
         if self.rng.random() < 0.3:
-            raise TimeoutError(f"row {row} timed out")     # retried, up to 3 times
+            raise TimeoutError(f"row {row} timed out")  # retried, up to 3 times
         if row == 13:
-            raise ValueError("row 13 is corrupt")          # not retried: goes to on_error
+            raise ValueError("row 13 is corrupt")  # not retried: goes to on_error
         return row
 
     @mg.consumer
@@ -67,7 +67,7 @@ if __name__ == "__main__":
     assert 13 not in job.saved and result.stats["fetch"].errors >= 1
 
     waiting = Waiting()
-    run = waiting.start()            # runs in the background
+    run = waiting.start()  # runs in the background
     run.trigger("on_demand")
     print(run.wait(timeout=5).status, waiting.got)
     assert waiting.got == ["a", "b", "c"]

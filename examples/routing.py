@@ -43,7 +43,7 @@ class FanOutFanIn(mg.Task):
     def hundreds(self, n: int) -> int:
         return n * 100
 
-    @mg.consumer(from_=["tens", "hundreds"])   # finishes after both upstreams finished
+    @mg.consumer(from_=["tens", "hundreds"])  # finishes after both upstreams finished
     def collect(self, n: int) -> None:
         self.out[n] += 1
 

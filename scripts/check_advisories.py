@@ -134,8 +134,10 @@ def rust_files(root: Path) -> list[Path]:
     return sorted(
         path
         for path in root.rglob("*.rs")
-        if not any(part in SKIPPED_DIRS or part.startswith(".") for part in
-                   path.relative_to(root).parts[:-1])
+        if not any(
+            part in SKIPPED_DIRS or part.startswith(".")
+            for part in path.relative_to(root).parts[:-1]
+        )
     )
 
 
@@ -160,8 +162,10 @@ def main(argv: list[str]) -> int:
     if problems:
         print(f"check_advisories: {len(problems)} violation(s)", file=sys.stderr)
         return 1
-    print(f"check_advisories: {len(files)} Rust files clean of {', '.join(NTH_FAMILY)}, "
-          f"new_closure; no third-party crate on PyO3")
+    print(
+        f"check_advisories: {len(files)} Rust files clean of {', '.join(NTH_FAMILY)}, "
+        f"new_closure; no third-party crate on PyO3"
+    )
     return 0
 
 

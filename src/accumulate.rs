@@ -41,7 +41,13 @@ impl<K, T> Batcher<K, T> {
             check_interval: limits.check_interval.max(1),
             ..limits
         };
-        Batcher { limits, open: HashMap::new(), held: 0, since_check: 0, next_seq: 0 }
+        Batcher {
+            limits,
+            open: HashMap::new(),
+            held: 0,
+            since_check: 0,
+            next_seq: 0,
+        }
     }
 
     /// Items held over all open batches.
@@ -55,11 +61,22 @@ impl<K, T> Batcher<K, T> {
 
     /// Add one item to `slot`'s batch, opening it with `key` if needed (`key` is called only
     /// then). Returns the batches that must be flushed now, in flush order.
-    pub fn push(&mut self, slot: u64, key: impl FnOnce() -> K, item: T, now: Instant) -> Vec<Batch<K, T>> {
+    pub fn push(
+        &mut self,
+        slot: u64,
+        key: impl FnOnce() -> K,
+        item: T,
+        now: Instant,
+    ) -> Vec<Batch<K, T>> {
         let seq = &mut self.next_seq;
         let batch = self.open.entry(slot).or_insert_with(|| {
             *seq += 1;
-            Batch { key: key(), items: Vec::new(), first_at: now, seq: *seq }
+            Batch {
+                key: key(),
+                items: Vec::new(),
+                first_at: now,
+                seq: *seq,
+            }
         });
         batch.items.push(item);
         self.held += 1;
@@ -87,8 +104,11 @@ impl<K, T> Batcher<K, T> {
         if self.held <= self.limits.max_all {
             return out;
         }
-        let mut by_size: Vec<(usize, u64, u64)> =
-            self.open.iter().map(|(slot, b)| (b.items.len(), b.seq, *slot)).collect();
+        let mut by_size: Vec<(usize, u64, u64)> = self
+            .open
+            .iter()
+            .map(|(slot, b)| (b.items.len(), b.seq, *slot))
+            .collect();
         // Largest first; among equals the oldest first, so the order is deterministic.
         by_size.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         for (_, _, slot) in by_size {
@@ -108,7 +128,9 @@ impl<K, T> Batcher<K, T> {
 
     /// Batches whose oldest item has waited `max_wait` by `now`, oldest first.
     pub fn expired(&mut self, now: Instant) -> Vec<Batch<K, T>> {
-        let Some(wait) = self.limits.max_wait else { return Vec::new() };
+        let Some(wait) = self.limits.max_wait else {
+            return Vec::new();
+        };
         let mut due: Vec<(u64, u64)> = self
             .open
             .iter()
@@ -133,7 +155,12 @@ mod tests {
     use super::*;
 
     fn limits(max_size: usize, max_all: usize, check_interval: usize) -> Limits {
-        Limits { max_size, max_all, check_interval, max_wait: None }
+        Limits {
+            max_size,
+            max_all,
+            check_interval,
+            max_wait: None,
+        }
     }
 
     #[test]
@@ -175,7 +202,10 @@ mod tests {
 
     #[test]
     fn timed_batches_expire_oldest_first() {
-        let mut b = Batcher::new(Limits { max_wait: Some(Duration::from_millis(10)), ..limits(100, 100, 100) });
+        let mut b = Batcher::new(Limits {
+            max_wait: Some(Duration::from_millis(10)),
+            ..limits(100, 100, 100)
+        });
         let t0 = Instant::now();
         b.push(1, || 1, 'a', t0);
         b.push(2, || 2, 'b', t0 + Duration::from_millis(5));

@@ -44,21 +44,29 @@ impl Permits {
     /// Take permits for `n` items, waiting while the queue is full. A chunk larger than the
     /// whole capacity waits for an empty queue and takes everything, so it cannot deadlock.
     fn acquire(&self, n: usize, shutdown: &Shutdown) -> Option<usize> {
-        let Some(capacity) = self.capacity else { return Some(0) };
+        let Some(capacity) = self.capacity else {
+            return Some(0);
+        };
         let want = n.min(capacity);
         let mut available = self.available.lock().unwrap();
         while *available < want {
             if shutdown.is_set() {
                 return None;
             }
-            available = self.freed.wait_timeout(available, Duration::from_millis(50)).unwrap().0;
+            available = self
+                .freed
+                .wait_timeout(available, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
         *available -= want;
         Some(want)
     }
 
     fn try_acquire(&self, n: usize) -> Option<usize> {
-        let Some(capacity) = self.capacity else { return Some(0) };
+        let Some(capacity) = self.capacity else {
+            return Some(0);
+        };
         let want = n.min(capacity);
         let mut available = self.available.lock().unwrap();
         if *available < want {
@@ -160,7 +168,10 @@ impl<T> ItemChannel<T> {
         }
         let per_item = (nanos / items as u64).max(1);
         let wanted = (target / per_item) as usize;
-        self.preferred_chunk.store(wanted.clamp(self.min_chunk, self.max_chunk), Ordering::Relaxed);
+        self.preferred_chunk.store(
+            wanted.clamp(self.min_chunk, self.max_chunk),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn queued_items(&self) -> usize {
@@ -172,7 +183,12 @@ impl<T> ItemChannel<T> {
     }
 
     /// Send a chunk, waiting for room. Gives the items back if the run shuts down first.
-    pub fn send(&self, tx: &Sender<Chunk<T>>, items: Vec<T>, shutdown: &Shutdown) -> Result<(), Vec<T>> {
+    pub fn send(
+        &self,
+        tx: &Sender<Chunk<T>>,
+        items: Vec<T>,
+        shutdown: &Shutdown,
+    ) -> Result<(), Vec<T>> {
         match self.permits.acquire(items.len(), shutdown) {
             Some(permits) => self.push(tx, items, permits),
             None => Err(items),
@@ -226,7 +242,8 @@ impl<T> ItemChannel<T> {
     }
 
     fn take(&self, chunk: Chunk<T>) -> Vec<T> {
-        self.queued_items.fetch_sub(chunk.items.len(), Ordering::Relaxed);
+        self.queued_items
+            .fetch_sub(chunk.items.len(), Ordering::Relaxed);
         self.permits.release(chunk.permits);
         chunk.items
     }
@@ -285,8 +302,11 @@ mod tests {
         let shutdown = Shutdown::new();
         let ch = ItemChannel::<u32>::new(Some(5), 1);
         let tx = ch.sender().unwrap();
-        ch.try_send(&tx, vec![1, 2, 3], ).unwrap();
-        assert!(ch.try_send(&tx, vec![4, 5, 6]).is_err(), "6 items must not fit in 5");
+        ch.try_send(&tx, vec![1, 2, 3]).unwrap();
+        assert!(
+            ch.try_send(&tx, vec![4, 5, 6]).is_err(),
+            "6 items must not fit in 5"
+        );
         ch.try_send(&tx, vec![4, 5]).unwrap();
         assert_eq!(ch.queued_items(), 5);
         let _ = ch.recv(&shutdown, None);

@@ -46,7 +46,12 @@ impl Outbox {
         Arc::new(Outbox {
             target,
             sender_stats,
-            state: Mutex::new(OutboxState { items: Vec::new(), oldest: None, tx, sending: false }),
+            state: Mutex::new(OutboxState {
+                items: Vec::new(),
+                oldest: None,
+                tx,
+                sending: false,
+            }),
         })
     }
 
@@ -103,7 +108,9 @@ impl Outbox {
         if self.target.queued_items() > 0 {
             return;
         }
-        let Ok(mut st) = self.state.try_lock() else { return };
+        let Ok(mut st) = self.state.try_lock() else {
+            return;
+        };
         if st.sending || st.items.is_empty() || st.oldest.is_none_or(|t| t.elapsed() < max_age) {
             return;
         }
@@ -161,7 +168,12 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    pub fn new(routes: Arc<Routes>, stats: Arc<StageStats>, outboxes: Vec<Arc<Outbox>>, shutdown: Shutdown) -> Rc<Self> {
+    pub fn new(
+        routes: Arc<Routes>,
+        stats: Arc<StageStats>,
+        outboxes: Vec<Arc<Outbox>>,
+        shutdown: Shutdown,
+    ) -> Rc<Self> {
         Rc::new(Emitter {
             routes,
             stats,
@@ -212,7 +224,9 @@ impl Emitter {
                 self.outboxes[i].push(py, value, &self.shutdown);
             }
             Target::Default => self.broadcast(py, &self.all_edges, value),
-            Target::Edges(edges) if self.routes.routing == Routing::RoundRobin && edges.len() > 1 => {
+            Target::Edges(edges)
+                if self.routes.routing == Routing::RoundRobin && edges.len() > 1 =>
+            {
                 let i = self.next_rr.get();
                 self.next_rr.set(i.wrapping_add(1));
                 self.outboxes[edges[i % edges.len()]].push(py, value, &self.shutdown);

@@ -87,8 +87,14 @@ pub fn reap_within(pid: i32, timeout: Option<Duration>) -> io::Result<Option<i32
             Some(fd) => {
                 // Wake when the child ends, or at least every 100 ms (a pidfd that never
                 // becomes readable would otherwise block an untimed wait forever).
-                let slice = left.unwrap_or(Duration::from_millis(100)).min(Duration::from_millis(100));
-                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                let slice = left
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_millis(100));
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 let ms = slice.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -138,7 +144,9 @@ pub fn terminate_child(pid: i32, grace: Duration) -> io::Result<i32> {
 
 fn os_error(err: io::Error) -> PyErr {
     if err.raw_os_error() == Some(libc::ECHILD) {
-        return PyChildProcessError::new_err(format!("{err} (not a child of this process, or already reaped)"));
+        return PyChildProcessError::new_err(format!(
+            "{err} (not a child of this process, or already reaped)"
+        ));
     }
     PyErr::from(err)
 }
@@ -154,7 +162,8 @@ pub fn reap(py: Python<'_>, pid: i32, timeout: Option<f64>) -> PyResult<Option<i
     if timeout == Some(Duration::ZERO) {
         return try_reap(pid).map_err(os_error);
     }
-    py.detach(move || reap_within(pid, timeout)).map_err(os_error)
+    py.detach(move || reap_within(pid, timeout))
+        .map_err(os_error)
 }
 
 /// `exited(pid) -> bool`: whether the child `pid` has ended, without reaping it.
@@ -169,7 +178,8 @@ pub fn exited(pid: i32) -> bool {
 #[pyo3(signature = (pid, grace=1.0))]
 pub fn terminate(py: Python<'_>, pid: i32, grace: f64) -> PyResult<i32> {
     let grace = Duration::from_secs_f64(grace.max(0.0));
-    py.detach(move || terminate_child(pid, grace)).map_err(os_error)
+    py.detach(move || terminate_child(pid, grace))
+        .map_err(os_error)
 }
 
 // -- the fork gate ---------------------------------------------------------------------
@@ -200,7 +210,11 @@ struct GateState {
 }
 
 static GATE: ForkGate = ForkGate {
-    state: Mutex::new(GateState { passing: 0, waiting: 0, closed: false }),
+    state: Mutex::new(GateState {
+        passing: 0,
+        waiting: 0,
+        closed: false,
+    }),
     changed: Condvar::new(),
 };
 
@@ -301,18 +315,26 @@ mod tests {
     #[test]
     fn reaps_the_exit_code() {
         let pid = spawn(|| 7);
-        let status = reap_within(pid, Some(Duration::from_secs(5))).unwrap().unwrap();
+        let status = reap_within(pid, Some(Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
         assert!(libc::WIFEXITED(status));
         assert_eq!(libc::WEXITSTATUS(status), 7);
         // Reaped: a second wait knows no such child.
-        assert_eq!(try_reap(pid).unwrap_err().raw_os_error(), Some(libc::ECHILD));
+        assert_eq!(
+            try_reap(pid).unwrap_err().raw_os_error(),
+            Some(libc::ECHILD)
+        );
     }
 
     #[test]
     fn times_out_while_running_then_terminates() {
         let pid = spawn(sleep_long);
         let t = Instant::now();
-        assert_eq!(reap_within(pid, Some(Duration::from_millis(30))).unwrap(), None);
+        assert_eq!(
+            reap_within(pid, Some(Duration::from_millis(30))).unwrap(),
+            None
+        );
         assert!(t.elapsed() >= Duration::from_millis(30));
         assert!(!has_exited(pid));
         let status = terminate_child(pid, Duration::from_secs(5)).unwrap();

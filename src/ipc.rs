@@ -42,7 +42,11 @@ pub enum Idle {
 
 /// Wait up to `timeout` for `events` on `fd`; true when ready (or hung up / in error).
 fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as libc::c_int;
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -81,7 +85,11 @@ struct Ticker<F> {
 
 impl<E, F: FnMut() -> Result<Idle, E>> Ticker<F> {
     fn new(on_idle: F) -> Self {
-        Ticker { last: Instant::now(), on_idle, peer_gone: false }
+        Ticker {
+            last: Instant::now(),
+            on_idle,
+            peer_gone: false,
+        }
     }
 
     /// Time left before the next tick is due.
@@ -107,7 +115,11 @@ impl<E, F: FnMut() -> Result<Idle, E>> Ticker<F> {
 
 /// Read until `buf` is full or the stream ends; returns how many bytes were read (fewer
 /// than `buf.len()` only at the end of the stream). `fd` must be non-blocking.
-pub fn read_full<E: From<io::Error>>(fd: RawFd, buf: &mut [u8], on_idle: impl FnMut() -> Result<Idle, E>) -> Result<usize, E> {
+pub fn read_full<E: From<io::Error>>(
+    fd: RawFd,
+    buf: &mut [u8],
+    on_idle: impl FnMut() -> Result<Idle, E>,
+) -> Result<usize, E> {
     let mut ticker = Ticker::new(on_idle);
     let mut got = 0;
     while got < buf.len() {
@@ -141,7 +153,11 @@ pub fn read_full<E: From<io::Error>>(fd: RawFd, buf: &mut [u8], on_idle: impl Fn
 }
 
 /// Write all of `data`. `fd` must be non-blocking. A closed reader is `BrokenPipe`.
-pub fn write_full<E: From<io::Error>>(fd: RawFd, data: &[u8], on_idle: impl FnMut() -> Result<Idle, E>) -> Result<(), E> {
+pub fn write_full<E: From<io::Error>>(
+    fd: RawFd,
+    data: &[u8],
+    on_idle: impl FnMut() -> Result<Idle, E>,
+) -> Result<(), E> {
     let mut ticker = Ticker::new(on_idle);
     let mut sent = 0;
     while sent < data.len() {
@@ -177,24 +193,39 @@ pub fn header(len: usize) -> [u8; HEADER_LEN] {
 }
 
 /// Read one frame's header: `Ok(None)` at a clean end of stream (no byte of a new frame).
-pub fn read_header<E: From<io::Error>>(fd: RawFd, on_idle: impl FnMut() -> Result<Idle, E>) -> Result<Option<u64>, E> {
+pub fn read_header<E: From<io::Error>>(
+    fd: RawFd,
+    on_idle: impl FnMut() -> Result<Idle, E>,
+) -> Result<Option<u64>, E> {
     let mut head = [0u8; HEADER_LEN];
     let got = read_full(fd, &mut head, on_idle)?;
     if got == 0 {
         return Ok(None);
     }
     if got < HEADER_LEN {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe closed inside a frame header").into());
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the pipe closed inside a frame header",
+        )
+        .into());
     }
     let len = u64::from_le_bytes(head);
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame length {len} is not plausible")).into());
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {len} is not plausible"),
+        )
+        .into());
     }
     Ok(Some(len))
 }
 
 /// Write one frame.
-pub fn write_frame_to<E: From<io::Error>>(fd: RawFd, payload: &[u8], mut on_idle: impl FnMut() -> Result<Idle, E>) -> Result<(), E> {
+pub fn write_frame_to<E: From<io::Error>>(
+    fd: RawFd,
+    payload: &[u8],
+    mut on_idle: impl FnMut() -> Result<Idle, E>,
+) -> Result<(), E> {
     if payload.len() <= SMALL {
         let mut all = Vec::with_capacity(HEADER_LEN + payload.len());
         all.extend_from_slice(&header(payload.len()));
@@ -206,11 +237,20 @@ pub fn write_frame_to<E: From<io::Error>>(fd: RawFd, payload: &[u8], mut on_idle
 }
 
 /// Read one frame into a new Vec: `Ok(None)` at a clean end of stream.
-pub fn read_frame_vec<E: From<io::Error>>(fd: RawFd, mut on_idle: impl FnMut() -> Result<Idle, E>) -> Result<Option<Vec<u8>>, E> {
-    let Some(len) = read_header(fd, &mut on_idle)? else { return Ok(None) };
+pub fn read_frame_vec<E: From<io::Error>>(
+    fd: RawFd,
+    mut on_idle: impl FnMut() -> Result<Idle, E>,
+) -> Result<Option<Vec<u8>>, E> {
+    let Some(len) = read_header(fd, &mut on_idle)? else {
+        return Ok(None);
+    };
     let mut buf = vec![0u8; len as usize];
     if read_full(fd, &mut buf, on_idle)? < buf.len() {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe closed inside a frame").into());
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the pipe closed inside a frame",
+        )
+        .into());
     }
     Ok(Some(buf))
 }
@@ -234,7 +274,10 @@ impl From<io::Error> for Failed {
 
 /// The `on_idle` callback the Python functions use: call `tick()` (which raises to stop
 /// the wait) and, if `pid` is given, report when that process has exited.
-fn python_idle<'a>(tick: &'a Option<Py<PyAny>>, pid: Option<i32>) -> impl FnMut() -> Result<Idle, Failed> + Send + 'a {
+fn python_idle<'a>(
+    tick: &'a Option<Py<PyAny>>,
+    pid: Option<i32>,
+) -> impl FnMut() -> Result<Idle, Failed> + Send + 'a {
     move || {
         if let Some(tick) = tick {
             Python::attach(|py| tick.call0(py)).map_err(Failed)?;
@@ -259,11 +302,19 @@ unsafe impl Send for RawSlice {}
 /// pipe is drained. EOFError if the stream ends inside a frame. Makes `fd` non-blocking.
 #[pyfunction]
 #[pyo3(signature = (fd, tick=None, pid=None))]
-pub fn read_frame<'py>(py: Python<'py>, fd: RawFd, tick: Option<Py<PyAny>>, pid: Option<i32>) -> PyResult<Option<Bound<'py, PyByteArray>>> {
+pub fn read_frame<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    tick: Option<Py<PyAny>>,
+    pid: Option<i32>,
+) -> PyResult<Option<Bound<'py, PyByteArray>>> {
     set_nonblocking(fd).map_err(io_to_py)?;
-    let len = py.detach(|| read_header(fd, python_idle(&tick, pid))).map_err(|Failed(e)| e)?;
+    let len = py
+        .detach(|| read_header(fd, python_idle(&tick, pid)))
+        .map_err(|Failed(e)| e)?;
     let Some(len) = len else { return Ok(None) };
-    let len = usize::try_from(len).map_err(|_| PyValueError::new_err("frame too large for this platform"))?;
+    let len = usize::try_from(len)
+        .map_err(|_| PyValueError::new_err("frame too large for this platform"))?;
     let frame = PyByteArray::new_with(py, len, |_| Ok(()))?;
     // SAFETY: the bytearray was just created and no other code holds a reference to it, so
     // nothing can resize or read it while we fill it without the GIL.
@@ -278,7 +329,9 @@ pub fn read_frame<'py>(py: Python<'py>, fd: RawFd, tick: Option<Py<PyAny>>, pid:
         })
         .map_err(|Failed(e)| e)?;
     if got < len {
-        return Err(PyEOFError::new_err(format!("the pipe closed inside a frame ({got} of {len} bytes)")));
+        return Err(PyEOFError::new_err(format!(
+            "the pipe closed inside a frame ({got} of {len} bytes)"
+        )));
     }
     Ok(Some(frame))
 }
@@ -288,9 +341,15 @@ pub fn read_frame<'py>(py: Python<'py>, fd: RawFd, tick: Option<Py<PyAny>>, pid:
 /// BrokenPipeError if the reader is gone. Makes `fd` non-blocking.
 #[pyfunction]
 #[pyo3(signature = (fd, data, tick=None))]
-pub fn write_frame(py: Python<'_>, fd: RawFd, data: PyBackedBytes, tick: Option<Py<PyAny>>) -> PyResult<()> {
+pub fn write_frame(
+    py: Python<'_>,
+    fd: RawFd,
+    data: PyBackedBytes,
+    tick: Option<Py<PyAny>>,
+) -> PyResult<()> {
     set_nonblocking(fd).map_err(io_to_py)?;
-    py.detach(|| write_frame_to(fd, &data, python_idle(&tick, None))).map_err(|Failed(e)| e)
+    py.detach(|| write_frame_to(fd, &data, python_idle(&tick, None)))
+        .map_err(|Failed(e)| e)
 }
 
 #[cfg(test)]
@@ -366,7 +425,10 @@ mod tests {
         let (r, w) = pipe();
         write_full(w, &[1, 2, 3], never_idle).unwrap();
         close(w);
-        assert_eq!(read_header(r, never_idle).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_header(r, never_idle).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         close(r);
     }
 
@@ -387,7 +449,10 @@ mod tests {
         assert_eq!(err.to_string(), "stop");
         assert_eq!(calls.get(), 3);
         let waited = started.elapsed();
-        assert!(waited >= TICK * 2 && waited < Duration::from_secs(2), "{waited:?}");
+        assert!(
+            waited >= TICK * 2 && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
         close(r);
         close(w);
     }

@@ -9,7 +9,10 @@ use crate::shutdown::Shutdown;
 
 /// Start a named runtime thread. The OS may refuse (a thread or memory limit): callers
 /// turn that into the run's failure instead of a panic.
-pub fn spawn_named(name: String, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn_named(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(name).spawn(f)
 }
 
@@ -36,7 +39,10 @@ pub struct Semaphore {
 
 impl Semaphore {
     pub fn new(permits: usize) -> Self {
-        Semaphore { available: Mutex::new(permits), changed: Condvar::new() }
+        Semaphore {
+            available: Mutex::new(permits),
+            changed: Condvar::new(),
+        }
     }
 
     /// Take a permit, or give up with `false` when the run shuts down.
@@ -46,7 +52,11 @@ impl Semaphore {
             if shutdown.is_set() {
                 return false;
             }
-            available = self.changed.wait_timeout(available, Duration::from_millis(50)).unwrap().0;
+            available = self
+                .changed
+                .wait_timeout(available, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
         *available -= 1;
         true

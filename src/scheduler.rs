@@ -159,7 +159,11 @@ impl RunShared {
             self.all_ready.notify_all();
         }
         while ready.0 < ready.1 && !self.shutdown.is_set() {
-            ready = self.all_ready.wait_timeout(ready, Duration::from_millis(50)).unwrap().0;
+            ready = self
+                .all_ready
+                .wait_timeout(ready, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
     }
 
@@ -222,7 +226,9 @@ impl StageShared {
             .downstream
             .iter()
             .map(|&target| {
-                let channel = self.run.channels[target].clone().expect("downstream stages have an input");
+                let channel = self.run.channels[target]
+                    .clone()
+                    .expect("downstream stages have an input");
                 let outbox = Outbox::new(channel, self.stats.clone());
                 self.run.register_outbox(&outbox);
                 outbox
@@ -237,7 +243,11 @@ impl StageShared {
             if self.run.shutdown.is_set() {
                 return false;
             }
-            guard = self.triggered.wait_timeout(guard, Duration::from_millis(50)).unwrap().0;
+            guard = self
+                .triggered
+                .wait_timeout(guard, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
         true
     }
@@ -250,7 +260,11 @@ impl StageShared {
         if let Some(hook) = &self.spec.on_finish {
             if !self.run.shutdown.is_set() {
                 if let Err(error) = hook.bind(py).call0() {
-                    self.run.fail(Failure { stage: self.name.clone(), error, item: None });
+                    self.run.fail(Failure {
+                        stage: self.name.clone(),
+                        error,
+                        item: None,
+                    });
                 }
             }
         }
@@ -269,13 +283,21 @@ fn parse_kind(spec: &StageSpec) -> PyResult<(Kind, CallMode, Routing)> {
         "producer" => Kind::Producer,
         "processor" => Kind::Processor,
         "accumulator" => Kind::Accumulator,
-        other => return Err(PyValueError::new_err(format!("unknown stage kind {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown stage kind {other:?}"
+            )))
+        }
     };
     let mode = match spec.mode.as_str() {
         "value" => CallMode::Value,
         "iterate" => CallMode::Iterate,
         "chunk" => CallMode::Chunk,
-        other => return Err(PyValueError::new_err(format!("unknown call mode {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown call mode {other:?}"
+            )))
+        }
     };
     let routing = match spec.routing.as_str() {
         "broadcast" => Routing::Broadcast,
@@ -323,7 +345,10 @@ impl Runtime {
             targets.dedup();
             for t in targets {
                 if t >= n {
-                    return Err(PyValueError::new_err(format!("stage {:?} sends to unknown index {t}", spec.name)));
+                    return Err(PyValueError::new_err(format!(
+                        "stage {:?} sends to unknown index {t}",
+                        spec.name
+                    )));
                 }
                 upstreams[t] += 1;
             }
@@ -332,8 +357,13 @@ impl Runtime {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                (spec.kind != "producer")
-                    .then(|| Arc::new(Channel::with_min_chunk(spec.queue_size, upstreams[i], spec.min_chunk)))
+                (spec.kind != "producer").then(|| {
+                    Arc::new(Channel::with_min_chunk(
+                        spec.queue_size,
+                        upstreams[i],
+                        spec.min_chunk,
+                    ))
+                })
             })
             .collect();
         let run = Arc::new(RunShared {
@@ -343,7 +373,15 @@ impl Runtime {
             outboxes: Mutex::new(Vec::new()),
             stages_left: Mutex::new(n),
             all_done: Condvar::new(),
-            merge_tick: if free_threaded { Some(py.import("minigun.context")?.getattr("merge_tick")?.unbind()) } else { None },
+            merge_tick: if free_threaded {
+                Some(
+                    py.import("minigun.context")?
+                        .getattr("merge_tick")?
+                        .unbind(),
+                )
+            } else {
+                None
+            },
             workers_ready: Mutex::new((0, 0)),
             all_ready: Condvar::new(),
         });
@@ -356,8 +394,16 @@ impl Runtime {
                 by_name: spec.route_names.clone(),
                 route_error: spec.route_error.clone_ref(py),
             });
-            let workers = if kind == Kind::Processor && !spec.spawn_per_item { spec.workers.max(1) } else { 1 };
-            let trigger = if kind == Kind::Producer && !spec.auto_start { TRIGGER_WAITING } else { TRIGGER_NONE };
+            let workers = if kind == Kind::Processor && !spec.spawn_per_item {
+                spec.workers.max(1)
+            } else {
+                1
+            };
+            let trigger = if kind == Kind::Producer && !spec.auto_start {
+                TRIGGER_WAITING
+            } else {
+                TRIGGER_NONE
+            };
             stages.push(Arc::new(StageShared {
                 index,
                 name: spec.name.clone(),
@@ -373,7 +419,13 @@ impl Runtime {
                 triggered: Condvar::new(),
             }));
         }
-        Ok(Runtime { run, stages, threads: Mutex::new(Vec::new()), started: Mutex::new(false), owner_pid: std::process::id() })
+        Ok(Runtime {
+            run,
+            stages,
+            threads: Mutex::new(Vec::new()),
+            started: Mutex::new(false),
+            owner_pid: std::process::id(),
+        })
     }
 
     /// The stage specs hold callbacks into the Run that owns this runtime (a reference
@@ -401,10 +453,15 @@ impl Runtime {
         if self.stages.is_empty() {
             return Ok(());
         }
-        self.run.workers_ready.lock().unwrap().1 = self.stages.iter().map(|s| worker::thread_count(s)).sum();
+        self.run.workers_ready.lock().unwrap().1 =
+            self.stages.iter().map(|s| worker::thread_count(s)).sum();
         for (index, stage) in self.stages.iter().enumerate() {
             if let Err((missing, error)) = worker::start_stage(stage, &mut threads) {
-                self.run.fail(Failure { stage: stage.name.clone(), error: refused_error(&stage.name, &error), item: None });
+                self.run.fail(Failure {
+                    stage: stage.name.clone(),
+                    error: refused_error(&stage.name, &error),
+                    item: None,
+                });
                 for _ in 0..missing {
                     stage.worker_finished(py);
                 }
@@ -419,7 +476,11 @@ impl Runtime {
         let run = self.run.clone();
         match spawn_named("minigun-flusher".into(), move || flusher(run)) {
             Ok(handle) => threads.push(handle),
-            Err(error) => self.run.fail(Failure { stage: "minigun-flusher".into(), error: refused_error("minigun-flusher", &error), item: None }),
+            Err(error) => self.run.fail(Failure {
+                stage: "minigun-flusher".into(),
+                error: refused_error("minigun-flusher", &error),
+                item: None,
+            }),
         }
         Ok(())
     }
@@ -481,12 +542,20 @@ impl Runtime {
     /// Start a waiting `auto_start=False` producer. "ok", "not_producer" or "already".
     fn trigger(&self, index: usize) -> PyResult<&'static str> {
         self.check_process()?;
-        let stage = self.stages.get(index).ok_or_else(|| PyValueError::new_err("no such stage"))?;
+        let stage = self
+            .stages
+            .get(index)
+            .ok_or_else(|| PyValueError::new_err("no such stage"))?;
         if stage.kind != Kind::Producer {
             return Ok("not_producer");
         }
         let _guard = stage.trigger_lock.lock().unwrap();
-        match stage.trigger.compare_exchange(TRIGGER_WAITING, TRIGGER_FIRED, Ordering::AcqRel, Ordering::Acquire) {
+        match stage.trigger.compare_exchange(
+            TRIGGER_WAITING,
+            TRIGGER_FIRED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             Ok(_) => {
                 stage.triggered.notify_all();
                 Ok("ok")
@@ -515,7 +584,10 @@ impl Runtime {
                 "queued",
                 stage.input().map(|c| c.queued_items()).unwrap_or(0),
             )?;
-            d.set_item("chunk_size", stage.input().map(|c| c.preferred_chunk()).unwrap_or(0))?;
+            d.set_item(
+                "chunk_size",
+                stage.input().map(|c| c.preferred_chunk()).unwrap_or(0),
+            )?;
             out.set_item(&stage.name, d)?;
         }
         Ok(out)
@@ -525,7 +597,11 @@ impl Runtime {
     fn failure(&self, py: Python<'_>) -> Option<(String, Py<PyAny>, Option<Item>)> {
         let slot = self.run.failure.lock().unwrap();
         slot.as_ref().map(|f| {
-            (f.stage.clone(), f.error.value(py).clone().into_any().unbind(), f.item.as_ref().map(|i| i.clone_ref(py)))
+            (
+                f.stage.clone(),
+                f.error.value(py).clone().into_any().unbind(),
+                f.item.as_ref().map(|i| i.clone_ref(py)),
+            )
         })
     }
 }
@@ -535,7 +611,13 @@ impl Runtime {
 fn flusher(run: Arc<RunShared>) {
     let max_age = Duration::from_millis(1);
     while !run.shutdown.sleep(Duration::from_micros(500)) {
-        let outboxes: Vec<Arc<Outbox>> = run.outboxes.lock().unwrap().iter().filter_map(Weak::upgrade).collect();
+        let outboxes: Vec<Arc<Outbox>> = run
+            .outboxes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for outbox in outboxes {
             outbox.flush_stale(max_age);
         }

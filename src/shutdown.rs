@@ -27,7 +27,13 @@ impl Shutdown {
 
     pub fn new() -> Self {
         let (tx, rx) = crossbeam_channel::bounded(0);
-        Shutdown { inner: Arc::new(Inner { flag: AtomicBool::new(false), tx: Mutex::new(Some(tx)), rx }) }
+        Shutdown {
+            inner: Arc::new(Inner {
+                flag: AtomicBool::new(false),
+                tx: Mutex::new(Some(tx)),
+                rx,
+            }),
+        }
     }
 
     pub fn set(&self) {

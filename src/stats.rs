@@ -44,7 +44,11 @@ fn bucket_of(nanos: u64) -> usize {
     }
     // floor(4 * log2(nanos)) from the position of the top bit and the next two bits.
     let top = 63 - nanos.leading_zeros() as usize;
-    let frac = if top >= 2 { ((nanos >> (top - 2)) & 0b11) as usize } else { ((nanos << (2 - top)) & 0b11) as usize };
+    let frac = if top >= 2 {
+        ((nanos >> (top - 2)) & 0b11) as usize
+    } else {
+        ((nanos << (2 - top)) & 0b11) as usize
+    };
     (4 * top + frac).min(BUCKETS - 1)
 }
 
@@ -98,12 +102,18 @@ impl StageStats {
 
     /// A worker spent `spent` handling items (emits that waited for room included).
     pub fn add_busy(&self, spent: Duration) {
-        self.busy_nanos.fetch_add(spent.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.busy_nanos.fetch_add(
+            spent.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// A worker waited `waited` for room in a downstream queue.
     pub fn add_blocked(&self, waited: Duration) {
-        self.blocked_nanos.fetch_add(waited.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.blocked_nanos.fetch_add(
+            waited.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn record_latency(&self, latency: Duration) {
@@ -132,12 +142,19 @@ impl StageStats {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let counts: Vec<u64> = self.histogram.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .histogram
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let total: u64 = counts.iter().sum();
         let items_in = self.items_in.load(Ordering::Relaxed);
         let (start, end) = *self.window.lock().unwrap();
         let active = match start {
-            Some(s) => end.unwrap_or_else(Instant::now).saturating_duration_since(s).as_secs_f64(),
+            Some(s) => end
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(s)
+                .as_secs_f64(),
             None => 0.0,
         };
         let items_out = self.items_out.load(Ordering::Relaxed);
@@ -150,12 +167,17 @@ impl StageStats {
             latency_p50: self.percentile(&counts, total, 0.50),
             latency_p99: self.percentile(&counts, total, 0.99),
             // Producers take no items: their rate is what they emit.
-            throughput: if active > 0.0 { items_in.max(items_out) as f64 / active } else { 0.0 },
+            throughput: if active > 0.0 {
+                items_in.max(items_out) as f64 / active
+            } else {
+                0.0
+            },
             active_seconds: active,
             busy_seconds: self
                 .busy_nanos
                 .load(Ordering::Relaxed)
-                .saturating_sub(self.blocked_nanos.load(Ordering::Relaxed)) as f64
+                .saturating_sub(self.blocked_nanos.load(Ordering::Relaxed))
+                as f64
                 / 1e9,
         }
     }
@@ -174,7 +196,18 @@ mod tests {
     #[test]
     fn buckets_are_monotonic() {
         let mut last = 0;
-        for n in [1u64, 2, 3, 5, 8, 100, 1_000, 1_000_000, 1_000_000_000, u64::MAX] {
+        for n in [
+            1u64,
+            2,
+            3,
+            5,
+            8,
+            100,
+            1_000,
+            1_000_000,
+            1_000_000_000,
+            u64::MAX,
+        ] {
             let b = bucket_of(n);
             assert!(b >= last, "bucket of {n} went down");
             last = b;
@@ -190,8 +223,16 @@ mod tests {
         s.record_latency(Duration::from_millis(50));
         s.record_latency(Duration::from_millis(50));
         let snap = s.snapshot();
-        assert!((snap.latency_p50 / 100e-6 - 1.0).abs() < 0.2, "{}", snap.latency_p50);
-        assert!((snap.latency_p99 / 50e-3 - 1.0).abs() < 0.2, "{}", snap.latency_p99);
+        assert!(
+            (snap.latency_p50 / 100e-6 - 1.0).abs() < 0.2,
+            "{}",
+            snap.latency_p50
+        );
+        assert!(
+            (snap.latency_p99 / 50e-3 - 1.0).abs() < 0.2,
+            "{}",
+            snap.latency_p99
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub fn thread_count(stage: &StageShared) -> usize {
 
 /// Start the threads of one stage into `threads`. On the OS's refusal, returns how many
 /// of the stage's threads did not start, with the error.
-pub fn start_stage(stage: &Arc<StageShared>, threads: &mut Vec<JoinHandle<()>>) -> Result<(), (usize, std::io::Error)> {
+pub fn start_stage(
+    stage: &Arc<StageShared>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<(), (usize, std::io::Error)> {
     let body: fn(&Arc<StageShared>) = match stage.kind {
         Kind::Producer => |s| run_producer(s),
         Kind::Accumulator => |s| run_accumulator(s),
@@ -81,7 +84,10 @@ struct WorkerCall {
 impl WorkerCall {
     fn open(py: Python<'_>, stage: &StageShared) -> PyResult<Self> {
         match &stage.spec.make_worker {
-            None => Ok(WorkerCall { call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)), close: None }),
+            None => Ok(WorkerCall {
+                call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)),
+                close: None,
+            }),
             Some(make) => {
                 let made = make.bind(py).call0()?;
                 // A None call keeps a body-less accumulator body-less (worker hooks wrap it).
@@ -110,7 +116,13 @@ fn jitter() -> f64 {
 }
 
 /// Call the function on one input and emit what it produces, following the call mode.
-fn invoke(py: Python<'_>, call: &Bound<'_, PyAny>, mode: CallMode, input: &Bound<'_, PyAny>, emitter: &Emitter) -> PyResult<()> {
+fn invoke(
+    py: Python<'_>,
+    call: &Bound<'_, PyAny>,
+    mode: CallMode,
+    input: &Bound<'_, PyAny>,
+    emitter: &Emitter,
+) -> PyResult<()> {
     let result = call.call1((input,))?;
     match mode {
         CallMode::Value => {
@@ -134,7 +146,13 @@ fn invoke(py: Python<'_>, call: &Bound<'_, PyAny>, mode: CallMode, input: &Bound
 struct Stop;
 
 /// Run one input through the stage function with retries; failures go to `on_error`.
-fn process_one(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, input: &Bound<'_, PyAny>) -> Result<(), Stop> {
+fn process_one(
+    py: Python<'_>,
+    stage: &StageShared,
+    call: &Bound<'_, PyAny>,
+    emitter: &Emitter,
+    input: &Bound<'_, PyAny>,
+) -> Result<(), Stop> {
     let spec = &stage.spec;
     let mut attempt = 0u32;
     loop {
@@ -170,17 +188,37 @@ fn process_one(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emi
 }
 
 /// Offer a failed item to the `on_error` handlers; stop the run if none takes it.
-fn handle_failure(py: Python<'_>, stage: &StageShared, error: PyErr, item: Option<&Bound<'_, PyAny>>) -> Result<(), Stop> {
-    let item_obj = item.map(|i| i.clone().unbind()).unwrap_or_else(|| py.None());
-    let handled = stage.spec.on_failure.bind(py).call1((error.value(py), item_obj.bind(py), &stage.name));
+fn handle_failure(
+    py: Python<'_>,
+    stage: &StageShared,
+    error: PyErr,
+    item: Option<&Bound<'_, PyAny>>,
+) -> Result<(), Stop> {
+    let item_obj = item
+        .map(|i| i.clone().unbind())
+        .unwrap_or_else(|| py.None());
+    let handled =
+        stage
+            .spec
+            .on_failure
+            .bind(py)
+            .call1((error.value(py), item_obj.bind(py), &stage.name));
     match handled {
         Ok(v) if v.is_truthy().unwrap_or(false) => Ok(()),
         Ok(_) => {
-            stage.run.fail(Failure { stage: stage.name.clone(), error, item: Some(item_obj) });
+            stage.run.fail(Failure {
+                stage: stage.name.clone(),
+                error,
+                item: Some(item_obj),
+            });
             Err(Stop)
         }
         Err(handler_error) => {
-            stage.run.fail(Failure { stage: stage.name.clone(), error: handler_error, item: Some(item_obj) });
+            stage.run.fail(Failure {
+                stage: stage.name.clone(),
+                error: handler_error,
+                item: Some(item_obj),
+            });
             Err(Stop)
         }
     }
@@ -199,18 +237,31 @@ fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)
 /// connection). What it emits then is dropped with the rest of the run's output, and a
 /// failure of it is not reported over the run's own failure or cancel.
 fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
-    let emitter = Emitter::new(stage.routes.clone(), stage.stats.clone(), stage.outboxes(), stage.run.shutdown.clone());
+    let emitter = Emitter::new(
+        stage.routes.clone(),
+        stage.stats.clone(),
+        stage.outboxes(),
+        stage.run.shutdown.clone(),
+    );
     let _bound = emit::bind(&emitter);
     let opened = Python::attach(|py| WorkerCall::open(py, stage));
     match opened {
-        Err(error) => stage.run.fail(Failure { stage: stage.name.clone(), error, item: None }),
+        Err(error) => stage.run.fail(Failure {
+            stage: stage.name.clone(),
+            error,
+            item: None,
+        }),
         Ok(worker) => {
             body(&worker, &emitter);
             Python::attach(|py| {
                 let closed = worker.close(py);
                 if let Err(error) = closed {
                     if !stage.run.shutdown.is_set() {
-                        stage.run.fail(Failure { stage: stage.name.clone(), error, item: None });
+                        stage.run.fail(Failure {
+                            stage: stage.name.clone(),
+                            error,
+                            item: None,
+                        });
                     }
                 }
                 drop(worker);
@@ -230,7 +281,9 @@ fn run_producer(stage: &StageShared) {
         // Busy time is added as the producer goes, so the live view sees it.
         let mut since = Instant::now();
         Python::attach(|py| {
-            let Some(call) = worker.call.as_ref() else { return };
+            let Some(call) = worker.call.as_ref() else {
+                return;
+            };
             let produced = (|| -> PyResult<()> {
                 let result = call.bind(py).call0()?;
                 if result.is_none() {
@@ -286,7 +339,9 @@ fn next_chunk(stage: &StageShared, input: &Channel) -> Option<Vec<Item>> {
 fn run_processor(stage: &StageShared) {
     let input = stage.input().expect("processors have an input").clone();
     with_worker(stage, |worker, emitter| {
-        let Some(call) = worker.call.as_ref() else { return };
+        let Some(call) = worker.call.as_ref() else {
+            return;
+        };
         while let Some(items) = next_chunk(stage, &input) {
             let n = items.len();
             let stop = Python::attach(|py| {
@@ -297,7 +352,11 @@ fn run_processor(stage: &StageShared) {
                 } else {
                     run_items(py, stage, call, emitter, items)
                 };
-                let target = if stage.mode == CallMode::Chunk { TARGET_CHUNK_NANOS_REMOTE } else { TARGET_CHUNK_NANOS };
+                let target = if stage.mode == CallMode::Chunk {
+                    TARGET_CHUNK_NANOS_REMOTE
+                } else {
+                    TARGET_CHUNK_NANOS
+                };
                 let spent = started.elapsed();
                 stage.stats.add_busy(spent);
                 input.observe_cost(n, spent.as_nanos() as u64, target);
@@ -318,10 +377,20 @@ fn run_processor(stage: &StageShared) {
 /// costs as much as a trivial stage function.
 const LATENCY_SAMPLE: usize = 16;
 
-fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitter: &Emitter, items: Vec<Item>) -> Result<(), Stop> {
+fn run_items(
+    py: Python<'_>,
+    stage: &StageShared,
+    call: &Bound<'_, PyAny>,
+    emitter: &Emitter,
+    items: Vec<Item>,
+) -> Result<(), Stop> {
     let n = items.len();
     stage.stats.add_in(n as u64);
-    let every = if n >= 4 * LATENCY_SAMPLE { LATENCY_SAMPLE } else { 1 };
+    let every = if n >= 4 * LATENCY_SAMPLE {
+        LATENCY_SAMPLE
+    } else {
+        1
+    };
     for (k, item) in items.into_iter().enumerate() {
         if stage.run.shutdown.is_set() {
             return Err(Stop);
@@ -330,7 +399,9 @@ fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitt
         let item = item.into_bound(py);
         process_one(py, stage, call, emitter, &item)?;
         if let Some(t) = timer {
-            stage.stats.record_latency_n(t.elapsed(), every.min(n - k) as u64);
+            stage
+                .stats
+                .record_latency_n(t.elapsed(), every.min(n - k) as u64);
         }
     }
     Ok(())
@@ -341,7 +412,12 @@ fn run_items(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, emitt
 /// that failed after their retries; those go to `on_error` here, one by one. A third
 /// element, `[seconds, ...]`, gives each item's own latency (items of an async chunk
 /// overlap, so the chunk's time divided by its items would be no item's latency).
-fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items: Vec<Item>) -> Result<(), Stop> {
+fn run_chunk(
+    py: Python<'_>,
+    stage: &StageShared,
+    call: &Bound<'_, PyAny>,
+    items: Vec<Item>,
+) -> Result<(), Stop> {
     let n = items.len() as u64;
     stage.stats.add_in(n);
     let t = Instant::now();
@@ -350,18 +426,26 @@ fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items
         if report.is_none() {
             return Ok((0, Vec::new(), None));
         }
-        if let Ok((retries, failures, latencies)) = report.extract::<(u64, Vec<(Item, Item)>, Vec<f64>)>() {
+        if let Ok((retries, failures, latencies)) =
+            report.extract::<(u64, Vec<(Item, Item)>, Vec<f64>)>()
+        {
             return Ok((retries, failures, Some(latencies)));
         }
-        report.extract::<(u64, Vec<(Item, Item)>)>().map(|(r, f)| (r, f, None))
+        report
+            .extract::<(u64, Vec<(Item, Item)>)>()
+            .map(|(r, f)| (r, f, None))
     });
     match &report {
         Ok((_, _, Some(latencies))) => {
             for &seconds in latencies {
-                stage.stats.record_latency(Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX));
+                stage.stats.record_latency(
+                    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX),
+                );
             }
         }
-        _ => stage.stats.record_latency_n(t.elapsed() / (n.max(1) as u32), n),
+        _ => stage
+            .stats
+            .record_latency_n(t.elapsed() / (n.max(1) as u32), n),
     }
     match report {
         Ok((retries, failures, _)) => {
@@ -370,7 +454,12 @@ fn run_chunk(py: Python<'_>, stage: &StageShared, call: &Bound<'_, PyAny>, items
             }
             for (item, error) in failures {
                 stage.stats.add_error();
-                handle_failure(py, stage, PyErr::from_value(error.into_bound(py)), Some(item.bind(py)))?;
+                handle_failure(
+                    py,
+                    stage,
+                    PyErr::from_value(error.into_bound(py)),
+                    Some(item.bind(py)),
+                )?;
             }
             Ok(())
         }
@@ -410,13 +499,18 @@ fn run_spawning(stage: &Arc<StageShared>) {
                     Err(error) => {
                         // The item went with the closure the OS refused to run.
                         slots.release();
-                        stage.run.fail(Failure { stage: stage.name.clone(), error: refused_error(&stage.name, &error), item: None });
+                        stage.run.fail(Failure {
+                            stage: stage.name.clone(),
+                            error: refused_error(&stage.name, &error),
+                            item: None,
+                        });
                         break;
                     }
                 }
                 if children.len() > 4 * limit {
                     // Join finished threads now and then so the handle list stays short.
-                    let (done, running): (Vec<_>, Vec<_>) = children.drain(..).partition(|h| h.is_finished());
+                    let (done, running): (Vec<_>, Vec<_>) =
+                        children.drain(..).partition(|h| h.is_finished());
                     join_all(done);
                     children = running;
                 }
@@ -435,7 +529,9 @@ fn run_spawned(stage: &StageShared, item: Item) {
     worker_session(stage, |worker, emitter| {
         Python::attach(|py| {
             let item = item.into_bound(py);
-            let Some(call) = worker.call.as_ref() else { return };
+            let Some(call) = worker.call.as_ref() else {
+                return;
+            };
             let t = Instant::now();
             if process_one(py, stage, call.bind(py), emitter, &item).is_ok() {
                 stage.stats.record_latency(t.elapsed());
@@ -447,7 +543,12 @@ fn run_spawned(stage: &StageShared, item: Item) {
 
 /// The batch slot of an item's key. Keys live in a Python dict, so Python's hash and
 /// equality decide which keys are the same; a key seen for the first time gets a new slot.
-fn key_slot(slots: &Bound<'_, PyDict>, key_fn: &Bound<'_, PyAny>, item: &Bound<'_, PyAny>, next_slot: &mut u64) -> PyResult<(u64, Item)> {
+fn key_slot(
+    slots: &Bound<'_, PyDict>,
+    key_fn: &Bound<'_, PyAny>,
+    item: &Bound<'_, PyAny>,
+    next_slot: &mut u64,
+) -> PyResult<(u64, Item)> {
     let key = key_fn.call1((item,))?;
     if let Some(slot) = slots.get_item(&key)? {
         return Ok((slot.extract()?, key.unbind()));
@@ -467,10 +568,15 @@ fn run_accumulator(stage: &StageShared) {
         max_wait: spec.max_wait.map(Duration::from_secs_f64),
     });
     let mut next_slot = 0u64;
-    let slots: Option<Py<PyDict>> = spec.key.as_ref().map(|_| Python::attach(|py| PyDict::new(py).unbind()));
+    let slots: Option<Py<PyDict>> = spec
+        .key
+        .as_ref()
+        .map(|_| Python::attach(|py| PyDict::new(py).unbind()));
     with_worker(stage, |worker, emitter| {
         let body = worker.call.as_ref();
-        let flush = |py: Python<'_>, batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>| -> Result<(), Stop> {
+        let flush = |py: Python<'_>,
+                     batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>|
+         -> Result<(), Stop> {
             for batch in batches {
                 // A stopping run starts no more batch bodies (a drain may hold many).
                 if stage.run.shutdown.is_set() {
@@ -504,7 +610,12 @@ fn run_accumulator(stage: &StageShared) {
                             let now = Instant::now();
                             let (slot, key) = match (&slots, &spec.key) {
                                 (Some(slots), Some(key_fn)) => {
-                                    match key_slot(slots.bind(py), key_fn.bind(py), item.bind(py), &mut next_slot) {
+                                    match key_slot(
+                                        slots.bind(py),
+                                        key_fn.bind(py),
+                                        item.bind(py),
+                                        &mut next_slot,
+                                    ) {
                                         Ok(found) => found,
                                         Err(error) => {
                                             stage.stats.add_error();

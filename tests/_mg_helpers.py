@@ -169,7 +169,7 @@ def child_processes():
         except OSError:
             continue
         # The command name (field 2) is in parentheses and may contain spaces.
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[1]) == me:
             children.add(int(name))
     return children
@@ -201,8 +201,10 @@ class LeftBehind:
         """Fail unless everything that appeared since the snapshot is gone within
         ``settle`` seconds (threads and children take a moment to end; fds are closed by
         then, by the run or by its ending threads, so they get no grace of their own)."""
-        wait_until(lambda: not (os_threads() - self.threads)
-                   and not (child_processes() - self.children), timeout=settle)
+        wait_until(
+            lambda: not (os_threads() - self.threads) and not (child_processes() - self.children),
+            timeout=settle,
+        )
         if wait_until(lambda: not self.new(), timeout=0.05):
             return
         left = self.new()

@@ -188,12 +188,14 @@ def test_async_producers_and_accumulator_bodies():
 
 def test_async_definition_errors():
     with pytest.raises(mg.DefinitionError, match="async"):
+
         class Threaded(mg.Task):
             @mg.processor(strategy="threads")
             async def fetch(self, x):
                 return x
 
     with pytest.raises(mg.DefinitionError, match="async def"):
+
         class Plain(mg.Task):
             @mg.processor(strategy="async")
             def fetch(self, x):

@@ -115,8 +115,13 @@ MEMORY_JOB = textwrap.dedent(
 
 
 def _peak_rss_kib(n: int) -> int:
-    out = subprocess.run([sys.executable, "-c", MEMORY_JOB, str(n)], capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_JOB, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return int(out.stdout.strip())
 
 

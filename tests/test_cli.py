@@ -68,8 +68,14 @@ def jobs(tmp_path):
 
 def minigun(*args, cwd, timeout=60):
     env = dict(os.environ, PYTHONPATH=str(cwd))
-    return subprocess.run([sys.executable, "-m", "minigun", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "minigun", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_version():
@@ -78,26 +84,32 @@ def test_version():
 
 
 def test_run_with_constructor_arguments_as_literals_and_strings(jobs):
-    done = minigun("run", "cli_jobs:Scaled", "--arg", "factor=3", "--arg", "label=hello",
-                   "--json", cwd=jobs)
+    done = minigun(
+        "run", "cli_jobs:Scaled", "--arg", "factor=3", "--arg", "label=hello", "--json", cwd=jobs
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["status"] == "ok"
     assert data["stages"]["scale"]["items_out"] == 5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "no_such_module:Job"], "no module named 'no_such_module'"),
-    (["run", "cli_jobs:Missing"], "has no 'Missing'"),
-    (["run", "cli_jobs:not_a_job"], "is a int, not a minigun Task or Pipeline"),
-    (["run", "cli_jobs:Scaled"], "missing a required argument: 'factor'"),
-    (["run", "cli_jobs:Scaled", "--arg", "speed=2", "--arg", "factor=1"],
-     "unexpected keyword argument 'speed'"),
-    (["run", "cli_jobs:Scaled", "--arg", "factor"], "--arg takes NAME=VALUE"),
-    (["run", "cli_jobs"], "expected MODULE:TASK"),
-    (["run", "cli_jobs:pipe", "--arg", "x=1"], "--arg applies to a Task class"),
-    (["dag", "cli_jobs:not_a_job"], "not a minigun Task or Pipeline"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no_such_module:Job"], "no module named 'no_such_module'"),
+        (["run", "cli_jobs:Missing"], "has no 'Missing'"),
+        (["run", "cli_jobs:not_a_job"], "is a int, not a minigun Task or Pipeline"),
+        (["run", "cli_jobs:Scaled"], "missing a required argument: 'factor'"),
+        (
+            ["run", "cli_jobs:Scaled", "--arg", "speed=2", "--arg", "factor=1"],
+            "unexpected keyword argument 'speed'",
+        ),
+        (["run", "cli_jobs:Scaled", "--arg", "factor"], "--arg takes NAME=VALUE"),
+        (["run", "cli_jobs"], "expected MODULE:TASK"),
+        (["run", "cli_jobs:pipe", "--arg", "x=1"], "--arg applies to a Task class"),
+        (["dag", "cli_jobs:not_a_job"], "not a minigun Task or Pipeline"),
+    ],
+)
 def test_user_mistakes_are_one_line_and_exit_2(jobs, args, message):
     done = minigun(*args, cwd=jobs)
     assert done.returncode == 2, (done.stdout, done.stderr)
@@ -135,9 +147,14 @@ def test_help_has_no_markup():
 
 def test_ctrl_c_exits_130(jobs):
     env = dict(os.environ, PYTHONPATH=str(jobs))
-    proc = subprocess.Popen([sys.executable, "-m", "minigun", "run", "cli_jobs:Forever"],
-                            cwd=jobs, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minigun", "run", "cli_jobs:Forever"],
+        cwd=jobs,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

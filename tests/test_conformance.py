@@ -147,18 +147,21 @@ class Cell:
         closes = worker_events(self.folder, "closes")
         assert len(set(opens)) == len(opens), "a worker token was opened twice"
         assert collections.Counter(closes) == collections.Counter(opens), (
-            f"every opened worker must be closed exactly once: opens {opens}, closes {closes}")
+            f"every opened worker must be closed exactly once: opens {opens}, closes {closes}"
+        )
         if self.case.max_workers is not None:
             assert len(opens) <= self.case.max_workers, f"{len(opens)} workers opened"
         if self.received("out"):
             assert opens, "items were processed without any worker being opened"
         if ran_ok:
             assert sorted(self.received("close")) == sorted(closes), (
-                "what close() emitted must arrive once per worker")
+                "what close() emitted must arrive once per worker"
+            )
 
     def check_no_poison(self):
         assert not self.received("poison"), (
-            f"outputs of failed attempts arrived: {dict(self.received('poison'))}")
+            f"outputs of failed attempts arrived: {dict(self.received('poison'))}"
+        )
 
     def workers_emitted(self):
         return len(worker_events(self.folder, "closes")) if self.form.is_custom else 0
@@ -168,8 +171,11 @@ class Cell:
 def faults(draw, retried, at_least_one=False):
     """(n items, {failing item: attempts that fail}, retries)."""
     n = draw(st.integers(1 if at_least_one else 0, 8))
-    failing = draw(st.sets(st.integers(0, max(n - 1, 0)), min_size=int(at_least_one),
-                           max_size=n)) if n else set()
+    failing = (
+        draw(st.sets(st.integers(0, max(n - 1, 0)), min_size=int(at_least_one), max_size=n))
+        if n
+        else set()
+    )
     retries = draw(st.integers(1, 3) if retried else st.integers(0, 2))
     fail_first = {x: draw(st.integers(1, retries)) if retried else ALWAYS for x in failing}
     return n, fail_first, retries
@@ -195,14 +201,18 @@ def test_handled_error(case, form, api, draw):
             cell.check_no_poison()
         handled = cell.errors.items
         assert collections.Counter(item for _, item, _ in handled) == collections.Counter(
-            items[x] for x in failing), "on_error must get each failed item once, itself"
+            items[x] for x in failing
+        ), "on_error must get each failed item once, itself"
         assert all(kind is Boom for kind, _, _ in handled)
         assert all(stage == STAGE for _, _, stage in handled)
         for x in range(n):
             assert cell.attempts(x) == (1 + retries if x in failing else 1), x
         stats = result.stats[STAGE]
         assert (stats.items_in, stats.errors, stats.retries) == (
-            n, len(failing), len(failing) * retries)
+            n,
+            len(failing),
+            len(failing) * retries,
+        )
         # Everything the sink received came from the stage (a failed single attempt's
         # emits included, until test_a_failed_single_attempt_emits_nothing passes).
         assert stats.items_out == result.stats["sink"].items_in == len(cell.sink)
@@ -228,8 +238,7 @@ def test_retry_that_succeeds(case, form, api, draw):
         for x in range(n):
             assert cell.attempts(x) == 1 + fail_first.get(x, 0), x
         stats = result.stats[STAGE]
-        assert (stats.items_in, stats.errors, stats.retries) == (
-            n, 0, sum(fail_first.values()))
+        assert (stats.items_in, stats.errors, stats.retries) == (n, 0, sum(fail_first.values()))
         assert stats.items_out == result.stats["sink"].items_in == len(cell.sink)
         assert len(cell.sink) == n + cell.workers_emitted()
         cell.check_workers(ran_ok=True)
@@ -317,7 +326,8 @@ def test_a_form_the_strategy_cannot_run_is_refused_up_front(case, form, api):
             cell.pipeline(lambda: iter(items)).run()
         assert STAGE in str(info.value), "the error must name the stage"
         assert cell.sink.items == [] and all(cell.attempts(x) == 0 for x in range(3)), (
-            "DefinitionError must come before anything runs")
+            "DefinitionError must come before anything runs"
+        )
     finally:
         cell.finish()
 

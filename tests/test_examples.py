@@ -14,8 +14,7 @@ EXAMPLES = sorted((pathlib.Path(__file__).parent.parent / "examples").glob("*.py
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path):
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                          timeout=50)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
 
 

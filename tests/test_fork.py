@@ -58,8 +58,9 @@ class Unpicklable:
     processes=st.integers(1, 3),
     emit_style=st.sampled_from(["return", "emit", "yield"]),
 )
-def test_every_item_exactly_once_through_spawn_fork_and_fork_ipc(n, batch, max_processes,
-                                                                 processes, emit_style):
+def test_every_item_exactly_once_through_spawn_fork_and_fork_ipc(
+    n, batch, max_processes, processes, emit_style
+):
     seen = []
     p = mg.Pipeline("exact", config={"max_processes": max_processes})
 
@@ -70,6 +71,7 @@ def test_every_item_exactly_once_through_spawn_fork_and_fork_ipc(n, batch, max_p
     p.accumulator(name="batch", max_size=batch)
 
     if emit_style == "return":
+
         @p.processor(strategy="spawn_fork")
         def expand(items):
             return [x * 10 for x in items]
@@ -79,6 +81,7 @@ def test_every_item_exactly_once_through_spawn_fork_and_fork_ipc(n, batch, max_p
             for x in items:
                 mg.emit(x + 1)
     elif emit_style == "emit":
+
         @p.processor(strategy="spawn_fork")
         def expand(items):
             for x in items:
@@ -88,6 +91,7 @@ def test_every_item_exactly_once_through_spawn_fork_and_fork_ipc(n, batch, max_p
         def spread(x):
             return x + 1
     else:
+
         @p.processor(strategy="spawn_fork")
         def expand(items):
             for x in items:
@@ -483,7 +487,7 @@ def test_an_unpicklable_child_exception_becomes_a_worker_error_and_on_error_sees
     [(kind, item, stage, message, text)] = handled
     assert kind is mg.WorkerError and item == 3 and stage == "explode"
     assert "ValueError" in message and "cannot travel" in message and "explode" in message
-    assert 'raise err' in text
+    assert "raise err" in text
 
 
 def test_fork_ipc_workers_survive_an_item_error():
@@ -731,9 +735,14 @@ def test_ctrl_c_mid_run_leaves_no_child_alive(tmp_path):
     script.write_text(textwrap.dedent(CTRL_C_JOB))
     folder = tmp_path / "pids"
     folder.mkdir()
-    proc = subprocess.Popen([PYTHON, str(script), str(folder)], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [PYTHON, str(script), str(folder)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         # one idle fork_ipc worker + two sleeping spawn_fork children
         assert wait_until(lambda: len(os.listdir(folder)) >= 3, timeout=10)
@@ -881,6 +890,7 @@ def test_forks_and_exits_are_logged_at_debug(caplog):
     old = logger.propagate
     logger.propagate = True
     try:
+
         class Job(mg.Task):
             @mg.producer
             def gen(self):
@@ -960,7 +970,8 @@ def test_fork_strategies_report_in_run_stats():
 
 if sys.platform != "linux":  # pragma: no cover - the Ctrl-C test relies on process groups
     test_ctrl_c_mid_run_leaves_no_child_alive = pytest.mark.skip("Linux only")(
-        test_ctrl_c_mid_run_leaves_no_child_alive)
+        test_ctrl_c_mid_run_leaves_no_child_alive
+    )
 
 
 # -- fork_ipc moves items in chunks -------------------------------------------------------
@@ -992,14 +1003,13 @@ def test_fork_ipc_retries_in_the_worker_and_emits_each_item_once():
 
     class Job(mg.Task):
         def __init__(self):
-            self.attempts = {}   # the worker process's own copy counts its attempts
+            self.attempts = {}  # the worker process's own copy counts its attempts
 
         @mg.producer
         def gen(self):
             yield from range(20)
 
-        @mg.processor(strategy="fork_ipc", retries=2, retry_on=RuntimeError,
-                      retry_backoff=0.001)
+        @mg.processor(strategy="fork_ipc", retries=2, retry_on=RuntimeError, retry_backoff=0.001)
         def flaky(self, x):
             self.emit(("early", x))
             self.attempts[x] = self.attempts.get(x, 0) + 1

@@ -27,8 +27,12 @@ def run_with_one_bad_item(strategy, work, items=None):
     p = mg.Pipeline("bad_item", config={"max_processes": 2})
     source = list(range(N)) if items is None else items
     p.producer(lambda: iter(source), name="gen")
-    p.processor(work, name="work", strategy=strategy,
-                **({"processes": 2} if strategy == "fork_ipc" else {"threads": 2}))
+    p.processor(
+        work,
+        name="work",
+        strategy=strategy,
+        **({"processes": 2} if strategy == "fork_ipc" else {"threads": 2}),
+    )
 
     @p.consumer(name="sink")
     def sink(value):
@@ -203,8 +207,9 @@ def test_an_item_that_always_kills_its_worker_fails_alone_and_others_arrive_once
     p.run()
     assert errors == [7]
     counts = collections.Counter(out)
-    assert {v for v in counts if v[0] != 7} == {(x, k) for x in range(20) if x != 7
-                                               for k in range(10)}
+    assert {v for v in counts if v[0] != 7} == {
+        (x, k) for x in range(20) if x != 7 for k in range(10)
+    }
     assert set(counts.values()) == {1}
 
 
@@ -287,6 +292,5 @@ def test_the_worker_loop_never_imports_the_extension():
                 targets = [node.module] if node.module else [a.name for a in node.names]
                 todo += [t.split(".")[0] for t in targets]
             elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("minigun.")]
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("minigun.")]
     assert "_minigun" not in seen, sorted(seen)

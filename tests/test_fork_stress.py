@@ -108,9 +108,10 @@ def test_runs_that_fork_beside_spawned_threads_and_other_runs_never_hang(concurr
     stop = threading.Event()
     talker = threading.Thread(target=chatter, args=(stop,), daemon=True)
     talker.start()
-    runners = [threading.Thread(target=run_until, args=(deadline, f"stress{k}", failures,
-                                                         counts))
-               for k in range(concurrent_runs)]
+    runners = [
+        threading.Thread(target=run_until, args=(deadline, f"stress{k}", failures, counts))
+        for k in range(concurrent_runs)
+    ]
     try:
         for t in runners:
             t.start()
@@ -122,5 +123,6 @@ def test_runs_that_fork_beside_spawned_threads_and_other_runs_never_hang(concurr
     assert not failures, failures
     assert all(not t.is_alive() for t in runners), "a runner thread is stuck"
     assert len(counts) == concurrent_runs and min(counts) > 0
-    print(f"{sum(counts)} runs in {SECONDS:.0f} s, {concurrent_runs} at a time",
-          file=sys.__stderr__)
+    print(
+        f"{sum(counts)} runs in {SECONDS:.0f} s, {concurrent_runs} at a time", file=sys.__stderr__
+    )

@@ -1387,12 +1387,17 @@ _STUCK_SCRIPT = textwrap.dedent(
 def test_a_second_ctrl_c_abandons_the_clean_up_at_once(tmp_path):
     script = tmp_path / "stuck_job.py"
     script.write_text(_STUCK_SCRIPT)
-    proc = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(tmp_path))
+    proc = subprocess.Popen(
+        [PYTHON, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(tmp_path),
+    )
     assert proc.stdout.readline().strip() == "STARTED"
     proc.send_signal(signal.SIGINT)
     with pytest.raises(subprocess.TimeoutExpired):
-        proc.wait(timeout=0.5)      # still waiting for the item in hand
+        proc.wait(timeout=0.5)  # still waiting for the item in hand
     proc.send_signal(signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=5)
@@ -1430,7 +1435,12 @@ _LEFT_RUNNING_SCRIPT = textwrap.dedent(
 def test_interpreter_exit_stops_a_background_run_cleanly(tmp_path):
     script = tmp_path / "left_running.py"
     script.write_text(_LEFT_RUNNING_SCRIPT)
-    done = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=30,
-                          env=subprocess_env(tmp_path))
+    done = subprocess.run(
+        [PYTHON, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=subprocess_env(tmp_path),
+    )
     assert done.returncode == 0, done.stderr
     assert "EXITING" in done.stdout

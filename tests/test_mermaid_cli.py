@@ -209,11 +209,13 @@ def test_mermaid_has_one_edge_per_route_and_subgraphs_for_nesting():
     nodes, edges, subgraphs = _parse(WithNested.to_mermaid())
     label = {v.split("<br/>")[0]: k for k, v in nodes.items()}
     assert set(label) == {"source_stage", "inner_alpha", "inner_beta", "sink_stage"}
-    assert sorted(edges) == sorted([
-        (label["source_stage"], label["inner_alpha"]),
-        (label["inner_alpha"], label["inner_beta"]),
-        (label["inner_beta"], label["sink_stage"]),
-    ])
+    assert sorted(edges) == sorted(
+        [
+            (label["source_stage"], label["inner_alpha"]),
+            (label["inner_alpha"], label["inner_beta"]),
+            (label["inner_beta"], label["sink_stage"]),
+        ]
+    )
     assert subgraphs == ["nested_part"]
 
 

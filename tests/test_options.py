@@ -9,6 +9,7 @@ import minigun as mg
 
 def test_unknown_option_names_the_stage_and_the_nearest_option():
     with pytest.raises(mg.DefinitionError, match=r"'work'.*thread=.*did you mean threads="):
+
         class Job(mg.Task):
             @mg.producer
             def numbers(self):
@@ -19,8 +20,15 @@ def test_unknown_option_names_the_stage_and_the_nearest_option():
                 return n
 
 
-@pytest.mark.parametrize("typo, nearest", [("queue_sise", "queue_size"), ("retires", "retries"),
-                                           ("stratgy", "strategy"), ("max_szie", "max_size")])
+@pytest.mark.parametrize(
+    "typo, nearest",
+    [
+        ("queue_sise", "queue_size"),
+        ("retires", "retries"),
+        ("stratgy", "strategy"),
+        ("max_szie", "max_size"),
+    ],
+)
 def test_builder_typos_suggest_the_nearest_option(typo, nearest):
     p = mg.Pipeline("p")
     with pytest.raises(mg.DefinitionError, match=rf"'w'.*{typo}=.*did you mean {nearest}="):
@@ -41,6 +49,7 @@ def test_nested_pipeline_rejects_unknown_options():
 
 def test_accumulator_error_names_the_decorated_method():
     with pytest.raises(mg.DefinitionError, match=r"accumulator 'acc' runs as one worker"):
+
         class Job(mg.Task):
             @mg.producer
             def numbers(self):
@@ -53,6 +62,7 @@ def test_accumulator_error_names_the_decorated_method():
 
 def test_bodiless_accumulator_error_names_the_attribute():
     with pytest.raises(mg.DefinitionError, match=r"accumulator 'batch': max_size"):
+
         class Job(mg.Task):
             @mg.producer
             def numbers(self):
@@ -61,10 +71,19 @@ def test_bodiless_accumulator_error_names_the_attribute():
             batch = mg.accumulator(max_size=0)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("queue_size", 2**64), ("queue_size", 0), ("queue_size", 1.5), ("retries", -1),
-    ("retries", 2**70), ("retry_backoff", "soon"), ("retry_backoff", -1), ("threads", 2**64),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("queue_size", 2**64),
+        ("queue_size", 0),
+        ("queue_size", 1.5),
+        ("retries", -1),
+        ("retries", 2**70),
+        ("retry_backoff", "soon"),
+        ("retry_backoff", -1),
+        ("threads", 2**64),
+    ],
+)
 def test_bad_option_values_are_definition_errors(option, value):
     p = mg.Pipeline("p")
     with pytest.raises(mg.DefinitionError, match=rf"stage 'work': {option}="):

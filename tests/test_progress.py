@@ -118,8 +118,9 @@ def test_progress_to_stderr_when_it_is_not_a_terminal():
         p.run(progress=True)
         print("done")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "done\n"
     assert "minigun:" in done.stderr and "sink" in done.stderr
@@ -149,7 +150,8 @@ def _under_pty(script: str) -> str:
 
 def test_redraws_in_place_on_a_terminal():
     pytest.importorskip("rich")
-    out = _under_pty(textwrap.dedent("""
+    out = _under_pty(
+        textwrap.dedent("""
         import time
         import minigun as mg
         p = mg.Pipeline("p")
@@ -161,13 +163,15 @@ def test_redraws_in_place_on_a_terminal():
         p.consumer(lambda n: None, name="sink")
         p.run(progress=True)
         print("done")
-    """))
+    """)
+    )
     assert "\x1b[1A" in out or "\x1b[2K" in out, out  # the cursor goes back up to redraw
     assert "sink" in out and "100% done" in out and "done" in out
 
 
 def test_plain_on_a_terminal_without_rich():
-    out = _under_pty(textwrap.dedent("""
+    out = _under_pty(
+        textwrap.dedent("""
         import sys
         sys.modules["rich"] = None  # as if the [hud] extra were not installed
         sys.modules["rich.live"] = None
@@ -176,6 +180,7 @@ def test_plain_on_a_terminal_without_rich():
         p.producer(lambda: range(100), name="numbers")
         p.consumer(lambda n: None, name="sink")
         p.run(progress=True)
-    """))
+    """)
+    )
     assert "minigun:" in out and "sink" in out
     assert "\x1b[1A" not in out

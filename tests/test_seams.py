@@ -79,8 +79,9 @@ def test_custom_stage_with_async_process_runs_on_an_event_loop():
     assert sorted(out.items) == [2 * i for i in range(50)]
 
 
-@pytest.mark.parametrize("strategy", ["threads", "spawn_thread", "fork_ipc", "spawn_fork",
-                                      "inline"])
+@pytest.mark.parametrize(
+    "strategy", ["threads", "spawn_thread", "fork_ipc", "spawn_fork", "inline"]
+)
 def test_custom_stage_with_async_process_and_a_sync_strategy_is_rejected(strategy):
     p = mg.Pipeline("p")
     p.producer(lambda: range(3), name="numbers")
@@ -264,7 +265,7 @@ def test_two_nested_pipelines_with_their_own_producers_run_side_by_side():
     assert sorted(out2.items) == [10, 11, 12]
 
 
-_REFUSED_THREADS = r'''
+_REFUSED_THREADS = r"""
 import re, resource, threading
 import minigun as mg
 
@@ -293,12 +294,13 @@ try:
 except mg.PipelineError as error:
     print("failed:", error)
 print("threads left:", threading.active_count())
-'''
+"""
 
 
 def test_a_thread_the_os_refuses_fails_the_run_cleanly():
-    done = subprocess.run([sys.executable, "-c", _REFUSED_THREADS], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-c", _REFUSED_THREADS], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     assert "failed: stage 'double' failed" in done.stdout
     assert "refused to start a thread" in done.stdout

@@ -33,8 +33,16 @@ def test_to_dict_is_json_and_has_every_stage():
     double = data["stages"]["double"]
     assert double["strategy"] == "threads" and double["workers"] == 2
     assert double["items_in"] == double["items_out"] == 2_000
-    for key in ("errors", "retries", "latency_p50", "latency_p99", "throughput",
-                "busy_fraction", "kind", "queue_size"):
+    for key in (
+        "errors",
+        "retries",
+        "latency_p50",
+        "latency_p99",
+        "throughput",
+        "busy_fraction",
+        "kind",
+        "queue_size",
+    ):
         assert key in double
     assert data["stages"]["save"]["items_in"] == 40
 

@@ -81,13 +81,28 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_pipeline(python, tmp_path):
     venv_python = str(venv / "bin" / "python")
     # pip picks the wheel whose tags this interpreter accepts; --no-index: nothing else.
     subprocess.run(
-        [venv_python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--no-index", "--find-links", WHEEL_DIR, "minigun-pipelines"],
-        check=True, timeout=120, cwd=tmp_path,
+        [
+            venv_python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--find-links",
+            WHEEL_DIR,
+            "minigun-pipelines",
+        ],
+        check=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     result = subprocess.run(
         [venv_python, "-I", "-c", PIPELINE],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.split("\n")

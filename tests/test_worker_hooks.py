@@ -115,8 +115,7 @@ class ForkedSqlite(mg.Task):
     @mg.consumer(strategy="fork_ipc", processes=2)
     def save_ipc(self, batch):
         assert self.conn is not None
-        self.conn.executemany("INSERT INTO t VALUES (?, ?)",
-                              [(n, os.getpid()) for n in batch])
+        self.conn.executemany("INSERT INTO t VALUES (?, ?)", [(n, os.getpid()) for n in batch])
 
     @mg.before_worker(stage="save_ipc")
     def connect(self):
@@ -159,8 +158,7 @@ def test_spawn_fork_children_run_worker_hooks_in_the_child(tmp_path):
 
         @mg.consumer(strategy="spawn_fork")
         def save(self, batch):
-            self.conn.executemany("INSERT INTO t VALUES (?, ?)",
-                                  [(n, os.getpid()) for n in batch])
+            self.conn.executemany("INSERT INTO t VALUES (?, ?)", [(n, os.getpid()) for n in batch])
 
         @mg.before_worker(stage="save")
         def connect(self):

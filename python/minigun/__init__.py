@@ -1,21 +1,21 @@
 """minigun: composable, high-throughput data pipelines with a Rust runtime.
 
-    import minigun as mg
+import minigun as mg
 
-    class Double(mg.Task):
-        @mg.producer
-        def numbers(self):
-            yield from range(1000)
+class Double(mg.Task):
+    @mg.producer
+    def numbers(self):
+        yield from range(1000)
 
-        @mg.processor(threads=4)
-        def double(self, n):
-            return n * 2
+    @mg.processor(threads=4)
+    def double(self, n):
+        return n * 2
 
-        @mg.consumer
-        def show(self, n):
-            print(n)
+    @mg.consumer
+    def show(self, n):
+        print(n)
 
-    print(Double().run().summary())
+print(Double().run().summary())
 """
 
 from __future__ import annotations

@@ -48,8 +48,13 @@ async def _body(fn: Callable[..., Any], item: Any) -> None:
 class _AsyncWorker:
     """The event loop of one async stage and the chunk call the runtime makes."""
 
-    def __init__(self, fn: Callable[..., Any], concurrency: int, policy: RetryPolicy,
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        concurrency: int,
+        policy: RetryPolicy,
+        stopping: Callable[[], bool],
+    ) -> None:
         self.fn = fn
         self.concurrency = concurrency
         self.policy = policy
@@ -92,8 +97,7 @@ class _AsyncWorker:
                     await _body(self.fn, item)
                 except Exception as exc:  # noqa: BLE001 - reported to the runtime
                     context.release_emits(held, keep=False)
-                    if attempt < self.policy.retries and isinstance(exc,
-                                                                    self.policy.retry_on):
+                    if attempt < self.policy.retries and isinstance(exc, self.policy.retry_on):
                         attempt += 1
                         retries += 1
                         await asyncio.sleep(self.policy.delay(attempt))

@@ -41,8 +41,10 @@ def load(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
-            raise UsageError(f"no module named {exc.name!r} (from {target!r}); run from the "
-                             "directory that contains it, or fix PYTHONPATH") from None
+            raise UsageError(
+                f"no module named {exc.name!r} (from {target!r}); run from the "
+                "directory that contains it, or fix PYTHONPATH"
+            ) from None
         raise UsageError(f"importing {module_name!r} failed: {exc}") from None
     except DefinitionError:
         raise
@@ -79,13 +81,16 @@ def runnable(obj: Any, target: str, kwargs: dict[str, Any]) -> Task | Pipeline:
         try:
             inspect.signature(obj).bind(**kwargs)
         except TypeError as exc:
-            raise UsageError(f"{obj.__name__}{_signature(obj)}: {exc}; pass constructor "
-                             "arguments with --arg NAME=VALUE") from None
+            raise UsageError(
+                f"{obj.__name__}{_signature(obj)}: {exc}; pass constructor "
+                "arguments with --arg NAME=VALUE"
+            ) from None
         return obj(**kwargs)
     if isinstance(obj, (Task, Pipeline)):
         if kwargs:
-            raise UsageError(f"{target} is already built ({type(obj).__name__}); --arg "
-                             "applies to a Task class")
+            raise UsageError(
+                f"{target} is already built ({type(obj).__name__}); --arg applies to a Task class"
+            )
         return obj
     raise UsageError(f"{target} is a {type(obj).__name__}, not a minigun Task or Pipeline")
 
@@ -102,41 +107,70 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minigun",
         description="Run minigun jobs: composable, high-throughput data pipelines.",
         epilog="Examples: minigun run jobs.etl:Nightly --progress --arg day=3; "
-               "minigun dag jobs.etl:Nightly; minigun demo --records 100000",
+        "minigun dag jobs.etl:Nightly; minigun demo --records 100000",
     )
     parser.add_argument("--version", action="version", version=f"minigun {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log the minigun logger at DEBUG level to stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log the minigun logger at DEBUG level to stderr",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run_p = sub.add_parser("run", help="run a Task (or a module-level Pipeline) and print "
-                                       "its summary",
-                           description="Run a Task (or a module-level Pipeline) and print "
-                                       "its summary. Exit status: 0 ok, 1 failed, 2 a "
-                                       "mistake in the command, 130 interrupted.")
+    run_p = sub.add_parser(
+        "run",
+        help="run a Task (or a module-level Pipeline) and print its summary",
+        description="Run a Task (or a module-level Pipeline) and print "
+        "its summary. Exit status: 0 ok, 1 failed, 2 a "
+        "mistake in the command, 130 interrupted.",
+    )
     run_p.add_argument("target", metavar="MODULE:TASK", help="for example jobs.etl:Nightly")
     run_p.add_argument("--progress", action="store_true", help="show live progress on stderr")
-    run_p.add_argument("--json", action="store_true",
-                       help="print the result as JSON (RunResult.to_dict()) instead of the "
-                            "summary")
-    run_p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                       help="a constructor argument of the Task; VALUE is read as a Python "
-                            "literal if it is one, else as a string (repeatable)")
+    run_p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (RunResult.to_dict()) instead of the summary",
+    )
+    run_p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a constructor argument of the Task; VALUE is read as a Python "
+        "literal if it is one, else as a string (repeatable)",
+    )
 
-    dag_p = sub.add_parser("dag", help="print a job's graph as a Mermaid flowchart",
-                           description="Print a job's graph as a Mermaid flowchart.")
+    dag_p = sub.add_parser(
+        "dag",
+        help="print a job's graph as a Mermaid flowchart",
+        description="Print a job's graph as a Mermaid flowchart.",
+    )
     dag_p.add_argument("target", metavar="MODULE:TASK")
 
-    demo_p = sub.add_parser("demo", help="run the bundled example job on a SQLite database",
-                            description="Run the bundled example job: an ETL over a SQLite "
-                                        "database file, then print its summary and the row "
-                                        "count read back from the database.")
-    demo_p.add_argument("--db", metavar="PATH",
-                        help="the database file to use (default: a temporary one)")
-    demo_p.add_argument("--records", type=int, default=300_000, metavar="N",
-                        help="orders to generate (default: 300000)")
-    demo_p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="live progress (default: on when stdout is a terminal)")
+    demo_p = sub.add_parser(
+        "demo",
+        help="run the bundled example job on a SQLite database",
+        description="Run the bundled example job: an ETL over a SQLite "
+        "database file, then print its summary and the row "
+        "count read back from the database.",
+    )
+    demo_p.add_argument(
+        "--db", metavar="PATH", help="the database file to use (default: a temporary one)"
+    )
+    demo_p.add_argument(
+        "--records",
+        type=int,
+        default=300_000,
+        metavar="N",
+        help="orders to generate (default: 300000)",
+    )
+    demo_p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="live progress (default: on when stdout is a terminal)",
+    )
     return parser
 
 
@@ -163,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
-
         if args.records < 1:
             raise UsageError(f"--records must be at least 1, got {args.records}")
         show = sys.stdout.isatty() if args.progress is None else args.progress
@@ -171,9 +204,11 @@ def _command(args: argparse.Namespace) -> int:
     obj = load(args.target)
     if args.command == "dag":
         if not isinstance(obj, (Task, Pipeline)) and not (
-                isinstance(obj, type) and issubclass(obj, Task)):
-            raise UsageError(f"{args.target} is a {type(obj).__name__}, not a minigun Task "
-                             "or Pipeline")
+            isinstance(obj, type) and issubclass(obj, Task)
+        ):
+            raise UsageError(
+                f"{args.target} is a {type(obj).__name__}, not a minigun Task or Pipeline"
+            )
         print(obj.to_mermaid(), end="")
         return EXIT_OK
     job = runnable(obj, args.target, parse_args(args.arg))

@@ -35,12 +35,26 @@ DEFAULTS: dict[str, Any] = {
 ALIASES = {"max_ractors": "max_interpreters"}
 
 #: Limits a nested pipeline can lower but never raise above its parent's.
-CEILINGS = ("max_threads", "max_processes", "max_interpreters", "max_retries",
-            "max_concurrency", "max_ray_tasks")
+CEILINGS = (
+    "max_threads",
+    "max_processes",
+    "max_interpreters",
+    "max_retries",
+    "max_concurrency",
+    "max_ray_tasks",
+)
 
-_POSITIVE = ("max_threads", "max_processes", "max_interpreters", "min_threads",
-             "accumulator_max_single", "accumulator_max_all", "accumulator_check_interval",
-             "max_concurrency", "max_ray_tasks")
+_POSITIVE = (
+    "max_threads",
+    "max_processes",
+    "max_interpreters",
+    "min_threads",
+    "accumulator_max_single",
+    "accumulator_max_all",
+    "accumulator_check_interval",
+    "max_concurrency",
+    "max_ray_tasks",
+)
 
 #: Default capacity of a stage's input channel, in items.
 DEFAULT_QUEUE_SIZE = 1000
@@ -91,7 +105,13 @@ class CapWarnings:
             logger.warning(
                 "stage %r asks for %s=%d but its pipeline allows %s=%d; using %d "
                 "(raise %s on the Task or pipeline to allow more)",
-                stage, option, asked, limit_name, limit, limit, limit_name,
+                stage,
+                option,
+                asked,
+                limit_name,
+                limit,
+                limit,
+                limit_name,
             )
         return limit
 

@@ -28,12 +28,14 @@ class Run(Protocol):
     def cancel(self) -> None: ...
     def stop_for_exit(self, grace: float) -> None: ...
 
+
 _native_emit = _minigun.emit
 _current_run_id = _minigun.current_run_id
 _child_emit: Callable[[Any, str | None], None] | None = None
 #: An async stage's attempt that may be retried: its emits wait here (one per task).
 _held: contextvars.ContextVar[list[tuple[Any, str | None]] | None] = contextvars.ContextVar(
-    "minigun_held_emits", default=None)
+    "minigun_held_emits", default=None
+)
 
 _runs_lock = threading.Lock()
 _active_runs: list[Run] = []

@@ -51,9 +51,17 @@ def create_orders(path: str, records: int, seed: int = 7) -> None:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-            ((n, rng.randrange(50_000), rng.choice(regions),
-              f"{rng.choice(categories)}-{rng.randrange(1000):03d}", rng.randrange(1, 6),
-              rng.randrange(199, 20_000)) for n in range(records)),
+            (
+                (
+                    n,
+                    rng.randrange(50_000),
+                    rng.choice(regions),
+                    f"{rng.choice(categories)}-{rng.randrange(1000):03d}",
+                    rng.randrange(1, 6),
+                    rng.randrange(199, 20_000),
+                )
+                for n in range(records)
+            ),
         )
     conn.close()
 
@@ -80,8 +88,9 @@ class OrderETL(mg.Task):
             conn.close()
 
     @mg.processor(threads=2)
-    def price(self, order: tuple[int, int, str, str, int, int]
-              ) -> tuple[int, int, str, str, int, int, int]:
+    def price(
+        self, order: tuple[int, int, str, str, int, int]
+    ) -> tuple[int, int, str, str, int, int, int]:
         order_id, customer, region, sku, quantity, unit_cents = order
         net = quantity * unit_cents
         tax = round(net * REGIONS[region])
@@ -114,14 +123,20 @@ def main(records: int = 300_000, db: str | None = None, progress: bool = False) 
         path = db if db is not None else os.path.join(scratch, "orders.db")
         began = time.perf_counter()
         create_orders(path, records)
-        print(f"minigun demo: wrote {records:,} orders into {path} in "
-              f"{time.perf_counter() - began:.1f}s\n", flush=True)
+        print(
+            f"minigun demo: wrote {records:,} orders into {path} in "
+            f"{time.perf_counter() - began:.1f}s\n",
+            flush=True,
+        )
         result = OrderETL(path).run(progress=progress)
         print(result.summary())
         conn = connect(path)
         written, gross = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(gross_cents), 0) FROM priced_orders").fetchone()
+            "SELECT COUNT(*), COALESCE(SUM(gross_cents), 0) FROM priced_orders"
+        ).fetchone()
         conn.close()
-        print(f"\nrows read back from priced_orders: {written:,} of {records:,} produced "
-              f"(gross revenue {gross / 100:,.2f})")
+        print(
+            f"\nrows read back from priced_orders: {written:,} of {records:,} produced "
+            f"(gross revenue {gross / 100:,.2f})"
+        )
         return 0 if written == records and result.ok else 1

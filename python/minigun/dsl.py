@@ -166,16 +166,16 @@ def task_settings(cls: type, owner: Any) -> dict[str, Any]:
 class Task:
     """Base class of a job defined with the class DSL::
 
-        class Double(mg.Task):
-            @mg.producer
-            def numbers(self):
-                yield from range(10)
+    class Double(mg.Task):
+        @mg.producer
+        def numbers(self):
+            yield from range(10)
 
-            @mg.processor(threads=4)
-            def double(self, n):
-                return n * 2
+        @mg.processor(threads=4)
+        def double(self, n):
+            return n * 2
 
-        Double().run()
+    Double().run()
     """
 
     _minigun_members: dict[str, Stage] = {}

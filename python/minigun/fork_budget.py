@@ -70,8 +70,7 @@ class RunForks:
         count = dict(wanted)
         for scope in scopes:
             members = [n.path for n, _, _ in forking if scope in n.scope.lineage()]
-            ipc = [n.path for n, kind, _ in forking
-                   if kind == "fork_ipc" and n.path in members]
+            ipc = [n.path for n, kind, _ in forking if kind == "fork_ipc" and n.path in members]
             while ipc and sum(count[p] for p in members) > self.limit[id(scope)]:
                 widest = max(ipc, key=lambda p: count[p])
                 if count[widest] <= 1:
@@ -83,8 +82,12 @@ class RunForks:
                 logger.warning(
                     "stage %r asks for %d fork_ipc processes, but with the other fork stages "
                     "of its pipeline that is more than max_processes=%d; using %d (raise "
-                    "max_processes to allow more)", path, wanted[path],
-                    node.scope.settings["max_processes"], count[path])
+                    "max_processes to allow more)",
+                    path,
+                    wanted[path],
+                    node.scope.settings["max_processes"],
+                    count[path],
+                )
             for scope in node.scope.lineage():
                 self.reserved[id(scope)] = self.reserved.get(id(scope), 0) + count[path]
             if strategy == "fork_ipc":
@@ -109,8 +112,9 @@ class RunForks:
     def _room(self, fn: ForkStage) -> bool:
         if not self.stage_alive.get(fn.path):
             return True  # the stage's own reserved process
-        return all(self.extra.get(s, 0) + self.reserved.get(s, 0) < self.limit[s]
-                   for s in fn.scopes)
+        return all(
+            self.extra.get(s, 0) + self.reserved.get(s, 0) < self.limit[s] for s in fn.scopes
+        )
 
     def most_children(self, fn: ForkStage) -> int:
         """The most children ``fn``'s spawn_fork stage can ever have alive at once."""

@@ -120,8 +120,12 @@ def _quiet_fork_warning() -> None:
     global _warning_filter
     if _warning_filter is not None and _warning_filter in warnings.filters:
         return
-    warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
-                            category=DeprecationWarning, module=r"minigun\.forking\Z")
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*use of fork\(\) may lead to deadlocks",
+        category=DeprecationWarning,
+        module=r"minigun\.forking\Z",
+    )
     _warning_filter = warnings.filters[0]
 
 
@@ -144,9 +148,12 @@ def _fresh_std_streams() -> None:
             continue
         try:
             raw = io.FileIO(fd, "w", closefd=False)
-            stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding=original.encoding,
-                                      errors=original.errors,
-                                      line_buffering=original.line_buffering)
+            stream = io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=original.encoding,
+                errors=original.errors,
+                line_buffering=original.line_buffering,
+            )
         except Exception:  # noqa: BLE001 - no such fd: keep what there is
             continue
         _inherited_streams.append(inherited)  # never finalized: that would flush it
@@ -221,9 +228,14 @@ class _Child:
                     _parent_fds.discard(fd)
                     os.close(fd)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("exit: child pid %d of stage %r ended with %s after %.3fs "
-                         "(%d item(s))", self.pid, self.stage, _describe(status),
-                         time.perf_counter() - self.started, self.items)
+            logger.debug(
+                "exit: child pid %d of stage %r ended with %s after %.3fs (%d item(s))",
+                self.pid,
+                self.stage,
+                _describe(status),
+                time.perf_counter() - self.started,
+                self.items,
+            )
 
     def died_error(self) -> WorkerError:
         """The error of an item whose child ended without finishing it."""
@@ -239,8 +251,15 @@ class _Child:
         )
 
 
-def _spawn(forks: RunForks, stage: str, n_items: int, before: list[Callable[[], Any]],
-           child_main: Callable[..., int], args: tuple[Any, ...], duplex: bool) -> _Child:
+def _spawn(
+    forks: RunForks,
+    stage: str,
+    n_items: int,
+    before: list[Callable[[], Any]],
+    child_main: Callable[..., int],
+    args: tuple[Any, ...],
+    duplex: bool,
+) -> _Child:
     """Run the before_fork hooks and fork a child that runs ``child_main(wfd, [rfd,] *args)``
     and exits. Returns the parent's view of the child."""
     for hook in before:
@@ -285,8 +304,7 @@ def _spawn(forks: RunForks, stage: str, n_items: int, before: list[Callable[[], 
         if duplex:
             logger.debug("fork: stage %r started fork_ipc worker pid %d", stage, pid)
         else:
-            logger.debug("fork: stage %r started child pid %d for %d item(s)", stage, pid,
-                         n_items)
+            logger.debug("fork: stage %r started child pid %d for %d item(s)", stage, pid, n_items)
     return child
 
 
@@ -302,8 +320,9 @@ def _grow_pipe(fd: int) -> None:
 # -- the child side: pure Python, never the extension ------------------------------------
 
 
-def _child_entry(own: tuple[int, ...], mask: Any, child_main: Callable[..., int],
-                 args: tuple[Any, ...]) -> None:
+def _child_entry(
+    own: tuple[int, ...], mask: Any, child_main: Callable[..., int], args: tuple[Any, ...]
+) -> None:
     code = _CHILD_EXIT_BROKEN
     try:
         try:
@@ -362,8 +381,15 @@ def _detach_runs() -> None:
 
 def _spawn_child(wfd: int, fn: _Node, start: loop.Start, item: Any) -> int:
     """A spawn_fork child: the worker for one item (see worker_loop.run_one)."""
-    out = loop.Outbox(loop.pipe_sender(wfd), fn.path, fn.routes, fn.route_error,
-                      deliver=fn.send_back, streaming=True, before_reply=_flush_child_streams)
+    out = loop.Outbox(
+        loop.pipe_sender(wfd),
+        fn.path,
+        fn.routes,
+        fn.route_error,
+        deliver=fn.send_back,
+        streaming=True,
+        before_reply=_flush_child_streams,
+    )
     context.set_child_emitter(out.emit)
     loop.run_one(_with_hooks(fn.after, start), fn.mode, item, out)
     return _CHILD_EXIT_OK
@@ -371,8 +397,9 @@ def _spawn_child(wfd: int, fn: _Node, start: loop.Start, item: Any) -> int:
 
 def _ipc_child(wfd: int, rfd: int, fn: _Node, start: loop.Start, policy: RetryPolicy) -> int:
     """A fork_ipc worker: answers chunks until the parent closes it (worker_loop.serve)."""
-    out = loop.Outbox(loop.pipe_sender(wfd), fn.path, fn.routes, fn.route_error,
-                      before_reply=_flush_child_streams)
+    out = loop.Outbox(
+        loop.pipe_sender(wfd), fn.path, fn.routes, fn.route_error, before_reply=_flush_child_streams
+    )
     context.set_child_emitter(out.emit)
     loop.serve(loop.pipe_receiver(rfd), out, _with_hooks(fn.after, start), fn.mode, policy)
     return _CHILD_EXIT_OK
@@ -411,13 +438,16 @@ def _child_exception(stage: str, pid: int, payload: tuple[Any, ...]) -> BaseExce
             exc.traceback_text = text
         except Exception:  # noqa: BLE001 - e.g. __slots__ exceptions: the note remains
             pass
-    exc.add_note(f"[minigun] raised in forked child process {pid} of stage {stage!r}; "
-                 f"the child's traceback:\n{text.rstrip()}")
+    exc.add_note(
+        f"[minigun] raised in forked child process {pid} of stage {stage!r}; "
+        f"the child's traceback:\n{text.rstrip()}"
+    )
     return exc
 
 
-def _pump(child: _Child, tick: Callable[[], None],
-          take: Callable[[list[tuple[Any, Any]]], None]) -> tuple[str, Any]:
+def _pump(
+    child: _Child, tick: Callable[[], None], take: Callable[[list[tuple[Any, Any]]], None]
+) -> tuple[str, Any]:
     """Read the child's frames, handing their entries to ``take``, until it reports the
     work done (``("done" | "retired", None)``), failed (``("error" | "fatal",
     exception)``) or the pipe ends without either (``("eof", None)``)."""
@@ -488,8 +518,15 @@ def _spawn_fork_call(fn: _Node, start: loop.Start) -> Callable[[Any], None]:
     def spawn_fork(item: Any) -> None:
         fn.forks.acquire(fn)
         try:
-            child = _spawn(fn.forks, fn.path, _count(item), fn.before, _spawn_child,
-                           (fn, start, item), duplex=False)
+            child = _spawn(
+                fn.forks,
+                fn.path,
+                _count(item),
+                fn.before,
+                _spawn_child,
+                (fn, start, item),
+                duplex=False,
+            )
             child.items = _count(item)
             try:
                 outcome, error = _pump(child, fn.tick, forward)
@@ -536,8 +573,12 @@ class _ChunkReply:
             else:
                 k, payload = data
                 child = self.worker.child
-                self.failures.append((self.items[k], _child_exception(
-                    self.worker.fn.path, child.pid if child else 0, payload)))
+                self.failures.append(
+                    (
+                        self.items[k],
+                        _child_exception(self.worker.fn.path, child.pid if child else 0, payload),
+                    )
+                )
 
     def deliver(self) -> None:
         values, self.pending = self.pending, []
@@ -556,8 +597,15 @@ class _IpcWorker:
 
     def _start(self) -> _Child:
         self.fn.tick()
-        child = _spawn(self.fn.forks, self.fn.path, 0, self.fn.before, _ipc_child,
-                       (self.fn, self.start, self.policy), duplex=True)
+        child = _spawn(
+            self.fn.forks,
+            self.fn.path,
+            0,
+            self.fn.before,
+            _ipc_child,
+            (self.fn, self.start, self.policy),
+            duplex=True,
+        )
         self.child = child
         return child
 
@@ -566,8 +614,9 @@ class _IpcWorker:
         if child is not None:
             child.kill() if kill else child.wait(self.fn.stopping)
 
-    def _exchange(self, message: bytes,
-                  take: Callable[[list[tuple[Any, Any]]], None]) -> tuple[str, Any]:
+    def _exchange(
+        self, message: bytes, take: Callable[[list[tuple[Any, Any]]], None]
+    ) -> tuple[str, Any]:
         """Send one message and collect the reply. A worker found dead before it could
         read the message (killed while idle) is replaced once, transparently."""
         for attempt in (1, 2):
@@ -637,8 +686,7 @@ class _IpcWorker:
             self.child.items += len(items)
         return (retries, failures) if retries or failures else None
 
-    def _picklable(self, items: list[Any],
-                   failures: list[tuple[Any, BaseException]]) -> list[Any]:
+    def _picklable(self, items: list[Any], failures: list[tuple[Any, BaseException]]) -> list[Any]:
         """The items that can be pickled to the worker; the others fail, one by one."""
         kept = []
         for item in items:
@@ -651,7 +699,8 @@ class _IpcWorker:
                     f"{kind.__qualname__} cannot be pickled to send it to a fork_ipc "
                     f"worker process ({type(exc).__name__}: {exc}); send picklable items, "
                     "or use strategy='spawn_fork' (its children read items without "
-                    "pickling) or 'threads'")
+                    "pickling) or 'threads'"
+                )
                 error.__cause__ = exc
                 failures.append((item, error))
             else:
@@ -662,8 +711,7 @@ class _IpcWorker:
         if self.child is None:
             return
         reply = _ChunkReply(self, [])
-        outcome, error = self._exchange(pickle.dumps((loop.CLOSE, None), loop.PROTOCOL),
-                                        reply.take)
+        outcome, error = self._exchange(pickle.dumps((loop.CLOSE, None), loop.PROTOCOL), reply.take)
         self._drop(kill=False)
         if error is not None:
             raise error
@@ -721,9 +769,15 @@ def _reap_all_at_exit() -> None:
 # -- the entry point ----------------------------------------------------------------------
 
 
-def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[Any], Any] | None,
-              mode: str, make_worker: Callable[[], tuple[Any, Any]] | None
-              ) -> tuple[Any, str, int, Any]:
+def fork_call(
+    run: Any,
+    node: Any,
+    strategy: str,
+    workers: int,
+    call: Callable[[Any], Any] | None,
+    mode: str,
+    make_worker: Callable[[], tuple[Any, Any]] | None,
+) -> tuple[Any, str, int, Any]:
     """Replace a fork stage's call for the runtime: returns ``(call, mode, workers,
     make_worker)``. The stage function (``call``, or ``make_worker`` for a custom Stage)
     then runs in forked children; the returned call runs in the parent's worker thread,
@@ -740,6 +794,10 @@ def fork_call(run: Any, node: Any, strategy: str, workers: int, call: Callable[[
     if strategy == "fork_ipc":
         workers = fn.forks.ipc_workers.get(node.path, workers)
         # Items travel in the runtime's chunks; the child retries, the runtime counts.
-        return None, "chunk", workers, _ipc_factory(fn, start,
-                                                      RetryPolicy(node.stage, node.scope.settings))
+        return (
+            None,
+            "chunk",
+            workers,
+            _ipc_factory(fn, start, RetryPolicy(node.stage, node.scope.settings)),
+        )
     raise ValueError(f"fork_call: {strategy!r} is not a fork strategy")

@@ -121,8 +121,13 @@ def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:
     return target.root_pipeline, cache[stage.name]
 
 
-def build_scope(pipeline: Any, owner: Any, parent: Scope | None, path: str,
-                overrides: dict[str, Any] | None = None) -> Scope:
+def build_scope(
+    pipeline: Any,
+    owner: Any,
+    parent: Scope | None,
+    path: str,
+    overrides: dict[str, Any] | None = None,
+) -> Scope:
     own = dict(pipeline.settings_for(owner))
     if overrides:
         own.update(_config.normalize(overrides, f"run() of {pipeline.name!r}"))
@@ -139,16 +144,16 @@ def build_scope(pipeline: Any, owner: Any, parent: Scope | None, path: str,
         if name in scope.members:
             where = f"pipeline {path!r}" if path else f"pipeline {pipeline.name!r}"
             raise DefinitionError(
-                f"{where} has two stages named {name!r}; give one of them another name "
-                "(name=...)"
+                f"{where} has two stages named {name!r}; give one of them another name (name=...)"
             )
         if "." in name:
             raise DefinitionError(f"stage name {name!r} may not contain '.'")
         scope.members[name] = stage
         if isinstance(stage, NestedStage):
             sub_pipeline, sub_owner = _nested_target(stage, owner)
-            scope.children[name] = build_scope(sub_pipeline, sub_owner, scope,
-                                               scope.qualified(name))
+            scope.children[name] = build_scope(
+                sub_pipeline, sub_owner, scope, scope.qualified(name)
+            )
     return scope
 
 
@@ -171,8 +176,7 @@ def resolve(scope: Scope, name: str, asking: str) -> Ref:
         if len(deep) > 1:
             where = ", ".join(sorted(r[0].qualified(r[1]) for r in deep))
             raise DefinitionError(
-                f"stage {asking!r}: {name!r} is ambiguous, it matches {where}; "
-                "use the dotted name"
+                f"stage {asking!r}: {name!r} is ambiguous, it matches {where}; use the dotted name"
             )
         if deep:
             return deep[0]
@@ -242,8 +246,10 @@ def _member_edges(root: Scope) -> _Edges:
         if stage.kind != PIPELINE:
             return True
         child = scope.children[name]
-        return any(takes_implicit_input(child, sub) and edges.key((child, sub)) not in edges.into
-                   for sub in child.members)
+        return any(
+            takes_implicit_input(child, sub) and edges.key((child, sub)) not in edges.into
+            for sub in child.members
+        )
 
     # Innermost pipelines first, so a pipeline's own edges decide whether it takes input.
     for scope in reversed(scopes):
@@ -251,7 +257,7 @@ def _member_edges(root: Scope) -> _Edges:
         for i, name in enumerate(names):
             if scope.members[name].to:
                 continue
-            following = [n for n in names[i + 1:] if takes_implicit_input(scope, n)]
+            following = [n for n in names[i + 1 :] if takes_implicit_input(scope, n)]
             if following and (id(scope), following[0]) not in explicitly_fed:
                 edges.add((scope, name), (scope, following[0]))
     return edges
@@ -294,8 +300,12 @@ def compile_graph(pipeline: Any, owner: Any, overrides: dict[str, Any] | None = 
         if stage.kind != PIPELINE:
             return flat[(id(scope), name)]
         child = scope.children[name]
-        return [i for sub in child.members if (id(child), sub) not in edges.out
-                for i in exits((child, sub))]
+        return [
+            i
+            for sub in child.members
+            if (id(child), sub) not in edges.out
+            for i in exits((child, sub))
+        ]
 
     for src, dst in edges.pairs:
         targets = entries(dst)
@@ -331,7 +341,9 @@ def _check_cycles(graph: Graph) -> None:
         trail.append(i)
         for j in graph.nodes[i].downstream:
             if state[j] == 1:
-                loop = [graph.nodes[k].path for k in trail[trail.index(j):]] + [graph.nodes[j].path]
+                loop = [graph.nodes[k].path for k in trail[trail.index(j) :]] + [
+                    graph.nodes[j].path
+                ]
                 raise DefinitionError(
                     f"the pipeline has a cycle: {' -> '.join(loop)}; items may only flow "
                     "forward, so remove one of these edges"

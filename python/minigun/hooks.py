@@ -133,8 +133,9 @@ class ForkHookDecorator(Protocol):
     @overload
     def __call__(self, stage: F, /) -> F: ...
     @overload
-    def __call__(self, stage: str | None = None, /, *,
-                 prepend: bool = False) -> Callable[[F], F]: ...
+    def __call__(
+        self, stage: str | None = None, /, *, prepend: bool = False
+    ) -> Callable[[F], F]: ...
 
 
 class StageHookDecorator(Protocol):
@@ -149,9 +150,14 @@ class WorkerHookDecorator(Protocol):
     @overload
     def __call__(self, fn: F, /) -> F: ...
     @overload
-    def __call__(self, fn: str | Sequence[str] | None = None, /, *,
-                 stage: str | Sequence[str] | None = None,
-                 prepend: bool = False) -> Callable[[F], F]: ...
+    def __call__(
+        self,
+        fn: str | Sequence[str] | None = None,
+        /,
+        *,
+        stage: str | Sequence[str] | None = None,
+        prepend: bool = False,
+    ) -> Callable[[F], F]: ...
 
 
 before_run = cast(PlainHookDecorator, _plain(BEFORE_RUN))
@@ -163,8 +169,13 @@ after = cast(StageHookDecorator, _stage_scoped(AFTER, required=True))
 
 
 def _worker_scoped(kind: str):
-    def decorator(fn: Any = None, /, *, stage: str | list[str] | tuple[str, ...] | None = None,
-                  prepend: bool = False) -> Any:
+    def decorator(
+        fn: Any = None,
+        /,
+        *,
+        stage: str | list[str] | tuple[str, ...] | None = None,
+        prepend: bool = False,
+    ) -> Any:
         if isinstance(fn, (str, list, tuple)):
             fn, stage = None, fn  # @mg.before_worker("save") reads naturally too
         names = stage_names(kind, stage)
@@ -188,8 +199,9 @@ def stage_names(kind: str, stage: Any) -> tuple[str | None, ...]:
         return (None,)
     names = (stage,) if isinstance(stage, str) else tuple(stage)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise DefinitionError(f"@{kind}: stage= takes a stage name or a list of names, "
-                              f"got {stage!r}")
+        raise DefinitionError(
+            f"@{kind}: stage= takes a stage name or a list of names, got {stage!r}"
+        )
     return names
 
 
@@ -211,10 +223,13 @@ def for_node(node: Any, kind: str) -> list[Callable[..., Any]]:
     wide = [s.bind(h) for s in lineage for h in s.hooks.of(kind)]
     scoped = []
     for scope in lineage:
-        relative = node.path[len(scope.path) + 1:] if scope.path else node.path
+        relative = node.path[len(scope.path) + 1 :] if scope.path else node.path
         names = {relative, relative.split(".", 1)[0]}
-        scoped += [scope.bind(h) for h in scope.hooks.all()
-                   if h.kind == kind and h.stage is not None and h.stage in names]
+        scoped += [
+            scope.bind(h)
+            for h in scope.hooks.all()
+            if h.kind == kind and h.stage is not None and h.stage in names
+        ]
     return wide + scoped
 
 
@@ -237,8 +252,9 @@ class WorkerHooks:
         for hook in self.after:
             hook()
 
-    def around_worker(self, make_worker: Callable[[], tuple[Any, Any]]
-                      ) -> Callable[[], tuple[Any, Any]]:
+    def around_worker(
+        self, make_worker: Callable[[], tuple[Any, Any]]
+    ) -> Callable[[], tuple[Any, Any]]:
         """A long-lived worker: the hooks run when it opens and when it closes."""
 
         def make() -> tuple[Any, Any]:
@@ -260,6 +276,7 @@ class WorkerHooks:
         """A worker per item (spawn_thread, spawn_fork): the hooks run around the call, in
         the thread or child that runs it."""
         if iterate:
+
             def each_generating(item: Any) -> Any:
                 self.begin()
                 try:
@@ -293,8 +310,9 @@ def error_types(types: tuple[Any, ...]) -> tuple[type[BaseException], ...]:
 @overload
 def on_error(fn: F, /) -> F: ...  # type: ignore[overload-overlap]
 @overload
-def on_error(*types: type[BaseException], stage: str | None = None,
-             prepend: bool = False) -> Callable[[F], F]: ...
+def on_error(
+    *types: type[BaseException], stage: str | None = None, prepend: bool = False
+) -> Callable[[F], F]: ...
 def on_error(*types: Any, stage: str | None = None, prepend: bool = False) -> Any:
     """Mark a Task method ``handler(self, error, item, stage)`` as the handler of items
     whose processing failed with one of ``types`` (after retries)."""

@@ -6,8 +6,18 @@ from .graph import Graph, Scope
 from .plan import plan
 from .stage import ACCUMULATOR, PRODUCER
 
-_ESCAPES = {"&": "#amp;", '"': "#quot;", "<": "#lt;", ">": "#gt;", "|": "#124;",
-            "[": "#91;", "]": "#93;", "{": "#123;", "}": "#125;", "`": "#96;"}
+_ESCAPES = {
+    "&": "#amp;",
+    '"': "#quot;",
+    "<": "#lt;",
+    ">": "#gt;",
+    "|": "#124;",
+    "[": "#91;",
+    "]": "#93;",
+    "{": "#123;",
+    "}": "#125;",
+    "`": "#96;",
+}
 
 
 def escape(text: str) -> str:
@@ -17,8 +27,11 @@ def escape(text: str) -> str:
 
 def _label(node) -> str:
     stage = node.stage
-    kind = "consumer" if not node.downstream and stage.kind not in (PRODUCER, ACCUMULATOR) \
+    kind = (
+        "consumer"
+        if not node.downstream and stage.kind not in (PRODUCER, ACCUMULATOR)
         else stage.kind
+    )
     strategy, workers = plan(stage, node.scope.settings, None)
     detail = kind if stage.kind in (PRODUCER, ACCUMULATOR) else f"{kind} · {strategy} ×{workers}"
     if stage.kind == ACCUMULATOR:
@@ -46,8 +59,9 @@ def render(graph: Graph) -> str:
 
     emit_scope(graph.root, "  ")
     for node in graph.nodes:
-        arrow = "-.->" if node.stage.routing == "round_robin" and len(node.downstream) > 1 \
-            else "-->"
+        arrow = (
+            "-.->" if node.stage.routing == "round_robin" and len(node.downstream) > 1 else "-->"
+        )
         for d in node.downstream:
             lines.append(f"  n{node.index} {arrow} n{d}")
     return "\n".join(lines) + "\n"

@@ -30,14 +30,14 @@ from .stage import (
 class Pipeline:
     """A pipeline built step by step::
 
-        p = mg.Pipeline("etl", config={"max_threads": 8})
+    p = mg.Pipeline("etl", config={"max_threads": 8})
 
-        @p.producer
-        def numbers():
-            yield from range(100)
+    @p.producer
+    def numbers():
+        yield from range(100)
 
-        p.consumer(print)
-        p.run()
+    p.consumer(print)
+    p.run()
     """
 
     def __init__(self, name: str = "pipeline", config: Mapping[str, Any] | None = None) -> None:
@@ -77,44 +77,52 @@ class Pipeline:
         self.stages.append(stage)
         return stage
 
-    def _function_stage(self, kind: str, fn: Callable[..., Any] | None,
-                        options: dict[str, Any]) -> Any:
+    def _function_stage(
+        self, kind: str, fn: Callable[..., Any] | None, options: dict[str, Any]
+    ) -> Any:
         if fn is None:
             return lambda f: self._function_stage(kind, f, options)
         return self.add(FunctionStage(kind, fn, takes_self=False, **options))
 
     @overload
-    def producer(self, fn: Callable[..., Any], /,
-                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    def producer(
+        self, fn: Callable[..., Any], /, **options: Unpack[StageOptions]
+    ) -> FunctionStage: ...
     @overload
-    def producer(self, fn: None = None, /, **options: Unpack[StageOptions]
-                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
+    def producer(
+        self, fn: None = None, /, **options: Unpack[StageOptions]
+    ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def producer(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a producer: a function of no arguments that yields (or returns) items."""
         return self._function_stage(PRODUCER, fn, options)
 
     @overload
-    def processor(self, fn: Callable[..., Any], /,
-                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    def processor(
+        self, fn: Callable[..., Any], /, **options: Unpack[StageOptions]
+    ) -> FunctionStage: ...
     @overload
-    def processor(self, fn: None = None, /, **options: Unpack[StageOptions]
-                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
+    def processor(
+        self, fn: None = None, /, **options: Unpack[StageOptions]
+    ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def processor(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a processor: a function of one item; its non-None return value is emitted."""
         return self._function_stage(PROCESSOR, fn, options)
 
     @overload
-    def consumer(self, fn: Callable[..., Any], /,
-                 **options: Unpack[StageOptions]) -> FunctionStage: ...
+    def consumer(
+        self, fn: Callable[..., Any], /, **options: Unpack[StageOptions]
+    ) -> FunctionStage: ...
     @overload
-    def consumer(self, fn: None = None, /, **options: Unpack[StageOptions]
-                 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
+    def consumer(
+        self, fn: None = None, /, **options: Unpack[StageOptions]
+    ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
     def consumer(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Add a consumer (the same as a processor; the name documents intent)."""
         return self._function_stage(PROCESSOR, fn, options)
 
-    def accumulator(self, fn: Callable[..., Any] | None = None, /,
-                    **options: Unpack[AccumulatorOptions]) -> FunctionStage:
+    def accumulator(
+        self, fn: Callable[..., Any] | None = None, /, **options: Unpack[AccumulatorOptions]
+    ) -> FunctionStage:
         """Add an accumulator that collects items into lists of up to ``max_size``.
 
         Without a function it is added at once (named ``"accumulator"`` unless ``name=``)
@@ -139,8 +147,14 @@ class Pipeline:
 
     # -- hooks ------------------------------------------------------------------------
 
-    def _register(self, kind: str, fn: Callable[..., Any], stage: str | None = None,
-                  errors: tuple = (Exception,), prepend: bool = False) -> Callable[..., Any]:
+    def _register(
+        self,
+        kind: str,
+        fn: Callable[..., Any],
+        stage: str | None = None,
+        errors: tuple = (Exception,),
+        prepend: bool = False,
+    ) -> Callable[..., Any]:
         if not callable(fn):
             raise DefinitionError(f"{kind}() registers a function, got {fn!r}")
         self.hooks.add(_hooks.Hook(kind, fn, stage, errors, prepend))
@@ -189,14 +203,16 @@ class Pipeline:
 
         return register if fn is None else register(fn)
 
-    def before_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
-                      prepend: bool = False) -> Any:
+    def before_worker(
+        self, fn: Any = None, /, stage: str | list[str] | None = None, *, prepend: bool = False
+    ) -> Any:
         """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
         before its first item, on the worker's own thread and in its own process."""
         return self._worker_hook(_hooks.BEFORE_WORKER, fn, stage, prepend)
 
-    def after_worker(self, fn: Any = None, /, stage: str | list[str] | None = None, *,
-                     prepend: bool = False) -> Any:
+    def after_worker(
+        self, fn: Any = None, /, stage: str | list[str] | None = None, *, prepend: bool = False
+    ) -> Any:
         """Register ``fn()`` to run in every worker (of the stages named by ``stage=``)
         after its last item, on the worker's own thread and in its own process."""
         return self._worker_hook(_hooks.AFTER_WORKER, fn, stage, prepend)

@@ -37,6 +37,7 @@ def plan(stage, settings: dict, caps) -> tuple[str, int]:
         # One worker thread runs the stage's event loop; this is its coroutine count.
         return strategy, capped(stage.concurrency, "concurrency", "max_concurrency", 1)
     if strategy == "spawn_fork":
-        return strategy, capped(stage.processes, "processes", "max_processes",
-                                settings["max_processes"])
+        return strategy, capped(
+            stage.processes, "processes", "max_processes", settings["max_processes"]
+        )
     return strategy, 1

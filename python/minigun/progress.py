@@ -101,28 +101,31 @@ class Watcher:
         """The frame for ``stats``; rates since the last frame, or (``final``) since the
         start."""
         now = time.perf_counter()
-        last_at, last = self._last if self._last is not None and not final else (
-            self.started, {})
+        last_at, last = self._last if self._last is not None and not final else (self.started, {})
         span = max(now - last_at, 1e-9)
         lines = []
         for name, s in stats.items():
             before = last.get(name)
             moved = s.items_out if s.is_producer else s.items_in
-            moved_before = 0 if before is None else (
-                before.items_out if s.is_producer else before.items_in)
+            moved_before = (
+                0 if before is None else (before.items_out if s.is_producer else before.items_in)
+            )
             busy_before = 0.0 if before is None else before.busy_seconds
-            lines.append(StageLine(
-                name=name,
-                items_in=None if s.is_producer else s.items_in,
-                items_out=s.items_out,
-                rate=(moved - moved_before) / span,
-                errors=s.errors,
-                busy=None if s.busy_fraction is None else
-                min(float(s.workers), (s.busy_seconds - busy_before) / span),
-                workers=s.workers,
-                queued=None if s.is_producer else s.queued,
-                queue_size=s.queue_size,
-            ))
+            lines.append(
+                StageLine(
+                    name=name,
+                    items_in=None if s.is_producer else s.items_in,
+                    items_out=s.items_out,
+                    rate=(moved - moved_before) / span,
+                    errors=s.errors,
+                    busy=None
+                    if s.busy_fraction is None
+                    else min(float(s.workers), (s.busy_seconds - busy_before) / span),
+                    workers=s.workers,
+                    queued=None if s.is_producer else s.queued,
+                    queue_size=s.queue_size,
+                )
+            )
         self._last = (now, dict(stats))
         elapsed = now - self.started
         done = eta = None
@@ -139,8 +142,12 @@ class Watcher:
 class ProgressView:
     """Draws a run's progress from a background thread until :meth:`stop`."""
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, StageStats]],
-                 totals: Callable[[], Mapping[str, int]], stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Mapping[str, StageStats]],
+        totals: Callable[[], Mapping[str, int]],
+        stream: IO[str] | None = None,
+    ) -> None:
         self._snapshot = snapshot
         self._totals = totals
         self._stream = stream if stream is not None else sys.stderr
@@ -153,8 +160,7 @@ class ProgressView:
         self._watcher = Watcher(self._totals())
         if _is_terminal(self._stream) and _rich_available():
             self._live = _RichLive(self._stream)
-        self._thread = threading.Thread(target=self._loop, name="minigun-progress",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="minigun-progress", daemon=True)
         self._thread.start()
         return self
 

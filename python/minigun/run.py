@@ -102,17 +102,22 @@ class Run:
                 call, mode, min_chunk, workers = None, "chunk", workers, 1
         worker_hooks = _hooks.WorkerHooks(node)
         if worker_hooks:
-            call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode,
-                                                   make_worker)
+            call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode, make_worker)
         if strategy in FORKING:
-            call, mode, workers, make_worker = fork_call(self, node, strategy, workers,
-                                                         call, mode, make_worker)
-        retries = self._caps.cap(node.path, "retries", stage.retries, settings["max_retries"],
-                                 "max_retries")
+            call, mode, workers, make_worker = fork_call(
+                self, node, strategy, workers, call, mode, make_worker
+            )
+        retries = self._caps.cap(
+            node.path, "retries", stage.retries, settings["max_retries"], "max_retries"
+        )
         self._infos[node.path] = StageInfo(
-            kind=stage.kind, strategy=strategy, workers=plan_workers, threads=max(1, workers),
+            kind=stage.kind,
+            strategy=strategy,
+            workers=plan_workers,
+            threads=max(1, workers),
             queue_size=None if stage.kind == PRODUCER else stage.queue_size,
-            runs_code=not (isinstance(stage, FunctionStage) and stage.fn is None))
+            runs_code=not (isinstance(stage, FunctionStage) and stage.fn is None),
+        )
         return {
             "name": node.path,
             "kind": "processor" if stage.kind not in (PRODUCER, ACCUMULATOR) else stage.kind,
@@ -161,8 +166,7 @@ class Run:
     def _route_error_factory(self, node: Node) -> Any:
         def route_error(name: str) -> RoutingError:
             downstream = [self._graph.nodes[d].path for d in node.downstream]
-            exists = name in self._graph.by_path or any(
-                n.local == name for n in self._graph.nodes)
+            exists = name in self._graph.by_path or any(n.local == name for n in self._graph.nodes)
             if exists:
                 declared = sorted({*node.stage.to, *downstream, name})
                 return RoutingError(
@@ -182,10 +186,9 @@ class Run:
     def _on_failure(self, node: Node, error: BaseException, item: Any) -> bool:
         """Offer a failed item to the on_error handlers, innermost pipeline first."""
         for scope in node.scope.lineage():
-            relative = node.path[len(scope.path) + 1:] if scope.path else node.path
+            relative = node.path[len(scope.path) + 1 :] if scope.path else node.path
             for hook in scope.hooks.all():
-                if hook.kind == _hooks.ON_ERROR and hook.matches_error(error, relative,
-                                                                        node.local):
+                if hook.kind == _hooks.ON_ERROR and hook.matches_error(error, relative, node.local):
                     scope.bind(hook)(error, item, node.path)
                     return True
         return False
@@ -264,8 +267,7 @@ class Run:
         self._runtime.start()
         if self._show_progress:
             stream = None if self._show_progress is True else self._show_progress
-            self._progress = ProgressView(lambda: self.stats, lambda: self._totals,
-                                          stream).start()
+            self._progress = ProgressView(lambda: self.stats, lambda: self._totals, stream).start()
 
     def _check_hook_names(self, scopes: list[Scope]) -> None:
         for scope in scopes:
@@ -414,8 +416,10 @@ class Run:
     @property
     def stats(self) -> dict[str, StageStats]:
         """A live snapshot of the per-stage counters."""
-        return {k: StageStats.from_runtime(v, self._infos.get(k))
-                for k, v in self._runtime.stats().items()}
+        return {
+            k: StageStats.from_runtime(v, self._infos.get(k))
+            for k, v in self._runtime.stats().items()
+        }
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for the run to end and return its result. Raises TimeoutError if it is
@@ -437,8 +441,11 @@ class Run:
     def stop_for_exit(self, grace: float) -> None:
         """Interpreter exit: wait up to ``grace`` seconds for the cancelled run to end."""
         if not self._done.wait(grace):
-            logger.warning("interpreter exit: a background run did not stop within %.0f s "
-                           "(a stage is still in user code)", grace)
+            logger.warning(
+                "interpreter exit: a background run did not stop within %.0f s "
+                "(a stage is still in user code)",
+                grace,
+            )
 
     def has_stage(self, name: str) -> bool:
         return self._find(name) is not None
@@ -473,8 +480,9 @@ def _custom_worker_factory(stage: Any) -> Any:
     return make_worker
 
 
-def _with_worker_hooks(hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode: str,
-                       make_worker: Any) -> tuple[Any, Any]:
+def _with_worker_hooks(
+    hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode: str, make_worker: Any
+) -> tuple[Any, Any]:
     """Wrap a stage's call (or worker factory) so its worker hooks run in each worker."""
     if strategy in ("spawn_thread", "spawn_fork"):
         # Each item gets a thread or child of its own: that is the worker.
@@ -498,12 +506,14 @@ def _with_worker_hooks(hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode
     return call, hooks.around_worker(make_worker)
 
 
-def _pipeline_error(stage: str | None, exc: BaseException, item: Any,
-                    result: RunResult) -> PipelineError:
+def _pipeline_error(
+    stage: str | None, exc: BaseException, item: Any, result: RunResult
+) -> PipelineError:
     where = f"stage {stage!r}" if stage else "a hook"
     on = f" on item {_short(item)}" if item is not None else ""
-    err = PipelineError(f"{where} failed{on}: {type(exc).__name__}: {exc}",
-                        stage=stage, item=item, result=result)
+    err = PipelineError(
+        f"{where} failed{on}: {type(exc).__name__}: {exc}", stage=stage, item=item, result=result
+    )
     err.__cause__ = exc
     return err
 

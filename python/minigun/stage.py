@@ -51,6 +51,7 @@ class AccumulatorOptions(StageOptions, total=False):
     max_wait: float
     key: Callable[[Any], Any]
 
+
 #: The largest count an option may give (``queue_size=``, ``max_size=``, ``total=``...): the
 #: runtime counts items in 64-bit integers.
 _MAX_COUNT = 2**62
@@ -94,8 +95,9 @@ class Stage:
         # DefinitionError naming the stage and the nearest option (not a bare TypeError).
         if cls.__init__ is Stage.__init__:
             name = options.get("name", args[0] if args else None)
-            check_options(options, name if isinstance(name, str) else cls.__name__,
-                          STAGE_OPTIONS | {"name"})
+            check_options(
+                options, name if isinstance(name, str) else cls.__name__, STAGE_OPTIONS | {"name"}
+            )
         return super().__new__(cls)
 
     def __init__(
@@ -157,9 +159,7 @@ class Stage:
             )
         self.queue_size = queue_size
         if not _is_count(retries, 0):
-            raise DefinitionError(
-                f"stage {label!r}: retries= must be an int >= 0, got {retries!r}"
-            )
+            raise DefinitionError(f"stage {label!r}: retries= must be an int >= 0, got {retries!r}")
         self.retries = retries
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -169,8 +169,11 @@ class Stage:
                 f"stage {label!r}: retry_on must be exception types, got {retry_on!r}"
             )
         self.retry_on = retry_on
-        if (not isinstance(retry_backoff, (int, float)) or isinstance(retry_backoff, bool)
-                or not 0 <= retry_backoff <= 3600):
+        if (
+            not isinstance(retry_backoff, (int, float))
+            or isinstance(retry_backoff, bool)
+            or not 0 <= retry_backoff <= 3600
+        ):
             raise DefinitionError(
                 f"stage {label!r}: retry_backoff= must be a number of seconds between 0 and "
                 f"3600, got {retry_backoff!r}"
@@ -223,8 +226,7 @@ class Stage:
 
 
 def _is_count(value: Any, low: int) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)
-            and low <= value <= _MAX_COUNT)
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= _MAX_COUNT
 
 
 def _positive(value: int | None, option: str, stage: str) -> int | None:
@@ -245,8 +247,7 @@ def check_options(options: dict[str, Any], stage: str, valid: Iterable[str]) -> 
         nearest = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
         hint = f"did you mean {nearest[0]}=? " if nearest else ""
         raise DefinitionError(
-            f"stage {stage!r}: unknown option {option}=; {hint}(stage options: "
-            f"{', '.join(valid)})"
+            f"stage {stage!r}: unknown option {option}=; {hint}(stage options: {', '.join(valid)})"
         )
 
 
@@ -258,14 +259,17 @@ def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool)
         return  # builtins without a signature: trust the caller
     params = list(sig.parameters.values())
     if takes_self:
-        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
-                                                params[0].POSITIONAL_OR_KEYWORD):
-            raise DefinitionError(
-                f"stage {stage!r}: a Task stage is a method and takes self first"
-            )
+        if not params or params[0].kind not in (
+            params[0].POSITIONAL_ONLY,
+            params[0].POSITIONAL_OR_KEYWORD,
+        ):
+            raise DefinitionError(f"stage {stage!r}: a Task stage is a method and takes self first")
         params = params[1:]
-    required = [p for p in params if p.default is p.empty and p.kind in (
-        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
     kw_required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
     if kw_required:
@@ -288,7 +292,9 @@ def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool)
         f"{kind} {stage!r} must take exactly one parameter, {what}, but its function "
         f"requires {len(required)}"
         + (f" ({', '.join(p.name for p in required)})" if required else "")
-        + f"; define it as def {stage}(" + ("self, " if takes_self else "") + "item)"
+        + f"; define it as def {stage}("
+        + ("self, " if takes_self else "")
+        + "item)"
     )
 
 

@@ -50,8 +50,12 @@ class StageStats:
     def from_runtime(cls, raw: dict[str, Any], info: StageInfo | None = None) -> StageStats:
         values = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         if info is not None:
-            values.update(kind=info.kind, strategy=info.strategy, workers=info.workers,
-                          queue_size=info.queue_size)
+            values.update(
+                kind=info.kind,
+                strategy=info.strategy,
+                workers=info.workers,
+                queue_size=info.queue_size,
+            )
             active, busy = raw.get("active_seconds", 0.0), raw.get("busy_seconds", 0.0)
             if not info.runs_code:
                 values["busy_fraction"] = None
@@ -107,43 +111,61 @@ class RunResult:
             "status": self.status,
             "duration": _finite(self.duration),
             "bottleneck": self.bottleneck,
-            "error": None if self.error is None else f"{type(self.error).__name__}: "
-                                                      f"{self.error}",
-            "stages": {name: {k: _finite(v) for k, v in asdict(s).items()}
-                       for name, s in self.stats.items()},
+            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+            "stages": {
+                name: {k: _finite(v) for k, v in asdict(s).items()}
+                for name, s in self.stats.items()
+            },
         }
 
     def summary(self) -> str:
         """An aligned text table of the per-stage counters, and the bottleneck."""
-        head = ("stage", "strategy", "in", "out", "errors", "retries", "p50", "p99",
-                "items/s", "busy")
+        head = (
+            "stage",
+            "strategy",
+            "in",
+            "out",
+            "errors",
+            "retries",
+            "p50",
+            "p99",
+            "items/s",
+            "busy",
+        )
         rows = [head]
         for name, s in self.stats.items():
-            rows.append((
-                name,
-                f"{s.strategy} x{s.workers}" if s.strategy else "-",
-                "-" if s.is_producer else f"{s.items_in:,}",
-                f"{s.items_out:,}",
-                f"{s.errors:,}",
-                f"{s.retries:,}",
-                duration_text(s.latency_p50),
-                duration_text(s.latency_p99),
-                f"{s.throughput:,.0f}" if s.throughput > 0 else "-",
-                percent_text(s.busy_fraction),
-            ))
+            rows.append(
+                (
+                    name,
+                    f"{s.strategy} x{s.workers}" if s.strategy else "-",
+                    "-" if s.is_producer else f"{s.items_in:,}",
+                    f"{s.items_out:,}",
+                    f"{s.errors:,}",
+                    f"{s.retries:,}",
+                    duration_text(s.latency_p50),
+                    duration_text(s.latency_p99),
+                    f"{s.throughput:,.0f}" if s.throughput > 0 else "-",
+                    percent_text(s.busy_fraction),
+                )
+            )
         lines = [f"run {self.status} in {self.duration:.3f}s"]
         lines += table(rows)
         slowest = self.bottleneck
         if slowest is not None:
             s = self.stats[slowest]
-            lines.append(f"bottleneck: {slowest} (busy {percent_text(s.busy_fraction)} of "
-                         f"its time with {s.workers} {_worker_word(s)})")
+            lines.append(
+                f"bottleneck: {slowest} (busy {percent_text(s.busy_fraction)} of "
+                f"its time with {s.workers} {_worker_word(s)})"
+            )
         return "\n".join(lines)
 
 
 def bottleneck(stats: dict[str, StageStats]) -> str | None:
-    candidates = [(s.busy_fraction, name) for name, s in stats.items()
-                  if s.busy_fraction is not None and s.busy_seconds > 0]
+    candidates = [
+        (s.busy_fraction, name)
+        for name, s in stats.items()
+        if s.busy_fraction is not None and s.busy_seconds > 0
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda c: c[0])[1]

@@ -103,10 +103,16 @@ class Outbox:
     and an unpicklable value is an error raised at the emit that flushes it). Otherwise
     values are held per item and sent with the item's outcome (see the module doc)."""
 
-    def __init__(self, send: Send, stage: str, routes: Collection[str],
-                 route_error: Callable[[str], BaseException], deliver: bool = True,
-                 streaming: bool = False, before_reply: Callable[[], None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        send: Send,
+        stage: str,
+        routes: Collection[str],
+        route_error: Callable[[str], BaseException],
+        deliver: bool = True,
+        streaming: bool = False,
+        before_reply: Callable[[], None] | None = None,
+    ) -> None:
         self._send = send
         #: Called before a reply's last frame (a forked child flushes its stdout there).
         self.before_reply = before_reply
@@ -182,8 +188,9 @@ class Outbox:
             payload = _dumps((tag, entries))
         except Exception as exc:  # noqa: BLE001 - a value that cannot be pickled
             if self.streaming:
-                raise unpicklable_error(self.stage, (v for t, v in entries
-                                                     if t.__class__ is not int), exc) from exc
+                raise unpicklable_error(
+                    self.stage, (v for t, v in entries if t.__class__ is not int), exc
+                ) from exc
             payload = _dumps((tag, self._salvage(entries)))
         self._send(payload)
 
@@ -261,8 +268,9 @@ def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
     out.fail(failure)
 
 
-def run_chunk(call: Call, mode: str, items: list[Any], careful: bool, out: Outbox,
-              policy: RetryPolicy) -> None:
+def run_chunk(
+    call: Call, mode: str, items: list[Any], careful: bool, out: Outbox, policy: RetryPolicy
+) -> None:
     """Run a chunk item by item, with retries, marking each item's outcome. ``careful``:
     send each item's values and outcome before starting the next item, so that if this
     process dies, the parent knows exactly which item it died on."""
@@ -294,8 +302,13 @@ def run_chunk(call: Call, mode: str, items: list[Any], careful: bool, out: Outbo
             out.flush_if_due()
 
 
-def serve(receive: Callable[[], tuple[str, Any] | None], out: Outbox, start: Start,
-          mode: str, policy: RetryPolicy) -> None:
+def serve(
+    receive: Callable[[], tuple[str, Any] | None],
+    out: Outbox,
+    start: Start,
+    mode: str,
+    policy: RetryPolicy,
+) -> None:
     """A long-lived worker (fork_ipc): start, then answer chunks until told to close or
     the parent goes away.
 
@@ -373,7 +386,7 @@ def pipe_receiver(fd: int) -> Callable[[], tuple[str, Any] | None]:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _read_into(fd: int, buf: bytearray) -> bool:
