@@ -60,3 +60,14 @@ def test_modules_of_the_package_import_downward_only():
     assert graph["run"], "the import scan found nothing: it is broken"
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_only_native_imports_the_extension():
+    # A subinterpreter cannot load the extension: keeping its import in one module is what
+    # lets `import minigun` work there (minigun.native stands in for it).
+    importers = {
+        p.stem
+        for p in PACKAGE.glob("*.py")
+        if "_minigun" in _imports(p) or "import _minigun" in p.read_text()
+    }
+    assert importers == {"native"}

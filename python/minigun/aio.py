@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import inspect
 import time
 from collections.abc import Callable
@@ -24,6 +23,9 @@ from typing import Any
 
 from . import context
 from .config import RetryPolicy
+from .graph import Node
+from .plan import StagePlan
+from .work import Run, StageCode, Work
 
 #: How often a chunk in flight checks whether the run is stopping.
 _POLL = 0.05
@@ -121,37 +123,29 @@ class _AsyncWorker:
         return retries, failures, latencies
 
 
-def async_call(run: Any, node: Any, fn: Callable[..., Any], concurrency: int) -> Callable:
-    """The ``make_worker`` factory of an async processor stage."""
+def async_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """The ``async`` strategy's executor: each runtime worker thread (there is one) runs
+    an event loop with ``plan.workers`` coroutines at a time, on the one worker it opened
+    (a custom Stage's copy with an ``async def process``, or the async function)."""
     policy = RetryPolicy(node.stage, node.scope.settings)
+    start = code.starter()
 
-    def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
-        worker = _AsyncWorker(fn, concurrency, policy, lambda: run.stopping)
-        return worker, worker.close
-
-    return make_worker
-
-
-def async_stage(run: Any, node: Any, stage: Any, concurrency: int) -> Callable:
-    """The ``make_worker`` factory of a custom Stage with an ``async def process``: the
-    worker opens its own copy of the stage, runs its ``process`` on the event loop and
-    closes it (then the loop) after its last item."""
-    policy = RetryPolicy(node.stage, node.scope.settings)
-
-    def make_worker() -> tuple[Callable[[list], Any], Callable[[], None]]:
-        own = copy.copy(stage)
-        own.open()
-        worker = _AsyncWorker(own.process, concurrency, policy, lambda: run.stopping)
+    def make_worker() -> tuple[Callable[[list[Any]], Any], Callable[[], None]]:
+        process, close_worker = start()
+        worker = _AsyncWorker(process, plan.workers, policy, lambda: run.stopping)
 
         def close() -> None:
             try:
-                own.close()
+                if close_worker is not None:
+                    close_worker()
             finally:
                 worker.close()
 
         return worker, close
 
-    return make_worker
+    return Work(
+        call=None, mode="chunk", make_worker=make_worker, threads=1, min_chunk=plan.min_chunk
+    )
 
 
 def drive_producer(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from . import _minigun
 from .errors import MinigunError, RoutingError
+from .native import ext
 
 
 class Run(Protocol):
@@ -29,8 +29,8 @@ class Run(Protocol):
     def stop_for_exit(self, grace: float) -> None: ...
 
 
-_native_emit = _minigun.emit
-_current_run_id = _minigun.current_run_id
+_native_emit = ext.emit
+_current_run_id = ext.current_run_id
 _child_emit: Callable[[Any, str | None], None] | None = None
 #: An async stage's attempt that may be retried: its emits wait here (one per task).
 _held: contextvars.ContextVar[list[tuple[Any, str | None]] | None] = contextvars.ContextVar(

@@ -13,8 +13,6 @@ import logging
 import threading
 from typing import Any, Protocol
 
-from .plan import plan
-
 logger = logging.getLogger("minigun")
 
 #: How often a stage waiting for room looks at the run's stop flag.
@@ -58,12 +56,12 @@ class RunForks:
     def _plan(self, run: Any) -> None:
         """Reserve the fork stages' processes; lower fork_ipc process counts (each keeps
         one) where a scope's fork stages need more than its max_processes together."""
-        scopes = run._graph.scopes()
+        scopes = run.graph.scopes()
         for scope in scopes:
             self.limit[id(scope)] = scope.settings["max_processes"]
         forking: list[tuple[Any, str, int]] = []
-        for node in run._graph.nodes:
-            strategy, workers = plan(node.stage, node.scope.settings, None)
+        for node in run.graph.nodes:
+            strategy, workers = run.plans[node.path].strategy, run.plans[node.path].workers
             if strategy in ("fork_ipc", "spawn_fork"):
                 forking.append((node, strategy, workers if strategy == "fork_ipc" else 1))
         wanted = {node.path: n for node, _, n in forking}

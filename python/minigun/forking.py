@@ -27,7 +27,7 @@ touched any of them could wait forever. minigun's rule is therefore:
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake (the Rust ``Runtime`` would refuse
   another pid as well, but only after taking PyO3 locks).
-* The fork happens with the Rust fork gate closed (``_minigun.fork_gate_close``): no
+* The fork happens with the Rust fork gate closed (``ext.fork_gate_close``): no
   minigun thread is creating or deleting its Python thread state at that instant, which
   would leave the child deadlocked in ``PyOS_AfterFork_Child`` on CPython 3.11/3.12.
 * The child never touches the std streams it inherited (another thread may have held
@@ -85,12 +85,13 @@ try:
 except ImportError:  # pragma: no cover - no fork there either
     _F_SETPIPE_SZ = None
 
-from . import _minigun, context
+from . import context
 from . import hooks as _hooks
 from . import worker_loop as loop
 from .config import RetryPolicy
 from .errors import MinigunError, WorkerError
 from .fork_budget import RunForks
+from .native import ext
 
 logger = logging.getLogger("minigun")
 
@@ -206,7 +207,7 @@ class _Child:
                 return self.kill()
             with self._lock:
                 if self.status is None:
-                    status = _minigun.reap(self.pid, _POLL)
+                    status = ext.reap(self.pid, _POLL)
                     if status is not None:
                         self._ended(status)
         return self.status
@@ -215,7 +216,7 @@ class _Child:
         """SIGTERM, then SIGKILL after ``grace`` seconds; reap. Idempotent."""
         with self._lock:
             if self.status is None:
-                self._ended(_minigun.terminate(self.pid, grace))
+                self._ended(ext.terminate(self.pid, grace))
         assert self.status is not None
         return self.status
 
@@ -278,14 +279,14 @@ def _spawn(
             # it has set SIGINT to "ignore"; this thread gets its mask back right after.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
             # No minigun thread creates or deletes its thread state during the fork.
-            _minigun.fork_gate_close()
+            ext.fork_gate_close()
             try:
                 pid = os.fork()
                 if pid == 0:
                     own = (w, cr) if duplex else (w,)
                     _child_entry(own, mask, child_main, args)  # never returns
             finally:
-                _minigun.fork_gate_open()
+                ext.fork_gate_open()
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             for fd in fds:
@@ -452,7 +453,7 @@ def _pump(
     work done (``("done" | "retired", None)``), failed (``("error" | "fatal",
     exception)``) or the pipe ends without either (``("eof", None)``)."""
     while True:
-        frame = _minigun.read_frame(child.rfd, tick, child.pid)
+        frame = ext.read_frame(child.rfd, tick, child.pid)
         if frame is None:
             return "eof", None
         tag, data = pickle.loads(frame)
@@ -509,7 +510,7 @@ def _function_worker(call: loop.Call) -> loop.Start:
 def _spawn_fork_call(fn: _Node, start: loop.Start) -> Callable[[Any], None]:
     """The call a spawn_fork stage's worker thread makes per item: fork a child that is
     the stage's worker for that one item, forward what it emits, raise what it raised."""
-    emit = _minigun.emit
+    emit = ext.emit
 
     def forward(entries: list[tuple[Any, Any]]) -> None:
         for to, value in entries:
@@ -583,7 +584,7 @@ class _ChunkReply:
     def deliver(self) -> None:
         values, self.pending = self.pending, []
         for target, value in values:
-            _minigun.emit(value, target)
+            ext.emit(value, target)
 
 
 class _IpcWorker:
@@ -621,14 +622,14 @@ class _IpcWorker:
         read the message (killed while idle) is replaced once, transparently."""
         for attempt in (1, 2):
             child = self.child
-            if child is not None and _minigun.exited(child.pid):
+            if child is not None and ext.exited(child.pid):
                 self._drop(kill=True)  # died while idle: reap it, fork a fresh one
                 child = None
             child = child or self._start()
             delivered = True
             try:
                 try:
-                    _minigun.write_frame(child.wfd, message, self.fn.tick)
+                    ext.write_frame(child.wfd, message, self.fn.tick)
                 except BrokenPipeError:
                     delivered = False  # gone; its last frames (if any) say why
                 outcome, error = _pump(child, self.fn.tick, take)

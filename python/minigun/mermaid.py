@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .graph import Graph, Scope
-from .plan import plan
+from .graph import Graph, Node, Scope
+from .plan import StagePlan, plan_stages
 from .stage import ACCUMULATOR, PRODUCER
 
 _ESCAPES = {
@@ -25,15 +25,18 @@ def escape(text: str) -> str:
     return "".join(_ESCAPES.get(ch, ch) for ch in text).replace("\n", " ")
 
 
-def _label(node) -> str:
+def _label(node: Node, plan: StagePlan) -> str:
     stage = node.stage
     kind = (
         "consumer"
         if not node.downstream and stage.kind not in (PRODUCER, ACCUMULATOR)
         else stage.kind
     )
-    strategy, workers = plan(stage, node.scope.settings, None)
-    detail = kind if stage.kind in (PRODUCER, ACCUMULATOR) else f"{kind} · {strategy} ×{workers}"
+    detail = (
+        kind
+        if stage.kind in (PRODUCER, ACCUMULATOR)
+        else f"{kind} · {plan.strategy} ×{plan.workers}"
+    )
     if stage.kind == ACCUMULATOR:
         size = stage.max_size or node.scope.settings["accumulator_max_single"]
         detail += f" · max {size}"
@@ -41,6 +44,7 @@ def _label(node) -> str:
 
 
 def render(graph: Graph) -> str:
+    plans = plan_stages(graph)
     lines = ["flowchart TD"]
     subgraph_ids: dict[int, str] = {}
 
@@ -55,7 +59,9 @@ def render(graph: Graph) -> str:
             else:
                 node = graph.by_path[scope.qualified(name)]
                 shape = ('(["', '"])') if node.stage.kind == PRODUCER else ('["', '"]')
-                lines.append(f"{indent}n{node.index}{shape[0]}{_label(node)}{shape[1]}")
+                lines.append(
+                    f"{indent}n{node.index}{shape[0]}{_label(node, plans[node.path])}{shape[1]}"
+                )
 
     emit_scope(graph.root, "  ")
     for node in graph.nodes:

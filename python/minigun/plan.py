@@ -1,32 +1,81 @@
-"""Planning a stage: where its work runs and with how many workers, under its pipeline's
-limits (API.md sections 2 and 5)."""
+"""Planning a run: how each stage runs under its pipeline's limits (API.md sections 2, 3
+and 5), decided once per compiled graph.
+
+``plan_stages`` gives one frozen :class:`StagePlan` per stage; the runtime spec, the run's
+summary (``StageInfo``), the fork budget and the Mermaid output all read that one plan, so
+they cannot disagree and a capped option warns once.
+"""
 
 from __future__ import annotations
 
-from .stage import ACCUMULATOR, PIPELINE, PRODUCER
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .config import CapWarnings
+from .graph import Graph, Node
+from .kinds import ACCUMULATOR, PIPELINE, PRODUCER
 from .strategies import canonical, check_available
 
+#: How the runtime calls a stage for one item: "value" emits the return value unless it is
+#: None, "iterate" emits each element of what it returns (producers and generators).
+CallMode = Literal["value", "iterate"]
 
-def plan(stage, settings: dict, caps) -> tuple[str, int]:
-    """Where ``stage`` runs and with how many workers, under its pipeline's ``settings``.
 
-    ``caps`` is a :class:`~minigun.config.CapWarnings` (or None to cap silently): a stage's
-    explicit request over its pipeline's limit is held at the limit, with one warning.
-    """
-    name = stage.name or type(stage).__name__
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage runs."""
+
+    #: The canonical strategy; "inline" for producers, accumulators and nested pipelines.
+    strategy: str
+    #: Threads, processes or coroutines the strategy runs the stage on, after the limits.
+    workers: int
+    #: Retries per failed item, after ``max_retries``.
+    retries: int
+    call_mode: CallMode
+    #: The fewest items a chunk for the stage carries when that many are waiting: an async
+    #: stage's concurrency, so each chunk can keep every coroutine busy.
+    min_chunk: int
+
+
+def plan_stages(graph: Graph, caps: CapWarnings | None = None) -> dict[str, StagePlan]:
+    """The plan of every stage of ``graph``, by path. ``caps`` warns once per stage whose
+    explicit request exceeds its pipeline's limit (None: hold it at the limit silently)."""
+    return {node.path: _plan(node, caps) for node in graph.nodes}
+
+
+def _plan(node: Node, caps: CapWarnings | None) -> StagePlan:
+    stage, settings = node.stage, node.scope.settings
+    strategy, workers = _placement(node, settings, caps)
+    retries = (
+        caps.cap(node.path, "retries", stage.retries, settings["max_retries"], "max_retries")
+        if caps
+        else min(stage.retries, settings["max_retries"])
+    )
+    iterates = stage.kind == PRODUCER or bool(getattr(stage, "is_generator", False))
+    return StagePlan(
+        strategy=strategy,
+        workers=workers,
+        retries=retries,
+        call_mode="iterate" if iterates else "value",
+        min_chunk=workers if strategy == "async" else 1,
+    )
+
+
+def _placement(node: Node, settings: dict[str, Any], caps: CapWarnings | None) -> tuple[str, int]:
+    """Where the stage runs and on how many workers."""
+    stage = node.stage
     if stage.kind in (PRODUCER, ACCUMULATOR, PIPELINE):
         return "inline", 1
+    name = node.path
     strategy = stage.strategy or canonical(settings["default_strategy"], name)
     check_available(strategy, name)
 
     def capped(asked: int | None, option: str, limit_name: str, default: int) -> int:
-        limit = settings[limit_name]
+        limit: int = settings[limit_name]
         if asked is None:
             return max(1, min(default, limit))
         return caps.cap(name, option, asked, limit, limit_name) if caps else min(asked, limit)
 
-    if strategy == "inline":
-        return strategy, 1
     if strategy == "threads":
         return strategy, capped(stage.threads, "threads", "max_threads", settings["min_threads"])
     if strategy == "spawn_thread":
@@ -37,7 +86,6 @@ def plan(stage, settings: dict, caps) -> tuple[str, int]:
         # One worker thread runs the stage's event loop; this is its coroutine count.
         return strategy, capped(stage.concurrency, "concurrency", "max_concurrency", 1)
     if strategy == "spawn_fork":
-        return strategy, capped(
-            stage.processes, "processes", "max_processes", settings["max_processes"]
-        )
+        processes = settings["max_processes"]
+        return strategy, capped(stage.processes, "processes", "max_processes", processes)
     return strategy, 1

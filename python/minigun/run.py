@@ -10,23 +10,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _minigun, aio, context
+from . import aio, context
 from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
-from .forking import fork_call, reap_run
-from .graph import Graph, Node, Scope, compile_graph
-from .plan import plan
+from .executors import executor_for
+from .forking import reap_run
+from .graph import Graph, Node, compile_graph
+from .kinds import ACCUMULATOR, PRODUCER
+from .native import StageSpec, ext
+from .plan import StagePlan, plan_stages
 from .progress import ProgressView
-from .stage import ACCUMULATOR, PRODUCER, FunctionStage
+from .run_hooks import RunHooks
+from .stage import FunctionStage
 from .stats import RunResult, StageInfo, StageStats
-from .strategies import FORKING
+from .strategies import PER_ITEM
+from .work import Call, Close, StageCode, Start
 
 logger = logging.getLogger("minigun")
 
@@ -48,95 +53,53 @@ class Run:
         self._totals: dict[str, int] = {}
         self._progress: ProgressView | None = None
         self._graph: Graph = compile_graph(pipeline, owner, options)
-        self._caps = CapWarnings()
+        self._plans = plan_stages(self._graph, CapWarnings())
+        self._hooks = RunHooks(self._graph, self)
         self._infos: dict[str, StageInfo] = {}
         self._specs = [self._spec(node) for node in self._graph.nodes]
-        self._runtime = _minigun.Runtime(self._specs)
+        self._runtime = ext.Runtime(self._specs)
         self._started_at = 0.0
         self._done = threading.Event()
         self._finish_lock = threading.Lock()
         self._result: RunResult | None = None
         self._failure: BaseException | None = None
         self._cancelled = False
-        self._hook_error: tuple[str | None, BaseException] | None = None
-        self._scope_left = {id(s): len(self._graph.nodes_in(s)) for s in self._graph.scopes()}
-        self._scopes_closed: set[int] = set()
-        self._scope_lock = threading.Lock()
-        self._finished_stages: queue.SimpleQueue[Node] = queue.SimpleQueue()
 
     # -- building specs ---------------------------------------------------------------
 
-    def _spec(self, node: Node) -> dict[str, Any]:
-        stage, settings = node.stage, node.scope.settings
-        strategy, workers = plan(stage, settings, self._caps)
-        plan_workers = workers
-        call: Any = None
-        make_worker = None
-        mode = "iterate" if stage.kind == PRODUCER or stage.is_generator else "value"
-        min_chunk = 1
-        if isinstance(stage, FunctionStage):
-            fn = stage.fn
-            if fn is not None and stage.takes_self:
-                owner = node.scope.owner
-                if owner is None:
-                    raise DefinitionError(f"stage {node.path!r} is a Task method but has no Task")
-                fn = fn.__get__(owner, type(owner))
-            call = fn
-        elif stage.is_async:
-            # One thread runs the stage's event loop, `workers` coroutines at a time, each
-            # on the one copy of the stage that thread opened.
-            make_worker = aio.async_stage(self, node, stage, workers)
-            mode, min_chunk, workers = "chunk", workers, 1
-        else:
-            make_worker = _custom_worker_factory(stage)
-        if stage.kind == PRODUCER and self._show_progress:
-            call = self._count_total(node, call)
-        if call is not None and aio.is_async(call):
-            if stage.kind == PRODUCER:
-                call = aio.drive_producer(call)
-            elif stage.kind == ACCUMULATOR:
-                call, mode = aio.drive_body(call), "value"
-            else:
-                # One thread runs the stage's event loop, `workers` coroutines at a time.
-                make_worker = aio.async_call(self, node, call, workers)
-                call, mode, min_chunk, workers = None, "chunk", workers, 1
-        worker_hooks = _hooks.WorkerHooks(node)
-        if worker_hooks:
-            call, make_worker = _with_worker_hooks(worker_hooks, strategy, call, mode, make_worker)
-        if strategy in FORKING:
-            call, mode, workers, make_worker = fork_call(
-                self, node, strategy, workers, call, mode, make_worker
-            )
-        retries = self._caps.cap(
-            node.path, "retries", stage.retries, settings["max_retries"], "max_retries"
-        )
+    def _spec(self, node: Node) -> StageSpec:
+        stage, plan = node.stage, self._plans[node.path]
+        work = executor_for(plan.strategy)(self, node, plan, self._code(node, plan))
         self._infos[node.path] = StageInfo(
             kind=stage.kind,
-            strategy=strategy,
-            workers=plan_workers,
-            threads=max(1, workers),
+            strategy=plan.strategy,
+            workers=plan.workers,
+            threads=max(1, work.threads),
             queue_size=None if stage.kind == PRODUCER else stage.queue_size,
             runs_code=not (isinstance(stage, FunctionStage) and stage.fn is None),
         )
+        settings = node.scope.settings
         return {
             "name": node.path,
-            "kind": "processor" if stage.kind not in (PRODUCER, ACCUMULATOR) else stage.kind,
-            "call": call,
-            "mode": mode,
-            "make_worker": make_worker,
-            "workers": workers,
-            "spawn_per_item": strategy == "spawn_thread",
+            "kind": stage.kind if stage.kind in (PRODUCER, ACCUMULATOR) else "processor",
+            "call": work.call,
+            "mode": work.mode,
+            "make_worker": work.make_worker,
+            "workers": work.threads,
+            "spawn_per_item": work.per_item,
             "queue_size": stage.queue_size,
-            "min_chunk": min_chunk,
+            "min_chunk": work.min_chunk,
             "downstream": list(node.downstream),
             "routing": stage.routing,
             "route_names": node.route_names,
             "route_error": self._route_error_factory(node),
-            "retries": retries,
+            "retries": plan.retries,
             "retry_on": stage.retry_on,
             "retry_backoff": stage.retry_backoff,
-            "on_failure": lambda error, item, _name, n=node: self._on_failure(n, error, item),
-            "on_finish": lambda _node=node: self._on_stage_finished(_node),
+            "on_failure": lambda error, item, _name, n=node: self._hooks.offer_failure(
+                n, error, item
+            ),
+            "on_finish": lambda n=node: self._hooks.stage_finished(n),
             "auto_start": stage.auto_start,
             "max_size": getattr(stage, "max_size", None) or settings["accumulator_max_single"],
             "max_all": settings["accumulator_max_all"],
@@ -144,6 +107,34 @@ class Run:
             "max_wait": getattr(stage, "max_wait", None),
             "key": getattr(stage, "key", None),
         }
+
+    def _code(self, node: Node, plan: StagePlan) -> StageCode:
+        """The stage's code, ready for its executor: a function bound to its Task (async
+        producers and accumulator bodies driven on a loop of their own), or a custom
+        Stage's worker factory; with the progress view's counting and the worker hooks."""
+        stage = node.stage
+        call: Any = None
+        start: Start | None = None
+        if isinstance(stage, FunctionStage):
+            call = stage.fn
+            if call is not None and stage.takes_self:
+                owner = node.scope.owner
+                if owner is None:
+                    raise DefinitionError(f"stage {node.path!r} is a Task method but has no Task")
+                call = call.__get__(owner, type(owner))
+        else:
+            start = _custom_worker_factory(stage)
+        if stage.kind == PRODUCER and self._show_progress:
+            call = self._count_total(node, call)
+        if call is not None and aio.is_async(call):
+            if stage.kind == PRODUCER:
+                call = aio.drive_producer(call)
+            elif stage.kind == ACCUMULATOR:
+                call = aio.drive_body(call)
+        worker_hooks = _hooks.WorkerHooks(node)
+        if worker_hooks:
+            return _with_worker_hooks(worker_hooks, plan, StageCode(call, start))
+        return StageCode(call, start)
 
     def _count_total(self, node: Node, call: Any) -> Any:
         """For the progress view: note a producer's total (its total=, or len() of the
@@ -163,7 +154,7 @@ class Run:
 
         return counted
 
-    def _route_error_factory(self, node: Node) -> Any:
+    def _route_error_factory(self, node: Node) -> Callable[[str], BaseException]:
         def route_error(name: str) -> RoutingError:
             downstream = [self._graph.nodes[d].path for d in node.downstream]
             exists = name in self._graph.by_path or any(n.local == name for n in self._graph.nodes)
@@ -181,82 +172,15 @@ class Run:
 
         return route_error
 
-    # -- callbacks from the runtime ---------------------------------------------------
-
-    def _on_failure(self, node: Node, error: BaseException, item: Any) -> bool:
-        """Offer a failed item to the on_error handlers, innermost pipeline first."""
-        for scope in node.scope.lineage():
-            relative = node.path[len(scope.path) + 1 :] if scope.path else node.path
-            for hook in scope.hooks.all():
-                if hook.kind == _hooks.ON_ERROR and hook.matches_error(error, relative, node.local):
-                    scope.bind(hook)(error, item, node.path)
-                    return True
-        return False
-
-    def _on_stage_finished(self, node: Node) -> None:
-        # Called on the stage's last worker thread: its after hooks run on the thread that
-        # ran its before hooks, the one driving the run (see _after_finished_stages).
-        logger.debug("stage %r: all workers stopped", node.path)
-        self._finished_stages.put(node)
-
-    def _after_finished_stages(self) -> None:
-        """Run the after hooks of the stages that finished since the last call; on the
-        thread that drives the run, which ran their before hooks."""
-        while True:
-            try:
-                node = self._finished_stages.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self._after_stage(node)
-            except Exception as exc:  # noqa: BLE001 - reported as the run's failure
-                if self._hook_error is None:
-                    self._hook_error = (node.path, exc)
-                self._runtime.cancel()
-
-    def _after_stage(self, node: Node) -> None:
-        for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
-            self._call_hook(node.scope, hook)
-        # A nested pipeline finishes with its last stage: its after hooks run then.
-        for scope in node.scope.lineage():
-            if scope.parent is None:
-                break
-            with self._scope_lock:
-                self._scope_left[id(scope)] -= 1
-                finished = self._scope_left[id(scope)] == 0
-            if finished:
-                self._close_scope(scope)
-
-    def _call_hook(self, scope: Scope, hook: Any) -> None:
-        with context.running_hooks_of(self):
-            scope.bind(hook)()
-
-    def _close_scope(self, scope: Scope) -> None:
-        with self._scope_lock:
-            if id(scope) in self._scopes_closed:
-                return
-            self._scopes_closed.add(id(scope))
-        local = scope.path.rsplit(".", 1)[-1]
-        for hook in scope.hooks.of(_hooks.AFTER_RUN):
-            self._call_hook(scope, hook)
-        for hook in scope.parent.hooks.of(_hooks.AFTER, local):
-            self._call_hook(scope.parent, hook)
-
     # -- lifecycle --------------------------------------------------------------------
 
     def _begin(self) -> None:
         self._started_at = time.perf_counter()
         context.register_run(self)
-        scopes = self._graph.scopes()
         try:
-            for scope in scopes:
-                for hook in scope.hooks.of(_hooks.BEFORE_RUN):
-                    self._call_hook(scope, hook)
-                for name in scope.members:
-                    for hook in scope.hooks.of(_hooks.BEFORE, name):
-                        self._call_hook(scope, hook)
+            self._hooks.before()
         except Exception as exc:
-            self._hook_error = (None, exc)
+            self._hooks.error = (None, exc)
             self._runtime.cancel()
             self._finish()
             assert self._failure is not None
@@ -269,23 +193,17 @@ class Run:
             stream = None if self._show_progress is True else self._show_progress
             self._progress = ProgressView(lambda: self.stats, lambda: self._totals, stream).start()
 
-    def _check_hook_names(self, scopes: list[Scope]) -> None:
-        for scope in scopes:
-            for hook in scope.hooks.all():
-                if hook.kind in (_hooks.BEFORE, _hooks.AFTER) and hook.stage not in scope.members:
-                    raise DefinitionError(
-                        f"@{hook.kind}({hook.stage!r}) names no stage of pipeline "
-                        f"{scope.pipeline.name!r} (stages: {', '.join(scope.members)})"
-                    )
+    def _after_finished_stages(self) -> None:
+        self._hooks.after_finished_stages(self._runtime.cancel)
 
     def run(self) -> RunResult:
-        if not self._has_self_starter():
+        if not self._hooks.can_start():
             raise DefinitionError(
                 "no producer of this pipeline starts by itself (all are auto_start=False) and "
                 "no before_run hook could trigger one, so run() would wait forever; use "
                 "start() and Run.trigger(name) instead"
             )
-        self._check_hook_names(self._graph.scopes())
+        self._hooks.check_names()
         handlers = _install_signal_handlers()
         try:
             self._begin()
@@ -317,7 +235,7 @@ class Run:
         self._finish()
 
     def start(self) -> Run:
-        self._check_hook_names(self._graph.scopes())
+        self._hooks.check_names()
         # The background thread runs every hook that runs in the parent, so before("stage")
         # and after("stage") share a thread as they do under run().
         begun = threading.Event()
@@ -354,26 +272,15 @@ class Run:
             reap_run(self)
             self._after_finished_stages()
             failure = self._runtime.failure()
-            for scope in self._graph.scopes()[1:]:
-                try:
-                    self._close_scope(scope)
-                except Exception as exc:  # noqa: BLE001 - reported as the run's failure
-                    if failure is None and self._hook_error is None:
-                        self._hook_error = (scope.path, exc)
-            for hook in self._graph.root.hooks.of(_hooks.AFTER_RUN):
-                try:
-                    self._call_hook(self._graph.root, hook)
-                except Exception as exc:  # noqa: BLE001
-                    if failure is None and self._hook_error is None:
-                        self._hook_error = (None, exc)
+            self._hooks.after_run(stage_failed=failure is not None)
             stats = self.stats
             duration = time.perf_counter() - self._started_at
             if failure is not None:
                 stage, exc, item = failure
                 result = RunResult("failed", duration, stats, exc)
                 self._failure = _pipeline_error(stage, exc, item, result)
-            elif self._hook_error is not None:
-                stage, exc = self._hook_error
+            elif self._hooks.error is not None:
+                stage, exc = self._hooks.error
                 result = RunResult("failed", duration, stats, exc)
                 self._failure = _pipeline_error(stage, exc, None, result)
             elif self._cancelled:
@@ -391,17 +298,22 @@ class Run:
             raise self._failure from self._failure.__cause__
         return result
 
-    def _has_self_starter(self) -> bool:
-        if any(n.stage.kind == PRODUCER and n.stage.auto_start for n in self._graph.nodes):
-            return True
-        return any(s.hooks.of(_hooks.BEFORE_RUN) for s in self._graph.scopes())
-
     # -- the public Run API -----------------------------------------------------------
 
     @property
     def run_id(self) -> int:
         """The runtime's id of this run (what ``mg.trigger`` matches its caller against)."""
         return self._runtime.run_id
+
+    @property
+    def graph(self) -> Graph:
+        """The run's compiled graph (what executors place stages of)."""
+        return self._graph
+
+    @property
+    def plans(self) -> Mapping[str, StagePlan]:
+        """Every stage's plan, by path (see minigun.plan)."""
+        return self._plans
 
     @property
     def stopping(self) -> bool:
@@ -471,8 +383,8 @@ class Run:
             raise RoutingError(f"trigger({name!r}): producer {name!r} has already started")
 
 
-def _custom_worker_factory(stage: Any) -> Any:
-    def make_worker() -> tuple[Any, Any]:
+def _custom_worker_factory(stage: Any) -> Start:
+    def make_worker() -> tuple[Call, Close]:
         worker = copy.copy(stage)
         worker.open()
         return worker.process, worker.close
@@ -480,30 +392,21 @@ def _custom_worker_factory(stage: Any) -> Any:
     return make_worker
 
 
-def _with_worker_hooks(
-    hooks: _hooks.WorkerHooks, strategy: str, call: Any, mode: str, make_worker: Any
-) -> tuple[Any, Any]:
-    """Wrap a stage's call (or worker factory) so its worker hooks run in each worker."""
-    if strategy in ("spawn_thread", "spawn_fork"):
+def _with_worker_hooks(hooks: _hooks.WorkerHooks, plan: StagePlan, code: StageCode) -> StageCode:
+    """Wrap a stage's code so its worker hooks run in each of its workers."""
+    if plan.strategy in PER_ITEM:
         # Each item gets a thread or child of its own: that is the worker.
-        iterate = mode == "iterate"
-        if make_worker is None:
-            return hooks.around_item(call, iterate), None
-        inner = make_worker
+        iterate = plan.call_mode == "iterate"
+        if code.start is None:
+            return StageCode(call=hooks.around_item(code.call, iterate))
+        inner = code.start
 
-        def make_item_worker() -> tuple[Any, Any]:
+        def start_item_worker() -> tuple[Call, Close]:
             process, close = inner()
             return hooks.around_item(process, iterate), close
 
-        return None, make_item_worker
-    if make_worker is None:
-        plain = call
-
-        def make_worker() -> tuple[Any, Any]:
-            return plain, None
-
-        call = None
-    return call, hooks.around_worker(make_worker)
+        return StageCode(start=start_item_worker)
+    return StageCode(start=hooks.around_worker(code.starter()))
 
 
 def _pipeline_error(

@@ -32,6 +32,8 @@ CANONICAL = {
 }
 
 FORKING = frozenset({"fork_ipc", "spawn_fork"})
+#: Strategies that give every input item a worker of its own (a thread, a child).
+PER_ITEM = frozenset({"spawn_thread", "spawn_fork"})
 
 #: Strategies this version of minigun runs. The others are part of the API contract and
 #: are rejected up front with UnsupportedStrategy rather than misbehaving at run time.

@@ -1,0 +1,114 @@
+"""The executor interface: a stage's code, and the work the runtime's threads run for it.
+
+Every strategy is an :class:`Executor`: it takes a stage's :class:`StageCode` (what the
+user wrote, ready to call) and its plan, and returns the stage's :class:`Work`, what the
+Rust runtime's worker threads run. There are two kinds:
+
+* **In process** (inline, threads, spawn_thread): the work is the stage's own call. The
+  Rust runtime keeps the item contract for it (src/worker.rs): calling each form, retries
+  with back-off, discarding a failed attempt's emits, per-item ``on_error``, stats, a
+  stop check between items.
+* **Elsewhere** (spawn_fork, fork_ipc, async; subinterpreters and Ray next): the work is
+  a worker in ``"chunk"`` mode. Starting it starts a worker where the items run (a
+  process, an event loop); calling it with a chunk of items delivers them, streams back
+  what they emit (``context.emit``), and returns the chunk's outcome: ``(retries,
+  [(item, exception), ...])`` for the items that failed after their retries, optionally
+  with each item's latency. Closing it stops the worker. The far side keeps the item
+  contract in one place, :mod:`minigun.worker_loop` for processes (and later
+  subinterpreters and Ray actors), :mod:`minigun.aio` for coroutines.
+
+A combination an executor cannot honour is refused when the stage is defined (see
+``Stage`` and ``FunctionStage`` in :mod:`minigun.stage`), never at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from .graph import Graph, Node
+from .plan import StagePlan
+
+#: What one worker calls per item (per batch for an accumulator; once for a producer).
+Call = Callable[..., Any]
+#: What a worker calls when it retires (a custom Stage's ``close``), if anything.
+Close = Callable[[], Any] | None
+#: Starts one worker: opens it (a custom Stage's copy runs ``open()``) and returns its
+#: per-item call (None for a body-less accumulator, which only batches) and its close.
+Start = Callable[[], tuple[Call | None, Close]]
+#: How the runtime calls the work: per item ("value", "iterate") or per chunk ("chunk").
+WorkMode = Literal["value", "iterate", "chunk"]
+
+
+@dataclass(frozen=True)
+class StageCode:
+    """A stage's code before an executor places it: a function (``call``, bound to its
+    Task) or a custom Stage (``start`` opens one worker's copy)."""
+
+    call: Call | None = None
+    start: Start | None = None
+
+    def starter(self) -> Start:
+        """Start a worker of either form: a function's worker opens nothing."""
+        if self.start is not None:
+            return self.start
+        call = self.call
+
+        def start_function() -> tuple[Call | None, Close]:
+            return call, None
+
+        return start_function
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the runtime's worker threads run for one stage."""
+
+    #: Called per item by every worker thread; None when each worker gets its own from
+    #: ``make_worker``.
+    call: Call | None
+    mode: WorkMode
+    #: Starts one worker thread's worker (see :data:`Start`).
+    make_worker: Start | None
+    #: The runtime's worker threads for the stage (with ``per_item``: at most this many
+    #: at once).
+    threads: int
+    #: A new worker thread per input item (``spawn_thread``).
+    per_item: bool = False
+    #: The fewest items a chunk for the stage carries when that many are waiting.
+    min_chunk: int = 1
+
+
+class Run(Protocol):
+    """What an executor may ask of the run it works for (``minigun.run.Run``)."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once the run was cancelled or failed."""
+
+    @property
+    def graph(self) -> Graph:
+        """The run's compiled graph."""
+
+    @property
+    def plans(self) -> Mapping[str, StagePlan]:
+        """Every stage's plan, by path."""
+
+
+class Executor(Protocol):
+    """A strategy: turns a stage's code into the runtime's work for it."""
+
+    def __call__(self, run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work: ...
+
+
+def in_process(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """inline, threads and spawn_thread: the runtime's threads call the stage itself."""
+    return Work(
+        call=code.call,
+        mode=plan.call_mode,
+        make_worker=code.start,
+        threads=plan.workers,
+        per_item=plan.strategy == "spawn_thread",
+        min_chunk=plan.min_chunk,
+    )
