@@ -3,7 +3,7 @@
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
 //! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
 //! call user code), `accumulate` (keyed batching), `stats` (counters and latency),
-//! `scheduler` (a whole run), `shutdown` (the stop signal), `fork` (reaping and
+//! `spec` (the typed stage spec the Python layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal), `fork` (reaping and
 //! terminating forked children) and `ipc` (length-prefixed frames on pipes).
 
 pub mod accumulate;
@@ -14,6 +14,7 @@ pub mod ipc;
 pub mod pool;
 pub mod scheduler;
 pub mod shutdown;
+pub mod spec;
 pub mod stats;
 pub mod worker;
 

@@ -1,7 +1,6 @@
 //! The run: builds channels and stages from the graph the Python layer compiled, starts
 //! every worker, tracks which stages finished, records the first failure and tears down.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -12,79 +11,12 @@ use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
-use crate::emit::{Channel, Item, Outbox, Routes, Routing};
+use crate::emit::{Channel, Item, Outbox, Routes};
 use crate::pool::{join_all, refused_error, spawn_named};
 use crate::shutdown::Shutdown;
+pub use crate::spec::{CallMode, Kind, StageSpec};
 use crate::stats::StageStats;
 use crate::worker;
-
-/// One stage as the Python layer describes it (a dict with exactly these keys).
-#[derive(FromPyObject)]
-#[pyo3(from_item_all)]
-pub struct StageSpec {
-    pub name: String,
-    /// "producer", "processor" or "accumulator".
-    pub kind: String,
-    /// The function called per item (per batch for accumulators; once for producers).
-    pub call: Option<Item>,
-    /// "value": emit the return value unless None; "iterate": emit each element;
-    /// "chunk": the call takes a list of items, emits through `emit()` itself, retries by
-    /// itself and returns `(retries, [(item, exception), ...])` for the items that failed.
-    pub mode: String,
-    /// For custom Stage classes: builds one worker's `(call, close)` after running `open()`.
-    pub make_worker: Option<Item>,
-    pub workers: usize,
-    /// A new thread per input item (`spawn_thread`), at most `workers` at once.
-    pub spawn_per_item: bool,
-    pub queue_size: Option<usize>,
-    /// Items a chunk for this stage should carry at least, when there are that many.
-    pub min_chunk: usize,
-    /// Stage indices this stage sends to, one per edge.
-    pub downstream: Vec<usize>,
-    pub routing: String,
-    pub route_names: HashMap<String, Vec<usize>>,
-    pub route_error: Item,
-    pub retries: u32,
-    pub retry_on: Item,
-    pub retry_backoff: f64,
-    /// `on_failure(error, item, stage) -> bool`: True when an `on_error` handler took it.
-    pub on_failure: Item,
-    /// Called once when the stage has finished (the `after("stage")` hooks).
-    pub on_finish: Option<Item>,
-    pub auto_start: bool,
-    pub max_size: usize,
-    pub max_all: usize,
-    pub check_interval: usize,
-    pub max_wait: Option<f64>,
-    pub key: Option<Item>,
-}
-
-impl StageSpec {
-    /// Show the garbage collector the Python objects this spec holds.
-    fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.call)?;
-        visit.call(&self.make_worker)?;
-        visit.call(&self.route_error)?;
-        visit.call(&self.retry_on)?;
-        visit.call(&self.on_failure)?;
-        visit.call(&self.on_finish)?;
-        visit.call(&self.key)
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Producer,
-    Processor,
-    Accumulator,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum CallMode {
-    Value,
-    Iterate,
-    Chunk,
-}
 
 /// The first error that stopped the run.
 pub struct Failure {
@@ -278,35 +210,6 @@ impl StageShared {
     }
 }
 
-fn parse_kind(spec: &StageSpec) -> PyResult<(Kind, CallMode, Routing)> {
-    let kind = match spec.kind.as_str() {
-        "producer" => Kind::Producer,
-        "processor" => Kind::Processor,
-        "accumulator" => Kind::Accumulator,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown stage kind {other:?}"
-            )))
-        }
-    };
-    let mode = match spec.mode.as_str() {
-        "value" => CallMode::Value,
-        "iterate" => CallMode::Iterate,
-        "chunk" => CallMode::Chunk,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown call mode {other:?}"
-            )))
-        }
-    };
-    let routing = match spec.routing.as_str() {
-        "broadcast" => Routing::Broadcast,
-        "round_robin" => Routing::RoundRobin,
-        other => return Err(PyValueError::new_err(format!("unknown routing {other:?}"))),
-    };
-    Ok((kind, mode, routing))
-}
-
 /// A pipeline run inside the Rust runtime.
 #[pyclass(frozen, module = "minigun._minigun")]
 pub struct Runtime {
@@ -332,7 +235,11 @@ impl Runtime {
 #[pymethods]
 impl Runtime {
     #[new]
-    fn new(py: Python<'_>, specs: Vec<StageSpec>) -> PyResult<Self> {
+    fn new(py: Python<'_>, specs: Vec<Bound<'_, PyDict>>) -> PyResult<Self> {
+        let specs = specs
+            .iter()
+            .map(StageSpec::from_dict)
+            .collect::<PyResult<Vec<_>>>()?;
         let free_threaded = py
             .import("sysconfig")?
             .call_method1("get_config_var", ("Py_GIL_DISABLED",))?
@@ -357,7 +264,7 @@ impl Runtime {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                (spec.kind != "producer").then(|| {
+                (spec.kind != Kind::Producer).then(|| {
                     Arc::new(Channel::with_min_chunk(
                         spec.queue_size,
                         upstreams[i],
@@ -387,7 +294,7 @@ impl Runtime {
         });
         let mut stages = Vec::with_capacity(n);
         for (index, spec) in specs.into_iter().enumerate() {
-            let (kind, mode, routing) = parse_kind(&spec)?;
+            let (kind, mode, routing) = (spec.kind, spec.mode, spec.routing);
             let routes = Arc::new(Routes {
                 stage_name: spec.name.clone(),
                 routing,
