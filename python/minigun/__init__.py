@@ -42,8 +42,9 @@ from .hooks import (
     on_error,
 )
 from .pipeline import Pipeline
-from .run import Run, RunResult, StageStats
+from .run import Run
 from .stage import Stage
+from .stats import RunResult, StageStats
 
 __version__ = "0.1.0"
 

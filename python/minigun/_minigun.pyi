@@ -1,7 +1,23 @@
 """Type stub of the Rust runtime extension (src/)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
+
+from minigun.native import StageSpec
+
+__all__ = [
+    "Runtime",
+    "emit",
+    "current_run_id",
+    "MAX_CHUNK",
+    "reap",
+    "exited",
+    "terminate",
+    "fork_gate_close",
+    "fork_gate_open",
+    "read_frame",
+    "write_frame",
+]
 
 MAX_CHUNK: int
 
@@ -29,10 +45,18 @@ def read_frame(
 def write_frame(fd: int, data: bytes, tick: Callable[[], object] | None = None) -> None:
     """Write ``data`` as one length-prefixed frame to ``fd`` without the GIL."""
 
+def fork_gate_close() -> None:
+    """Wait (without the GIL) until no minigun thread is creating or deleting its thread
+    state, and keep them from starting to until ``fork_gate_open()``."""
+
+def fork_gate_open() -> None:
+    """The parent's side of a fork is done."""
+
+@final
 class Runtime:
     """One pipeline run. ``specs`` are dicts describing each stage (see run.py)."""
 
-    def __new__(cls, specs: list[dict[str, Any]]) -> Runtime: ...
+    def __new__(cls, specs: list[StageSpec]) -> Runtime: ...
     def start(self) -> None: ...
     def wait(self, timeout: float | None = None) -> bool: ...
     def join(self) -> None: ...

@@ -27,6 +27,10 @@ from .graph import Node
 from .plan import StagePlan
 from .work import Run, StageCode, Work
 
+#: What a chunk call returns: retries made, the items that failed with their exception,
+#: and each item's latency (see minigun.work).
+ChunkOutcome = tuple[int, list[tuple[Any, BaseException]], list[float]]
+
 #: How often a chunk in flight checks whether the run is stopping.
 _POLL = 0.05
 
@@ -63,7 +67,7 @@ class _AsyncWorker:
         self.stopping = stopping
         self.loop = asyncio.new_event_loop()
 
-    def __call__(self, items: list) -> tuple[int, list, list[float]]:
+    def __call__(self, items: list[Any]) -> ChunkOutcome:
         try:
             return self.loop.run_until_complete(self._chunk(items))
         except BaseException:
@@ -74,7 +78,7 @@ class _AsyncWorker:
         if not self.loop.is_closed():
             self.loop.close()
 
-    async def _chunk(self, items: list) -> tuple[int, list, list[float]]:
+    async def _chunk(self, items: list[Any]) -> ChunkOutcome:
         slots = asyncio.Semaphore(self.concurrency)
         retries = 0
         failures: list[tuple[Any, BaseException]] = []
@@ -132,6 +136,7 @@ def async_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Wo
 
     def make_worker() -> tuple[Callable[[list[Any]], Any], Callable[[], None]]:
         process, close_worker = start()
+        assert process is not None, "an async stage has a body"
         worker = _AsyncWorker(process, plan.workers, policy, lambda: run.stopping)
 
         def close() -> None:

@@ -128,4 +128,5 @@ class RetryPolicy:
         self.backoff = stage.retry_backoff
 
     def delay(self, attempt: int) -> float:
-        return min(60.0, self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+        delay: float = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
+        return min(60.0, delay)

@@ -17,19 +17,18 @@ from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
 from .graph import compile_graph
+from .kinds import ACCUMULATOR, PROCESSOR, PRODUCER
 from .mermaid import render
 from .pipeline import Pipeline
-from .run import Run, RunResult
+from .run import Run
 from .stage import (
-    ACCUMULATOR,
-    PROCESSOR,
-    PRODUCER,
     AccumulatorOptions,
     FunctionStage,
     NestedStage,
     Stage,
     StageOptions,
 )
+from .stats import RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,11 +133,12 @@ class _HybridMethod:
         self.__doc__ = fn.__doc__
 
     def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
-        return self.fn.__get__(owner if instance is None else instance, owner)
+        bound: Callable[..., Any] = self.fn.__get__(owner if instance is None else instance, owner)
+        return bound
 
 
 class _ClassProperty:
-    def __init__(self, fn: Callable[[type], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.__doc__ = fn.__doc__
 
@@ -205,12 +205,12 @@ class Task:
                         f"{base_stage.name!r} with a plain method; only function stages can "
                         "be overridden that way"
                     )
-                stage = base_stage.with_body(value)
-                members[attr] = stage
-                setattr(cls, attr, stage)
+                overridden = base_stage.with_body(value)
+                members[attr] = overridden
+                setattr(cls, attr, overridden)
         for hook in _hooks.collect(dict(cls.__dict__)):
             hooks.add(hook)
-        seen: dict[str, str] = {}
+        seen: dict[str | None, str] = {}
         for attr, stage in members.items():
             if stage.name in seen:
                 raise DefinitionError(
@@ -224,7 +224,7 @@ class Task:
         _config.normalize(task_settings(cls, None), f"Task {cls.__name__}")
 
     @_ClassProperty
-    def root_pipeline(cls) -> Pipeline:  # noqa: N805 - a class property
+    def root_pipeline(cls: type[Task]) -> Pipeline:  # noqa: N805 - a class property
         """The :class:`Pipeline` this Task class builds."""
         cached = cls.__dict__.get("_minigun_pipeline")
         if cached is None:

@@ -6,11 +6,13 @@ here; ``Run`` asks only :func:`executor_for`.
 
 from __future__ import annotations
 
+from typing import cast
+
 from .aio import async_executor
 from .forking import fork_call
 from .graph import Node
 from .plan import StagePlan
-from .work import Executor, Run, StageCode, Work, in_process
+from .work import Executor, Run, StageCode, Work, WorkMode, in_process
 
 
 def _forked(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
@@ -18,7 +20,7 @@ def _forked(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
     call, mode, threads, make_worker = fork_call(
         run, node, plan.strategy, plan.workers, code.call, plan.call_mode, code.start
     )
-    return Work(call=call, mode=mode, make_worker=make_worker, threads=threads)
+    return Work(call=call, mode=cast(WorkMode, mode), make_worker=make_worker, threads=threads)
 
 
 EXECUTORS: dict[str, Executor] = {

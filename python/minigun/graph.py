@@ -24,7 +24,8 @@ from typing import Any
 from . import config as _config
 from .errors import DefinitionError
 from .hooks import HookSet
-from .stage import PIPELINE, PRODUCER, NestedStage, Stage
+from .kinds import PIPELINE, PRODUCER
+from .stage import NestedStage, Stage
 
 Ref = tuple["Scope", str]
 
@@ -54,7 +55,8 @@ class Scope:
 
     def lineage(self) -> list[Scope]:
         """This scope and its parents, innermost first."""
-        out, s = [], self
+        out: list[Scope] = []
+        s: Scope | None = self
         while s is not None:
             out.append(s)
             s = s.parent
@@ -108,7 +110,7 @@ def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:
         return pipeline, target
     # A Task class: one instance per outer instance, made with no arguments.
     if owner is None:
-        return target.root_pipeline, None
+        return pipeline, None
     cache = owner.__dict__.setdefault("_minigun_nested", {})
     if stage.name not in cache:
         try:
@@ -118,7 +120,7 @@ def _nested_target(stage: NestedStage, owner: Any) -> tuple[Any, Any]:
                 f"nested pipeline {stage.name!r}: {target.__name__}() failed ({exc}); nest an "
                 f"instance instead: mg.nested({target.__name__}(...), name={stage.name!r})"
             ) from exc
-    return target.root_pipeline, cache[stage.name]
+    return pipeline, cache[stage.name]
 
 
 def build_scope(

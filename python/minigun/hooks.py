@@ -76,7 +76,9 @@ class HookSet:
         return clone
 
 
-def _mark(fn: F, kind: str, stage: str | None, errors: tuple, prepend: bool) -> F:
+def _mark(
+    fn: F, kind: str, stage: str | None, errors: tuple[type[BaseException], ...], prepend: bool
+) -> F:
     if not callable(fn):
         raise DefinitionError(f"@{kind} decorates a function, got {fn!r}")
     marks = list(getattr(fn, MARK, ()))
@@ -88,7 +90,7 @@ def _mark(fn: F, kind: str, stage: str | None, errors: tuple, prepend: bool) -> 
     return fn
 
 
-def _plain(kind: str):
+def _plain(kind: str) -> Callable[..., Any]:
     def decorator(fn: Any = None, *, prepend: bool = False) -> Any:
         if fn is None:
             return lambda f: _mark(f, kind, None, (), prepend)
@@ -99,7 +101,7 @@ def _plain(kind: str):
     return decorator
 
 
-def _stage_scoped(kind: str, *, required: bool):
+def _stage_scoped(kind: str, *, required: bool) -> Callable[..., Any]:
     def decorator(stage: Any = None, *, prepend: bool = False) -> Any:
         if callable(stage) and not isinstance(stage, str):
             if required:
@@ -168,7 +170,7 @@ before = cast(StageHookDecorator, _stage_scoped(BEFORE, required=True))
 after = cast(StageHookDecorator, _stage_scoped(AFTER, required=True))
 
 
-def _worker_scoped(kind: str):
+def _worker_scoped(kind: str) -> Callable[..., Any]:
     def decorator(
         fn: Any = None,
         /,
@@ -308,7 +310,7 @@ def error_types(types: tuple[Any, ...]) -> tuple[type[BaseException], ...]:
 
 
 @overload
-def on_error(fn: F, /) -> F: ...  # type: ignore[overload-overlap]
+def on_error(fn: F, /) -> F: ...  # type: ignore[overload-overlap,unused-ignore]
 @overload
 def on_error(
     *types: type[BaseException], stage: str | None = None, prepend: bool = False

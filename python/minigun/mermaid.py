@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .graph import Graph, Node, Scope
+from .kinds import ACCUMULATOR, PRODUCER
 from .plan import StagePlan, plan_stages
-from .stage import ACCUMULATOR, PRODUCER
 
 _ESCAPES = {
     "&": "#amp;",
@@ -38,7 +38,7 @@ def _label(node: Node, plan: StagePlan) -> str:
         else f"{kind} · {plan.strategy} ×{plan.workers}"
     )
     if stage.kind == ACCUMULATOR:
-        size = stage.max_size or node.scope.settings["accumulator_max_single"]
+        size = getattr(stage, "max_size", None) or node.scope.settings["accumulator_max_single"]
         detail += f" · max {size}"
     return f"{escape(node.local)}<br/>{escape(detail)}"
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypedDict
 from .errors import MinigunError
 
 try:  # CPython 3.13+: tells a subinterpreter from the main one
-    import _interpreters
+    import _interpreters  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # older Pythons have no subinterpreters to run in
     _interpreters = None
 
@@ -45,13 +45,18 @@ class _NoRuntime:
         return unavailable
 
 
+#: The runtime's stage kinds: nested pipelines are flattened away before it sees them, and
+#: consumers are processors with no downstream.
+RuntimeKind = Literal["producer", "processor", "accumulator"]
+
+
 class StageSpec(TypedDict):
     """One stage as the runtime takes it (``Runtime(specs)``; src/scheduler.rs reads the
     same fields into its ``StageSpec``). A bad value is refused there with a
     :class:`~minigun.errors.DefinitionError` naming the stage and the field."""
 
     name: str
-    kind: Literal["producer", "processor", "accumulator"]
+    kind: RuntimeKind
     #: Called per item (per batch for accumulators; once for producers), or None.
     call: Callable[..., Any] | None
     #: "value": emit the return value unless None; "iterate": emit each element; "chunk":
@@ -59,7 +64,7 @@ class StageSpec(TypedDict):
     #: chunk's outcome (see minigun.work).
     mode: Literal["value", "iterate", "chunk"]
     #: Starts one worker: ``() -> (call, close)``.
-    make_worker: Callable[[], tuple[Callable[..., Any], Callable[[], Any] | None]] | None
+    make_worker: Callable[[], tuple[Callable[..., Any] | None, Callable[[], Any] | None]] | None
     workers: int
     spawn_per_item: bool
     queue_size: int | None

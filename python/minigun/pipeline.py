@@ -13,18 +13,17 @@ from . import config as _config
 from . import hooks as _hooks
 from .errors import DefinitionError
 from .graph import compile_graph
+from .kinds import ACCUMULATOR, PROCESSOR, PRODUCER
 from .mermaid import render
-from .run import Run, RunResult
+from .run import Run
 from .stage import (
-    ACCUMULATOR,
-    PROCESSOR,
-    PRODUCER,
     AccumulatorOptions,
     FunctionStage,
     NestedStage,
     Stage,
     StageOptions,
 )
+from .stats import RunResult
 
 
 class Pipeline:
@@ -152,7 +151,7 @@ class Pipeline:
         kind: str,
         fn: Callable[..., Any],
         stage: str | None = None,
-        errors: tuple = (Exception,),
+        errors: tuple[type[BaseException], ...] = (Exception,),
         prepend: bool = False,
     ) -> Callable[..., Any]:
         if not callable(fn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import signal
 import threading
@@ -24,7 +25,7 @@ from .executors import executor_for
 from .forking import reap_run
 from .graph import Graph, Node, compile_graph
 from .kinds import ACCUMULATOR, PRODUCER
-from .native import StageSpec, ext
+from .native import RuntimeKind, StageSpec, ext
 from .plan import StagePlan, plan_stages
 from .progress import ProgressView
 from .run_hooks import RunHooks
@@ -36,6 +37,8 @@ from .work import Call, Close, StageCode, Start
 logger = logging.getLogger("minigun")
 
 _POLL = 0.05
+
+_RUNTIME_KINDS: dict[str, RuntimeKind] = {PRODUCER: "producer", ACCUMULATOR: "accumulator"}
 
 
 class _Terminated(BaseException):
@@ -81,7 +84,7 @@ class Run:
         settings = node.scope.settings
         return {
             "name": node.path,
-            "kind": stage.kind if stage.kind in (PRODUCER, ACCUMULATOR) else "processor",
+            "kind": _RUNTIME_KINDS.get(stage.kind, "processor"),
             "call": work.call,
             "mode": work.mode,
             "make_worker": work.make_worker,
@@ -96,10 +99,8 @@ class Run:
             "retries": plan.retries,
             "retry_on": stage.retry_on,
             "retry_backoff": stage.retry_backoff,
-            "on_failure": lambda error, item, _name, n=node: self._hooks.offer_failure(
-                n, error, item
-            ),
-            "on_finish": lambda n=node: self._hooks.stage_finished(n),
+            "on_failure": self._failure_handler(node),
+            "on_finish": functools.partial(self._hooks.stage_finished, node),
             "auto_start": stage.auto_start,
             "max_size": getattr(stage, "max_size", None) or settings["accumulator_max_single"],
             "max_all": settings["accumulator_max_all"],
@@ -107,6 +108,12 @@ class Run:
             "max_wait": getattr(stage, "max_wait", None),
             "key": getattr(stage, "key", None),
         }
+
+    def _failure_handler(self, node: Node) -> Callable[[BaseException, Any, str], bool]:
+        def on_failure(error: BaseException, item: Any, _stage: str) -> bool:
+            return self._hooks.offer_failure(node, error, item)
+
+        return on_failure
 
     def _code(self, node: Node, plan: StagePlan) -> StageCode:
         """The stage's code, ready for its executor: a function bound to its Task (async
@@ -276,13 +283,13 @@ class Run:
             stats = self.stats
             duration = time.perf_counter() - self._started_at
             if failure is not None:
-                stage, exc, item = failure
+                failed_stage, exc, item = failure
                 result = RunResult("failed", duration, stats, exc)
-                self._failure = _pipeline_error(stage, exc, item, result)
+                self._failure = _pipeline_error(failed_stage, exc, item, result)
             elif self._hooks.error is not None:
-                stage, exc = self._hooks.error
+                where, exc = self._hooks.error
                 result = RunResult("failed", duration, stats, exc)
-                self._failure = _pipeline_error(stage, exc, None, result)
+                self._failure = _pipeline_error(where, exc, None, result)
             elif self._cancelled:
                 result = RunResult("cancelled", duration, stats)
             else:
@@ -398,11 +405,13 @@ def _with_worker_hooks(hooks: _hooks.WorkerHooks, plan: StagePlan, code: StageCo
         # Each item gets a thread or child of its own: that is the worker.
         iterate = plan.call_mode == "iterate"
         if code.start is None:
+            assert code.call is not None, "a per-item strategy runs a processor's function"
             return StageCode(call=hooks.around_item(code.call, iterate))
         inner = code.start
 
         def start_item_worker() -> tuple[Call, Close]:
             process, close = inner()
+            assert process is not None, "a custom Stage's worker has a process()"
             return hooks.around_item(process, iterate), close
 
         return StageCode(start=start_item_worker)

@@ -21,6 +21,9 @@ from .kinds import ACCUMULATOR, PIPELINE, PROCESSOR, PRODUCER
 
 _UNSET: Any = object()
 
+#: How a stage sends an item that ``emit`` does not address by name.
+Routing = Literal["broadcast", "round_robin"]
+
 
 class StageOptions(TypedDict, total=False):
     """The options every decorator and builder method takes (API.md section 3), so type
@@ -151,7 +154,7 @@ class Stage:
             raise DefinitionError(
                 f"stage {label!r}: routing must be 'broadcast' or 'round_robin', got {routing!r}"
             )
-        self.routing = routing
+        self.routing: Routing = "round_robin" if routing == "round_robin" else "broadcast"
         if queue_size is not None and not _is_count(queue_size, 1):
             raise DefinitionError(
                 f"stage {label!r}: queue_size= must be a positive int (at most 2**62), or None "
@@ -371,7 +374,7 @@ class FunctionStage(Stage):
     def _set_body(self, fn: Callable[..., Any]) -> None:
         if not callable(fn):
             raise DefinitionError(f"stage {self.name!r}: expected a function, got {fn!r}")
-        label = self.name or getattr(fn, "__name__", self.kind)
+        label: str = self.name or getattr(fn, "__name__", None) or self.kind
         check_arity(fn, self.kind, label, self.takes_self)
         # What functools.wraps keeps: help(), inspect.signature() and IDEs see the function.
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):

@@ -8,6 +8,7 @@ formats them. The same formatting serves the live progress view (``progress.py``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,7 +172,7 @@ def bottleneck(stats: dict[str, StageStats]) -> str | None:
     return max(candidates, key=lambda c: c[0])[1]
 
 
-def table(rows: list[tuple[str, ...]]) -> list[str]:
+def table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     """Rows as aligned lines: the first column left-aligned, the others right-aligned, a
     rule under the header row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
