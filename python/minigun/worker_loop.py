@@ -302,6 +302,55 @@ def run_chunk(
             out.flush_if_due()
 
 
+class ChunkServer:
+    """A long-lived worker (fork_ipc; subinterpreter and Ray workers): started once, then
+    answers messages, one reply each, through its ``out``.
+
+    A worker that cannot start (an after_fork hook or open() raised) fails each item of
+    the chunk it is given, one by one, with that error, and retires: the parent starts a
+    fresh worker for the next chunk."""
+
+    def __init__(self, out: Outbox, start: Start, mode: str, policy: RetryPolicy) -> None:
+        self.out = out
+        self.mode = mode
+        self.policy = policy
+        self.close: Callable[[], Any] | None = None
+        self.startup: BaseException | None = None
+        try:
+            self.call, self.close = start()
+        except BaseException as exc:  # noqa: BLE001 - reported with the first chunk
+            self.startup = exc
+
+    def handle(self, message: tuple[str, Any]) -> bool:
+        """Answer one message; False when the worker is done (closed, or retired)."""
+        out = self.out
+        tag, data = message
+        if tag == CLOSE:
+            try:
+                if self.startup is None and self.close is not None:
+                    self.close()
+            except BaseException as exc:  # noqa: BLE001
+                out.fail(exc, FATAL)
+            else:
+                out.finish()
+            return False
+        items, careful = data
+        if self.startup is not None:
+            failure = error_payload(self.startup)
+            for k in range(len(items)):
+                out.mark(MARK_FAILED, (k, failure))
+                out.mark(MARK_FINISHED, k)
+            out.finish(RETIRED)
+            return False
+        try:
+            run_chunk(self.call, self.mode, items, careful, out, self.policy)
+        except BaseException as exc:  # noqa: BLE001 - nothing may escape a worker
+            out.fail(exc, FATAL)
+            return False
+        out.finish()
+        return True
+
+
 def serve(
     receive: Callable[[], tuple[str, Any] | None],
     out: Outbox,
@@ -309,46 +358,11 @@ def serve(
     mode: str,
     policy: RetryPolicy,
 ) -> None:
-    """A long-lived worker (fork_ipc): start, then answer chunks until told to close or
-    the parent goes away.
-
-    A worker that cannot start (an after_fork hook or open() raised) fails each item of
-    the chunk it is given, one by one, with that error, and retires: the parent starts a
-    fresh worker for the next chunk."""
-    try:
-        call, close = start()
-    except BaseException as exc:  # noqa: BLE001 - reported with the first chunk
-        startup: BaseException | None = exc
-    else:
-        startup = None
-    while True:
-        message = receive()
-        if message is None:
-            return  # the parent closed the pipe (or is gone)
-        tag, data = message
-        if tag == CLOSE:
-            try:
-                if startup is None and close is not None:
-                    close()
-            except BaseException as exc:  # noqa: BLE001
-                out.fail(exc, FATAL)
-            else:
-                out.finish()
-            return
-        items, careful = data
-        if startup is not None:
-            failure = error_payload(startup)
-            for k in range(len(items)):
-                out.mark(MARK_FAILED, (k, failure))
-                out.mark(MARK_FINISHED, k)
-            out.finish(RETIRED)
-            return
-        try:
-            run_chunk(call, mode, items, careful, out, policy)
-        except BaseException as exc:  # noqa: BLE001 - nothing may escape a worker
-            out.fail(exc, FATAL)
-            return
-        out.finish()
+    """A long-lived worker on a pipe: start, then answer chunks until told to close or
+    the parent goes away (the pipe ends)."""
+    server = ChunkServer(out, start, mode, policy)
+    while (message := receive()) is not None and server.handle(message):
+        pass
 
 
 # -- frames on pipes (a forked worker's transport) ------------------------------------------
