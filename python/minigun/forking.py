@@ -92,6 +92,7 @@ from .config import RetryPolicy
 from .errors import MinigunError, WorkerError
 from .fork_budget import RunForks
 from .native import ext
+from .worker_reply import ChunkReply, worker_exception
 
 logger = logging.getLogger("minigun")
 
@@ -421,29 +422,7 @@ def _with_hooks(after: list[Callable[[], Any]], start: loop.Start) -> loop.Start
 
 
 def _child_exception(stage: str, pid: int, payload: tuple[Any, ...]) -> BaseException:
-    pickled, type_name, message, text = payload
-    exc: Any = None
-    if pickled is not None:
-        try:
-            exc = pickle.loads(pickled)
-        except Exception:  # noqa: BLE001 - reported as WorkerError instead
-            exc = None
-    if not isinstance(exc, BaseException):
-        exc = WorkerError(
-            f"stage {stage!r}: child process {pid} raised {type_name}: {message} (the "
-            "exception could not be sent to the parent as itself)",
-            traceback_text=text,
-        )
-    else:
-        try:
-            exc.traceback_text = text
-        except Exception:  # noqa: BLE001 - e.g. __slots__ exceptions: the note remains
-            pass
-    exc.add_note(
-        f"[minigun] raised in forked child process {pid} of stage {stage!r}; "
-        f"the child's traceback:\n{text.rstrip()}"
-    )
-    return exc
+    return worker_exception(stage, f"forked child process {pid}", payload)
 
 
 def _pump(
@@ -549,44 +528,6 @@ def _spawn_fork_call(fn: _Node, start: loop.Start) -> Callable[[Any], None]:
 # fork_ipc ---------------------------------------------------------------------------------
 
 
-class _ChunkReply:
-    """What a fork_ipc worker has reported about the chunk sent to it. An item's values are
-    held here until its outcome arrives, and delivered only then: values of an item the
-    worker did not finish are never delivered (the item runs again elsewhere)."""
-
-    def __init__(self, worker: _IpcWorker, items: list[Any]) -> None:
-        self.worker = worker
-        self.items = items
-        self.pending: list[tuple[Any, Any]] = []
-        self.finished = 0  # items reported finished, from the start of the chunk
-        self.retries = 0
-        self.failures: list[tuple[Any, BaseException]] = []
-
-    def take(self, entries: list[tuple[Any, Any]]) -> None:
-        for to, data in entries:
-            if to.__class__ is not int:
-                self.pending.append((to, data))
-            elif to == loop.MARK_FINISHED:
-                self.deliver()
-                self.finished = data + 1
-            elif to == loop.MARK_RETRIED:
-                self.retries += data
-            else:
-                k, payload = data
-                child = self.worker.child
-                self.failures.append(
-                    (
-                        self.items[k],
-                        _child_exception(self.worker.fn.path, child.pid if child else 0, payload),
-                    )
-                )
-
-    def deliver(self) -> None:
-        values, self.pending = self.pending, []
-        for target, value in values:
-            ext.emit(value, target)
-
-
 class _IpcWorker:
     """One Rust worker thread's long-lived child, forked at its first item."""
 
@@ -609,6 +550,12 @@ class _IpcWorker:
         )
         self.child = child
         return child
+
+    def _reply(self, items: list[Any]) -> ChunkReply:
+        def where() -> str:
+            return f"forked child process {self.child.pid if self.child else 0}"
+
+        return ChunkReply(self.fn.path, where, items, ext.emit)
 
     def _drop(self, kill: bool) -> None:
         child, self.child = self.child, None
@@ -667,7 +614,7 @@ class _IpcWorker:
             except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
                 items = items[:start] + self._picklable(items[start:], failures)
                 continue
-            reply = _ChunkReply(self, items[start:])
+            reply = self._reply(items[start:])
             outcome, error = self._exchange(message, reply.take)
             retries += reply.retries
             failures += reply.failures
@@ -711,7 +658,7 @@ class _IpcWorker:
     def close(self) -> None:
         if self.child is None:
             return
-        reply = _ChunkReply(self, [])
+        reply = self._reply([])
         outcome, error = self._exchange(pickle.dumps((loop.CLOSE, None), loop.PROTOCOL), reply.take)
         self._drop(kill=False)
         if error is not None:

@@ -1,0 +1,85 @@
+"""The parent's side of the item contract with a worker elsewhere (a forked child, a
+subinterpreter, a Ray actor or task): reading what :mod:`minigun.worker_loop` reports.
+
+A worker's reply is a stream of entries (see worker_loop's module doc): values, each
+item's outcome, retries made. An item's values are held here until its outcome arrives
+and delivered only then, so values of an item the worker did not finish are never
+delivered (the item can run again elsewhere without any value arriving twice).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+from . import worker_loop as loop
+from .errors import WorkerError
+
+#: Delivers one value downstream: ``(value, to)``, as ``mg.emit`` takes them.
+Deliver = Callable[[Any, "str | None"], None]
+
+
+def worker_exception(stage: str, where: str, payload: tuple[Any, ...]) -> BaseException:
+    """The exception a worker reported, as itself where it could be pickled (else a
+    WorkerError with its type and message), carrying the worker's traceback text in
+    ``traceback_text`` and in a note. ``where`` names the worker ("forked child process
+    123", "Ray actor ...")."""
+    pickled, type_name, message, text = payload
+    exc: Any = None
+    if pickled is not None:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:  # noqa: BLE001 - reported as WorkerError instead
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = WorkerError(
+            f"stage {stage!r}: {where} raised {type_name}: {message} (the exception could "
+            "not be sent to the parent as itself)",
+            traceback_text=text,
+        )
+    else:
+        try:
+            exc.traceback_text = text  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - e.g. __slots__ exceptions: the note remains
+            pass
+    exc.add_note(f"[minigun] raised in {where} of stage {stage!r}; its traceback:\n{text.rstrip()}")
+    return exc
+
+
+class ChunkReply:
+    """What a worker has reported about the chunk ``items`` sent to it."""
+
+    def __init__(self, stage: str, where: Callable[[], str], items: list[Any], deliver: Deliver):
+        self.stage = stage
+        #: Names the worker for error messages (asked only when an item failed).
+        self.where = where
+        self.items = items
+        self._deliver = deliver
+        self.pending: list[tuple[Any, Any]] = []
+        #: Items reported finished, from the start of the chunk.
+        self.finished = 0
+        self.retries = 0
+        self.failures: list[tuple[Any, BaseException]] = []
+
+    def take(self, entries: list[tuple[Any, Any]]) -> None:
+        """Read a frame's entries."""
+        for to, data in entries:
+            if to.__class__ is not int:
+                self.pending.append((to, data))
+            elif to == loop.MARK_FINISHED:
+                self.deliver()
+                self.finished = data + 1
+            elif to == loop.MARK_RETRIED:
+                self.retries += data
+            else:
+                k, payload = data
+                self.failures.append(
+                    (self.items[k], worker_exception(self.stage, self.where(), payload))
+                )
+
+    def deliver(self) -> None:
+        """Send on the values of the item whose outcome arrived (or what close() emitted)."""
+        values, self.pending = self.pending, []
+        for target, value in values:
+            self._deliver(value, target)
