@@ -458,7 +458,7 @@ class _Node:
         self.send_back = bool(node.downstream) or bool(node.scope.settings["use_ipc"])
         #: The names ``emit(to=)`` accepts, checked in the child as the runtime does.
         self.routes = frozenset(node.route_names)
-        self.route_error = run._route_error_factory(node)
+        self.route_error = run.graph.route_error(node)
         self.scopes = [id(s) for s in node.scope.lineage()]
         self.forks = _run_forks(run)
 

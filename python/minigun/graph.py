@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import config as _config
-from .errors import DefinitionError
+from .errors import DefinitionError, RoutingError
 from .hooks import HookSet
 from .kinds import PIPELINE, PRODUCER
 from .stage import NestedStage, Stage
@@ -85,6 +85,32 @@ class Node:
     route_names: dict[str, list[int]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MisroutedEmit:
+    """Builds the RoutingError for an ``emit(to=name)`` a stage may not make. Plain data,
+    so a worker in another process or interpreter raises the same error as a thread."""
+
+    path: str
+    local: str
+    downstream: tuple[str, ...]
+    declared: tuple[str, ...]
+    known: frozenset[str]
+
+    def __call__(self, name: str) -> RoutingError:
+        downstream = ", ".join(map(repr, self.downstream)) or "none"
+        if name in self.known:
+            declared = sorted({*self.declared, *self.downstream, name})
+            return RoutingError(
+                f"stage {self.path!r} emitted to {name!r}, which is not one of its "
+                f"downstream stages ({downstream}); declare the edge with to={declared!r} "
+                f"on {self.local!r}"
+            )
+        return RoutingError(
+            f"stage {self.path!r} emitted to {name!r}, but no stage has that name; its "
+            f"downstream stages are {downstream}"
+        )
+
+
 @dataclass(eq=False)
 class Graph:
     root: Scope
@@ -93,6 +119,16 @@ class Graph:
 
     def scopes(self) -> list[Scope]:
         return [self.root, *self.root.descendants()]
+
+    def route_error(self, node: Node) -> MisroutedEmit:
+        """What ``emit(to=name)`` from ``node`` raises for a name it may not send to."""
+        return MisroutedEmit(
+            path=node.path,
+            local=node.local,
+            downstream=tuple(self.nodes[d].path for d in node.downstream),
+            declared=tuple(node.stage.to),
+            known=frozenset(self.by_path) | {n.local for n in self.nodes},
+        )
 
     def nodes_in(self, scope: Scope) -> list[Node]:
         """The flat nodes of ``scope`` and of every pipeline nested in it."""

@@ -95,7 +95,7 @@ class Run:
             "downstream": list(node.downstream),
             "routing": stage.routing,
             "route_names": node.route_names,
-            "route_error": self._route_error_factory(node),
+            "route_error": self._graph.route_error(node),
             "retries": plan.retries,
             "retry_on": stage.retry_on,
             "retry_backoff": stage.retry_backoff,
@@ -160,24 +160,6 @@ class Run:
             return produced
 
         return counted
-
-    def _route_error_factory(self, node: Node) -> Callable[[str], BaseException]:
-        def route_error(name: str) -> RoutingError:
-            downstream = [self._graph.nodes[d].path for d in node.downstream]
-            exists = name in self._graph.by_path or any(n.local == name for n in self._graph.nodes)
-            if exists:
-                declared = sorted({*node.stage.to, *downstream, name})
-                return RoutingError(
-                    f"stage {node.path!r} emitted to {name!r}, which is not one of its "
-                    f"downstream stages ({', '.join(map(repr, downstream)) or 'none'}); "
-                    f"declare the edge with to={declared!r} on {node.local!r}"
-                )
-            return RoutingError(
-                f"stage {node.path!r} emitted to {name!r}, but no stage has that name; "
-                f"its downstream stages are {', '.join(map(repr, downstream)) or 'none'}"
-            )
-
-        return route_error
 
     # -- lifecycle --------------------------------------------------------------------
 
