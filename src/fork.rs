@@ -1,21 +1,20 @@
-//! Child-process bookkeeping for the fork strategies (`spawn_fork`, `fork_ipc`): waiting
-//! for a child to end and collecting its exit status (reaping), peeking whether it ended,
-//! and terminating it (SIGTERM, a grace period, then SIGKILL). Every wait happens without
-//! the GIL.
+//! What makes a fork safe in a process full of runtime threads, and the process calls
+//! the parent needs: the fork gate (no thread state is born or dies during a fork), the
+//! registry of the parent's file descriptors that every new child closes, reaping (with a
+//! pidfd where the kernel has them), peeking whether a child ended, and terminating it
+//! (SIGTERM, a grace period, then SIGKILL).
 //!
-//! The fork itself is not here: `minigun.forking` calls `os.fork()` from the worker thread
-//! that runs the stage (see docs/forking.md for why that is safe), and the child runs pure
-//! Python only. These functions are for the parent; a child never calls into this module.
-//!
-//! Waiting uses a pidfd (`pidfd_open`, Linux 5.3+) polled with a timeout, so a child's exit
-//! wakes the waiter at once; where pidfds are unavailable it falls back to `waitpid(WNOHANG)`
-//! with a short backoff.
+//! The fork itself is not here: `minigun.fork_safety` calls `os.fork()` from the worker
+//! thread that runs the stage (see docs/forking.md for why that is safe), and the child
+//! runs pure Python only. These functions are for the parent; a child never calls into
+//! this module. The per-run table of children is `children.rs`.
 
 use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyChildProcessError;
+use std::os::fd::RawFd;
+
 use pyo3::prelude::*;
 
 /// Collect `pid`'s exit status if it has ended (`waitpid(WNOHANG)`); `None` while it runs.
@@ -56,8 +55,8 @@ pub fn has_exited(pid: i32) -> bool {
     }
 }
 
-/// A pidfd for `pid`, if the kernel has them.
-fn pidfd(pid: i32) -> Option<libc::c_int> {
+/// A pidfd for `pid`, if the kernel has them (Linux 5.3+).
+pub fn pidfd(pid: i32) -> Option<libc::c_int> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     (fd >= 0).then_some(fd as libc::c_int)
@@ -142,46 +141,6 @@ pub fn terminate_child(pid: i32, grace: Duration) -> io::Result<i32> {
     Ok(reap_within(pid, None)?.expect("an untimed wait returns a status"))
 }
 
-fn os_error(err: io::Error) -> PyErr {
-    if err.raw_os_error() == Some(libc::ECHILD) {
-        return PyChildProcessError::new_err(format!(
-            "{err} (not a child of this process, or already reaped)"
-        ));
-    }
-    PyErr::from(err)
-}
-
-/// `reap(pid, timeout=None) -> int | None`: wait (without the GIL) up to `timeout` seconds
-/// (forever if None) for the child `pid` to end; reap it and return its raw wait status
-/// (decode with `os.waitstatus_to_exitcode`), or None if it is still running.
-/// Raises ChildProcessError if `pid` is not a child of this process (or was reaped).
-#[pyfunction]
-#[pyo3(signature = (pid, timeout=None))]
-pub fn reap(py: Python<'_>, pid: i32, timeout: Option<f64>) -> PyResult<Option<i32>> {
-    let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
-    if timeout == Some(Duration::ZERO) {
-        return try_reap(pid).map_err(os_error);
-    }
-    py.detach(move || reap_within(pid, timeout))
-        .map_err(os_error)
-}
-
-/// `exited(pid) -> bool`: whether the child `pid` has ended, without reaping it.
-#[pyfunction]
-pub fn exited(pid: i32) -> bool {
-    has_exited(pid)
-}
-
-/// `terminate(pid, grace=1.0) -> int`: SIGTERM the child, give it `grace` seconds, then
-/// SIGKILL; reap it (without the GIL) and return its raw wait status.
-#[pyfunction]
-#[pyo3(signature = (pid, grace=1.0))]
-pub fn terminate(py: Python<'_>, pid: i32, grace: f64) -> PyResult<i32> {
-    let grace = Duration::from_secs_f64(grace.max(0.0));
-    py.detach(move || terminate_child(pid, grace))
-        .map_err(os_error)
-}
-
 // -- the fork gate ---------------------------------------------------------------------
 
 /// One process-wide gate between forks and the births and deaths of minigun's thread
@@ -255,6 +214,63 @@ impl ForkGate {
         state.closed = false;
         self.changed.notify_all();
     }
+
+    /// Pass now if no fork holds or waits for the gate; false (not passed) otherwise.
+    fn try_enter(&self) -> bool {
+        let mut state = self.lock();
+        if state.closed || state.waiting > 0 {
+            return false;
+        }
+        state.passing += 1;
+        true
+    }
+}
+
+/// The parent's file descriptors that a new child must close: the pipes and pidfds of
+/// every live child and the wake-up fds of the runs' child tables. A child closes what
+/// [`fork_gate_close`] listed at its fork; an fd is closed only through [`close_fds`],
+/// which passes the gate, so no fd on that list can be closed (and its number reused by
+/// anything else) between the listing and the fork.
+static PARENT_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn parent_fds() -> MutexGuard<'static, Vec<RawFd>> {
+    PARENT_FDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Put `fds` on the list every new child closes.
+pub fn register_fds(fds: &[RawFd]) {
+    parent_fds().extend_from_slice(fds);
+}
+
+/// Close registered fds. Passes the fork gate, so it may wait for a fork in progress:
+/// call it only while detached from Python (a fork waits for the gate without the GIL,
+/// then attaches), never from a forked child.
+pub fn close_fds(fds: &[RawFd]) {
+    GATE.enter();
+    close_listed(fds);
+    GATE.leave();
+}
+
+/// Like [`close_fds`] if the gate is open now; false (nothing closed) if a fork holds it.
+/// For destructors, which may run attached and so must not wait for the gate.
+pub fn try_close_fds(fds: &[RawFd]) -> bool {
+    if !GATE.try_enter() {
+        return false;
+    }
+    close_listed(fds);
+    GATE.leave();
+    true
+}
+
+fn close_listed(fds: &[RawFd]) {
+    let mut listed = parent_fds();
+    for &fd in fds {
+        if let Some(at) = listed.iter().position(|&f| f == fd) {
+            listed.swap_remove(at);
+            // SAFETY: a registered fd is owned by the runtime and closed only here.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python
@@ -274,13 +290,17 @@ pub fn python_thread(f: impl FnOnce() + Send) {
     GATE.leave();
 }
 
-/// `fork_gate_close()`: wait (without the GIL) until no minigun thread is creating or
-/// deleting its thread state, and keep them from starting to until `fork_gate_open()`.
-/// Called by `minigun.forking` just before `os.fork()`; the child never opens it (a
-/// forked child runs no Rust code).
+/// `fork_gate_close() -> list[int]`: wait (without the GIL) until no minigun thread is
+/// creating or deleting its thread state (or closing a registered fd), and keep them from
+/// starting to until `fork_gate_open()`. Returns the parent's registered fds, which the
+/// child about to be forked must close. Called by `minigun.fork_safety` just before
+/// `os.fork()`; the child never opens it (a forked child runs no Rust code).
 #[pyfunction]
-pub fn fork_gate_close(py: Python<'_>) {
-    py.detach(|| GATE.close());
+pub fn fork_gate_close(py: Python<'_>) -> Vec<RawFd> {
+    py.detach(|| {
+        GATE.close();
+        parent_fds().clone()
+    })
 }
 
 /// `fork_gate_open()`: the parent's side of a fork is done.

@@ -3,11 +3,15 @@
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
 //! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
 //! call user code), `accumulate` (keyed batching), `stats` (counters and latency),
-//! `spec` (the typed stage spec the Python layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal), `fork` (reaping and
-//! terminating forked children) and `ipc` (length-prefixed frames on pipes).
+//! `spec` (the typed stage spec the Python layer hands over), `scheduler` (a whole run),
+//! `shutdown` (the stop signal), `fork` (the fork gate, the
+//! parent's fds every child closes, reaping and terminating a process), `children` (a run's
+//! process budget and table of children, waiting on them) and `ipc` (length-prefixed
+//! frames on pipes).
 
 pub mod accumulate;
 pub mod channel;
+pub mod children;
 pub mod emit;
 pub mod fork;
 pub mod ipc;
@@ -26,12 +30,10 @@ fn _minigun(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(emit::emit, m)?)?;
     m.add_function(wrap_pyfunction!(emit::current_run_id, m)?)?;
     m.add("MAX_CHUNK", channel::MAX_CHUNK)?;
-    m.add_function(wrap_pyfunction!(fork::reap, m)?)?;
-    m.add_function(wrap_pyfunction!(fork::exited, m)?)?;
-    m.add_function(wrap_pyfunction!(fork::terminate, m)?)?;
+    m.add_class::<children::ChildTable>()?;
+    m.add_class::<children::Child>()?;
+    m.add("RunStopping", m.py().get_type::<children::RunStopping>())?;
     m.add_function(wrap_pyfunction!(fork::fork_gate_close, m)?)?;
     m.add_function(wrap_pyfunction!(fork::fork_gate_open, m)?)?;
-    m.add_function(wrap_pyfunction!(ipc::read_frame, m)?)?;
-    m.add_function(wrap_pyfunction!(ipc::write_frame, m)?)?;
     Ok(())
 }

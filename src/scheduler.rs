@@ -221,6 +221,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The run's stop signal (the child table of a run with fork stages watches it).
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.run.shutdown
+    }
+
     fn check_process(&self) -> PyResult<()> {
         if std::process::id() != self.owner_pid {
             return Err(PyRuntimeError::new_err(

@@ -1,7 +1,9 @@
 //! One shared stop signal for a whole run.
 //!
-//! A flag for cheap polling in hot loops, and a channel that never carries a message but
-//! disconnects when the signal is set, so every blocking `select!` wakes at once.
+//! A flag for cheap polling in hot loops, a channel that never carries a message but
+//! disconnects when the signal is set, so every blocking `select!` wakes at once, and
+//! listeners called once when it is set, for waits that cannot `select!` on a channel (a
+//! condition variable, a `poll` on file descriptors: see children.rs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,10 +15,15 @@ pub struct Shutdown {
     inner: Arc<Inner>,
 }
 
+/// Called once, on the thread that sets the signal; it must not block.
+pub type Listener = Box<dyn FnOnce() + Send>;
+
 struct Inner {
     flag: AtomicBool,
     tx: Mutex<Option<Sender<()>>>,
     rx: Receiver<()>,
+    /// `None` once the signal is set (listeners added later run at once).
+    listeners: Mutex<Option<Vec<Listener>>>,
 }
 
 impl Shutdown {
@@ -32,6 +39,7 @@ impl Shutdown {
                 flag: AtomicBool::new(false),
                 tx: Mutex::new(Some(tx)),
                 rx,
+                listeners: Mutex::new(Some(Vec::new())),
             }),
         }
     }
@@ -39,6 +47,22 @@ impl Shutdown {
     pub fn set(&self) {
         self.inner.flag.store(true, Ordering::Release);
         self.inner.tx.lock().unwrap().take();
+        let listeners = self.inner.listeners.lock().unwrap().take();
+        for listener in listeners.into_iter().flatten() {
+            listener();
+        }
+    }
+
+    /// Call `listener` once when the signal is set (now, if it already is).
+    pub fn on_set(&self, listener: Listener) {
+        let mut slot = self.inner.listeners.lock().unwrap();
+        match slot.as_mut() {
+            Some(listeners) => listeners.push(listener),
+            None => {
+                drop(slot);
+                listener();
+            }
+        }
     }
 
     pub fn is_set(&self) -> bool {
@@ -83,5 +107,26 @@ mod tests {
         s.set();
         assert!(t.join().unwrap() < Duration::from_secs(2));
         assert!(s.is_set());
+    }
+
+    #[test]
+    fn listeners_run_once_also_when_added_late() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        let s = Shutdown::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        s.on_set(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        s.set();
+        s.set();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let c = calls.clone();
+        s.on_set(Box::new(move || {
+            c.fetch_add(10, Ordering::SeqCst);
+        }));
+        assert_eq!(calls.load(Ordering::SeqCst), 11);
     }
 }

@@ -791,6 +791,78 @@ def test_cancel_terminates_busy_and_idle_children(tmp_path):
     assert children and all(gone(pid) for pid in children)
 
 
+#: How long cancel() may take to end a run whose fork stages wait for a child or for room in
+#: the process budget: waits wake on the run's stop signal (a few ms), not at a poll slice.
+PROMPTLY = 0.5
+
+
+@pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
+def test_cancel_ends_a_run_with_a_child_mid_item_promptly(tmp_path, strategy):
+    started_items = tmp_path
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(100)
+
+        @mg.processor(strategy=strategy)
+        def slow(self, x):
+            (started_items / f"{os.getpid()}-{x}").touch()
+            time.sleep(60)
+
+    run = Job().start()
+    assert wait_until(lambda: os.listdir(started_items), timeout=10)
+    began = time.monotonic()
+    run.cancel()
+    result = run.wait(timeout=10)
+    took = time.monotonic() - began
+    assert result.status == "cancelled"
+    assert took < PROMPTLY, f"cancel() took {took:.3f} s"
+    pids = {int(name.split("-")[0]) for name in os.listdir(started_items)}
+    assert pids and all(gone(pid) for pid in pids)
+
+
+def test_cancel_ends_a_run_whose_spawn_fork_stage_waits_for_budget_promptly(tmp_path):
+    """Two spawn_fork stages, max_processes=3: each keeps one process, and the one left over
+    goes to whichever stage asks first; the other stage's second worker waits for room."""
+    started_items = tmp_path
+
+    class Job(mg.Task):
+        max_processes = 3
+
+        @mg.producer
+        def gen(self):
+            yield from range(100)
+
+        @mg.processor(strategy="spawn_fork", to=["second"])
+        def first(self, x):
+            (started_items / f"{os.getpid()}-first-{x}").touch()
+            time.sleep(60)
+
+        @mg.producer
+        def more(self):
+            yield from range(100)
+
+        @mg.processor(strategy="spawn_fork", from_=["more"])
+        def second(self, x):
+            (started_items / f"{os.getpid()}-second-{x}").touch()
+            time.sleep(60)
+
+    run = Job().start()
+    # Three children run (the whole budget): some worker of one stage waits for room.
+    assert wait_until(lambda: len(os.listdir(started_items)) >= 3, timeout=10)
+    time.sleep(0.05)
+    assert len(os.listdir(started_items)) == 3, "max_processes=3 allows three children"
+    began = time.monotonic()
+    run.cancel()
+    result = run.wait(timeout=10)
+    took = time.monotonic() - began
+    assert result.status == "cancelled"
+    assert took < PROMPTLY, f"cancel() took {took:.3f} s"
+    pids = {int(name.split("-")[0]) for name in os.listdir(started_items)}
+    assert all(gone(pid) for pid in pids)
+
+
 # -- volume, use_ipc, warnings, logging ---------------------------------------------------------
 
 

@@ -1,6 +1,5 @@
 """Type stub of the Rust runtime extension (src/)."""
 
-from collections.abc import Callable
 from typing import Any, final
 
 from minigun.native import StageSpec
@@ -10,13 +9,11 @@ __all__ = [
     "emit",
     "current_run_id",
     "MAX_CHUNK",
-    "reap",
-    "exited",
-    "terminate",
+    "RunStopping",
+    "Child",
+    "ChildTable",
     "fork_gate_close",
     "fork_gate_open",
-    "read_frame",
-    "write_frame",
 ]
 
 MAX_CHUNK: int
@@ -27,30 +24,53 @@ def emit(value: Any, to: str | None = None) -> None:
 def current_run_id() -> int | None:
     """The ``Runtime.run_id`` of the stage worker running on this thread, if any."""
 
-def reap(pid: int, timeout: float | None = None) -> int | None:
-    """Wait (without the GIL) up to ``timeout`` s for child ``pid``; its raw wait status,
-    or None if it is still running."""
+class RunStopping(Exception):
+    """The run is stopping: a wait for a child process or for budget room gave up."""
 
-def exited(pid: int) -> bool:
-    """Whether child ``pid`` has ended (it is not reaped)."""
-
-def terminate(pid: int, grace: float = 1.0) -> int:
-    """SIGTERM child ``pid``, SIGKILL it after ``grace`` s, reap it; its raw wait status."""
-
-def read_frame(
-    fd: int, tick: Callable[[], object] | None = None, pid: int | None = None
-) -> bytearray | None:
-    """Read one length-prefixed frame from ``fd`` without the GIL; None at a clean end."""
-
-def write_frame(fd: int, data: bytes, tick: Callable[[], object] | None = None) -> None:
-    """Write ``data`` as one length-prefixed frame to ``fd`` without the GIL."""
-
-def fork_gate_close() -> None:
+def fork_gate_close() -> list[int]:
     """Wait (without the GIL) until no minigun thread is creating or deleting its thread
-    state, and keep them from starting to until ``fork_gate_open()``."""
+    state (or closing a registered fd), and keep them from starting to until
+    ``fork_gate_open()``. Returns the parent's fds the child about to be forked closes."""
 
 def fork_gate_open() -> None:
     """The parent's side of a fork is done."""
+
+@final
+class Child:
+    """A forked child as the parent sees it (in a run's ChildTable)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def items(self) -> int: ...
+    @items.setter
+    def items(self, items: int) -> None: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def lifetime(self) -> float: ...
+    def exited(self) -> bool: ...
+    def read_frame(self) -> bytearray | None: ...
+    def write_frame(self, data: bytes) -> None: ...
+    def wait(self) -> int: ...
+    def kill(self, grace: float = 1.0) -> int: ...
+
+@final
+class ChildTable:
+    """A run's process budget and table of live children."""
+
+    def __new__(cls, limits: dict[int, int], reserved: dict[int, int]) -> ChildTable: ...
+    def watch(self, runtime: Runtime) -> None: ...
+    @property
+    def stopping(self) -> bool: ...
+    def acquire(self, stage: str, scopes: list[int]) -> None: ...
+    def release(self, stage: str, scopes: list[int]) -> None: ...
+    def pause(self, stage: str, seconds: float) -> None: ...
+    def add(self, pid: int, rfd: int, wfd: int | None, stage: str, items: int = 0) -> Child: ...
+    def live(self) -> list[Child]: ...
+    def close(self) -> None: ...
 
 @final
 class Runtime:

@@ -240,9 +240,11 @@ def _results(call: Call, mode: str, item: Any, out: Outbox) -> None:
         out.emit(result)
 
 
-def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
-    """A worker for one item (spawn_fork): start it, run the item, close it; report the
-    outcome. The worker's emits, close()'s included, stream back."""
+def run_one(start: Start, mode: str, item: Any, out: Outbox, policy: RetryPolicy) -> None:
+    """A worker for one item (spawn_fork): start it once, try the item up to
+    ``policy.retries + 1`` times (:func:`run_chunk`: a failed attempt's emits are dropped,
+    the item's outcome is marked), close it whatever the item did (so what close() emits
+    goes back once), and report. The worker's emits, close()'s included, stream back."""
     try:
         call, close = start()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -250,7 +252,7 @@ def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
         return
     failure: BaseException | None = None
     try:
-        _results(call, mode, item, out)
+        run_chunk(call, mode, [item], False, out, policy)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         failure = exc
     # A worker that was opened is closed, whatever its item did (as in the runtime).
@@ -321,6 +323,15 @@ class ChunkServer:
         except BaseException as exc:  # noqa: BLE001 - reported with the first chunk
             self.startup = exc
 
+    def abandoned(self) -> None:
+        """The parent stopped sending (the run is stopping, or the parent is gone): close
+        the worker all the same (nobody is left to hear how that went)."""
+        try:
+            if self.startup is None and self.close is not None:
+                self.close()
+        except BaseException:  # noqa: BLE001 - nobody to report it to
+            pass
+
     def handle(self, message: tuple[str, Any]) -> bool:
         """Answer one message; False when the worker is done (closed, or retired)."""
         out = self.out
@@ -363,6 +374,8 @@ def serve(
     server = ChunkServer(out, start, mode, policy)
     while (message := receive()) is not None and server.handle(message):
         pass
+    if message is None:
+        server.abandoned()
 
 
 # -- frames on pipes (a forked worker's transport) ------------------------------------------

@@ -59,15 +59,8 @@ FAILED_ATTEMPT_EMITS = (
     "without retries=, what a failed attempt emitted before raising is delivered downstream "
     "(emits are held only when retries > 0)"
 )
-SPAWN_FORK_CLOSE_OF_FAILED_ITEM = (
-    "spawn_fork: a custom Stage's worker is the child of one attempt, so what close() emits "
-    "is part of that attempt's output and is dropped when the attempt fails (retried or "
-    "handled); other strategies deliver close()'s emits once per worker"
-)
-
-#: Defects a cell shows only for some drawn examples (here: when a drawn item fails while
-#: its worker's close() emits): their cells are non-strict xfails.
-INTERMITTENT = frozenset({SPAWN_FORK_CLOSE_OF_FAILED_ITEM})
+#: Defects a cell shows only for some drawn examples: their cells are non-strict xfails.
+INTERMITTENT: frozenset[str] = frozenset()
 
 #: The return form emits nothing before it raises, so it has nothing to discard.
 _COMMON = {("*", "no_retry"): FAILED_ATTEMPT_EMITS, ("return", "no_retry"): None}
@@ -82,14 +75,7 @@ REGISTRY: list[StrategyCase] = [
         {"strategy": "spawn_fork"},
         max_workers=None,
         unavailable=_needs_fork,
-        defects={
-            **_COMMON,
-            **{
-                (form, scenario): SPAWN_FORK_CLOSE_OF_FAILED_ITEM
-                for form in ("stage", "buffering_stage")
-                for scenario in ("handled", "retry")
-            },
-        },
+        defects=_COMMON,
     ),
     StrategyCase(
         "fork_ipc",

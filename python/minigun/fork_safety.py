@@ -1,0 +1,276 @@
+"""Forking safely from a process full of runtime threads, and the forked child's set-up.
+
+The runtime's Rust worker threads keep running while a stage forks, so the child starts
+with copies of locks that other threads may have held at that instant: the channel and
+outbox mutexes, the stats, the semaphores, PyO3's pending-decref pool. A child that
+touched any of them could wait forever. minigun's rule is therefore:
+
+    **the child is a pure-Python island: it never calls into the Rust extension and
+    never returns into the Rust frames it was forked from; it leaves with os._exit().**
+
+* The fork is ``os.fork()`` called from the stage's own worker thread while it is attached
+  to the interpreter, so CPython's own fork protocol applies: the GIL (or, on free-threaded
+  builds, a stop-the-world pause), the import lock and the runtime's internal locks are
+  held across the fork and reset in the child; stdlib modules (``logging``, ``random``,
+  ``threading``) re-initialise their state through ``os.register_at_fork``.
+* The fork happens with the Rust fork gate closed (``ext.fork_gate_close``): no
+  minigun thread is creating or deleting its Python thread state at that instant, which
+  would leave the child deadlocked in ``PyOS_AfterFork_Child`` on CPython 3.11/3.12.
+* Every ``Run`` the child inherited has its runtime replaced by a stub that raises a clear
+  :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
+  child cannot even reach the parent's runtime by mistake.
+* The child never touches the std streams it inherited (another thread may have held
+  their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2.
+* Pipes are created and forks happen under one lock, and each child closes the parent's
+  fds that the fork gate listed (every live child's pipes and pidfds, the runs' wake-up
+  fds), so a pipe's end of stream is seen as soon as its child exits. Those fds are closed
+  in the parent only through the gate, so none on the list can be closed (and its number
+  reused) between the listing and the fork.
+* Signals: SIGINT and SIGTERM are blocked in the forking thread across the fork, so the
+  child cannot take a Ctrl-C before it has set SIGINT to "ignore". A child ignores SIGINT
+  (the parent coordinates a Ctrl-C) and takes SIGTERM as "stop now, gracefully": the item
+  in hand is interrupted with :class:`ChildTerminated`, no further item starts, and the
+  worker is closed before the child exits (the parent SIGKILLs it after a grace period).
+* The "multi-threaded fork" DeprecationWarning of Python 3.12+ is filtered for forks made
+  by this module only (the filter matches this module's name).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+try:
+    import fcntl
+
+    _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+except ImportError:  # pragma: no cover - no fork there either
+    _F_SETPIPE_SZ = None
+
+from . import context
+from .errors import MinigunError
+from .native import ext
+
+CHILD_EXIT_OK, CHILD_EXIT_BROKEN = 0, 70
+
+
+class ChildTerminated(BaseException):
+    """Raised in a forked child's item when the parent terminates it (SIGTERM): the run
+    is stopping. A BaseException, so ``retry_on=Exception`` does not retry it."""
+
+
+#: In a child: SIGTERM arrived; and whether an item's call is running (only then does
+#: the signal interrupt it: a worker's open() or close() is left to finish).
+_terminating = False
+_in_item = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminating
+    _terminating = True
+    if _in_item:
+        raise ChildTerminated("the parent terminated this child: the run is stopping")
+
+
+def interruptible(call: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """In a child: ``call`` that SIGTERM interrupts, and that refuses items after it."""
+
+    def item_call(item: Any) -> Any:
+        global _in_item
+        if _terminating:
+            raise ChildTerminated("the parent terminated this child: the run is stopping")
+        _in_item = True
+        try:
+            return call(item)
+        finally:
+            _in_item = False
+
+    return item_call
+
+
+T = TypeVar("T")
+
+_fork_lock = threading.Lock()
+_warning_filter: Any = None
+
+
+def _quiet_fork_warning() -> None:
+    """Filter 3.12+'s "multi-threaded, use of fork() may lead to deadlocks" warning for
+    forks called from this module only (the warning is attributed to the caller of
+    os.fork). Re-installed when something (pytest, catch_warnings) reset the filters."""
+    global _warning_filter
+    if _warning_filter is not None and _warning_filter in warnings.filters:
+        return
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*use of fork\(\) may lead to deadlocks",
+        category=DeprecationWarning,
+        module=r"minigun\.fork_safety\Z",
+    )
+    _warning_filter = warnings.filters[0]
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe buffer (fewer wake-ups for large results); fine if refused."""
+    if _F_SETPIPE_SZ is not None:
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass
+
+
+def fork_child(
+    child_main: Callable[..., int],
+    args: tuple[Any, ...],
+    duplex: bool,
+    adopt: Callable[[int, int, int | None], T],
+) -> T:
+    """Fork a child that runs ``child_main(wfd, [rfd,] *args)`` and exits with what it
+    returns. In the parent, ``adopt(pid, rfd, wfd)`` takes charge of the child and its
+    pipe ends (the child's result pipe, and for ``duplex`` its input pipe), still under
+    the fork lock, and its result is returned."""
+    _quiet_fork_warning()
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    with _fork_lock:
+        r, w = os.pipe()  # child -> parent
+        fds = [r, w]
+        if duplex:
+            cr, cw = os.pipe()  # parent -> child
+            fds += [cr, cw]
+        try:
+            _grow_pipe(w)
+            # Signals stay blocked across the fork so the child cannot take a Ctrl-C before
+            # it has set SIGINT to "ignore"; this thread gets its mask back right after.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            # No minigun thread creates or deletes its thread state during the fork, and
+            # no listed fd is closed before the child has closed its copy.
+            inherited = ext.fork_gate_close()
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    own = (w, cr) if duplex else (w,)
+                    # The parent's ends of this child's own pipes go too: a worker that
+                    # kept its input's write end open would never see the end of it.
+                    theirs = [r, cw] if duplex else [r]
+                    _child_entry(own, inherited + theirs, mask, child_main, args)
+            finally:
+                ext.fork_gate_open()
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        os.close(w)
+        if duplex:
+            os.close(cr)
+        return adopt(pid, r, cw if duplex else None)
+
+
+# -- the child side: pure Python, never the extension ------------------------------------
+
+#: In a child: the std streams it inherited, kept alive and untouched until os._exit.
+_inherited_streams: list[Any] = []
+
+
+def _fresh_std_streams() -> None:
+    """In a child: give it its own ``sys.stdout`` and ``sys.stderr`` over fds 1 and 2.
+
+    The inherited stream objects may be locked forever: another parent thread may have
+    been inside a write or flush (holding the buffer's lock) at the instant of the fork.
+    The child never touches them, so it cannot block on them (and never writes out what
+    the parent had buffered, which the parent writes itself). Streams the user replaced
+    (anything but ``sys.__stdout__`` / ``sys.__stderr__``) are left alone."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        inherited = getattr(sys, name)
+        original = getattr(sys, f"__{name}__")
+        if inherited is None or inherited is not original:
+            continue
+        try:
+            raw = io.FileIO(fd, "w", closefd=False)
+            stream = io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=original.encoding,
+                errors=original.errors,
+                line_buffering=original.line_buffering,
+            )
+        except Exception:  # noqa: BLE001 - no such fd: keep what there is
+            continue
+        _inherited_streams.append(inherited)  # never finalized: that would flush it
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def flush_child_streams() -> None:
+    """Flush the child's stdout and stderr (its own, see :func:`_fresh_std_streams`)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001 - a broken stdout must not break a child
+            pass
+
+
+def _child_entry(
+    own: tuple[int, ...],
+    inherited: list[int],
+    mask: Any,
+    child_main: Callable[..., int],
+    args: tuple[Any, ...],
+) -> None:
+    code = CHILD_EXIT_BROKEN
+    try:
+        try:
+            _child_setup(own, inherited, mask)
+            code = child_main(*own, *args)
+        except BaseException:  # noqa: BLE001 - nothing may escape a child
+            code = CHILD_EXIT_BROKEN
+        flush_child_streams()
+    finally:
+        os._exit(code)
+
+
+def _child_setup(own: tuple[int, ...], inherited: list[int], mask: Any) -> None:
+    global _fork_lock
+    _fresh_std_streams()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for fd in inherited:
+        if fd not in own:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    # A fresh lock: the parent's was held across the fork.
+    _fork_lock = threading.Lock()
+    _detach_runs()
+
+
+class _ParentRuntime:
+    """Stands in for the Rust runtime of a run inherited by a forked child."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+
+    def __getattr__(self, name: str) -> Any:
+        raise MinigunError(
+            f"this pipeline run belongs to the parent process (pid {self._pid}); a forked "
+            f"child cannot use it (tried Runtime.{name}): no trigger, cancel, wait or stats "
+            "from inside a spawn_fork/fork_ipc stage"
+        )
+
+
+def _detach_runs() -> None:
+    parent = os.getppid()
+    context._runs_lock = threading.Lock()
+    for run in list(context._active_runs):
+        try:
+            setattr(run, "_runtime", _ParentRuntime(parent))  # noqa: B010 - a Protocol's run
+        except Exception:  # noqa: BLE001
+            pass
