@@ -240,6 +240,48 @@ def test_a_custom_stage_buffering_until_close_keeps_everything_under_spawn_fork(
     assert all(opened == closed != os.getpid() for _, opened, closed, _ in out)
 
 
+class Attempts(mg.Stage):
+    """Records each attempt in its worker; item 1 fails its first attempt, item 2 every
+    attempt; close() reports what the worker saw."""
+
+    def open(self):
+        self.pid = os.getpid()
+        self.seen = []
+
+    def process(self, x):
+        self.seen.append(x)
+        if x == 2 or (x == 1 and self.seen.count(1) == 1):
+            raise RuntimeError(f"attempt of {x} fails")
+        return ("out", x)
+
+    def close(self):
+        self.emit(("closed", self.pid, tuple(self.seen)))
+
+
+def test_a_spawn_fork_child_retries_its_item_itself_and_close_emits_once():
+    """One child per item runs the item's retries: the worker is opened once, sees every
+    attempt, and what close() emits arrives once, whether the item succeeded after a retry
+    or failed (handled)."""
+    out, errors = [], []
+    p = mg.Pipeline("attempts")
+    p.producer(lambda: range(3), name="gen")
+    p.add(Attempts("work", strategy="spawn_fork", retries=1, retry_backoff=0.001))
+    p.consumer(out.append, name="sink")
+
+    @p.on_error(RuntimeError)
+    def handle(error, item, stage):
+        errors.append(item)
+
+    result = p.run(max_processes=2)
+    assert sorted(v[1] for v in out if v[0] == "out") == [0, 1]
+    closed = sorted(v[2] for v in out if v[0] == "closed")
+    assert closed == [(0,), (1, 1), (2, 2)], "one worker per item, every attempt in it"
+    assert len({v[1] for v in out if v[0] == "closed"}) == 3  # three children
+    assert errors == [2]
+    stats = result.stats["work"]
+    assert (stats.items_in, stats.errors, stats.retries) == (3, 1, 2)
+
+
 def test_an_unpicklable_spawn_fork_result_names_its_type_with_the_child_traceback():
     errors = []
 
