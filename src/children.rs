@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -126,23 +126,64 @@ impl Table {
         self.room.notify_all();
     }
 
+    /// Wake waiters when `shutdown` is set (the first signal watched is kept); makes the
+    /// eventfd.
+    fn watch(self: &Arc<Self>, shutdown: &Shutdown) -> io::Result<()> {
+        {
+            let mut wake = locked(&self.wake);
+            if *wake >= 0 || self.shutdown.get().is_some() {
+                return Ok(());
+            }
+            // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            fork::register_fds(&[fd]);
+            *wake = fd;
+        }
+        if self.shutdown.set(shutdown.clone()).is_ok() {
+            let table = Arc::downgrade(self);
+            shutdown.on_set(Box::new(move || {
+                if let Some(table) = table.upgrade() {
+                    table.wake_all();
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// Wait for room for one more child of `stage` and take it; false if the run stops
+    /// first.
+    fn acquire(&self, stage: &str, scopes: &[usize]) -> bool {
+        let mut budget = locked(&self.budget);
+        loop {
+            if self.stopping() {
+                return false;
+            }
+            if budget.room(stage, scopes) {
+                budget.take(stage, scopes);
+                return true;
+            }
+            budget = self.room.wait(budget).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     fn forget(&self, pid: i32) {
         locked(&self.children).remove(&pid);
     }
 
+    /// Close the eventfd. It leaves `wake` first, so nothing waits for the fork gate
+    /// while holding the lock the shutdown listener takes.
     fn close_wake(&self, blocking: bool) {
-        let mut fd = locked(&self.wake);
-        if *fd < 0 {
+        let fd = std::mem::replace(&mut *locked(&self.wake), -1);
+        if fd < 0 {
             return;
         }
-        let closed = if blocking {
-            fork::close_fds(&[*fd]);
-            true
-        } else {
-            fork::try_close_fds(&[*fd])
-        };
-        if closed {
-            *fd = -1;
+        if blocking {
+            fork::close_fds(&[fd]);
+        } else if !fork::try_close_fds(&[fd]) {
+            *locked(&self.wake) = fd; // a fork holds the gate: leave it to a later try
         }
     }
 }
@@ -208,29 +249,7 @@ impl ChildTable {
     /// Wake this table's waiters when `runtime`'s run stops (idempotent; the first
     /// runtime is the one watched). Makes the table's eventfd, which `close()` closes.
     fn watch(&self, runtime: PyRef<'_, Runtime>) -> PyResult<()> {
-        let shutdown = runtime.shutdown().clone();
-        {
-            let mut wake = locked(&self.table.wake);
-            if *wake >= 0 || self.table.shutdown.get().is_some() {
-                return Ok(());
-            }
-            // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(PyErr::from(io::Error::last_os_error()));
-            }
-            fork::register_fds(&[fd]);
-            *wake = fd;
-        }
-        if self.table.shutdown.set(shutdown.clone()).is_ok() {
-            let table = Arc::downgrade(&self.table);
-            shutdown.on_set(Box::new(move || {
-                if let Some(table) = table.upgrade() {
-                    table.wake_all();
-                }
-            }));
-        }
-        Ok(())
+        self.table.watch(runtime.shutdown()).map_err(PyErr::from)
     }
 
     /// True once the watched run is stopping.
@@ -245,19 +264,7 @@ impl ChildTable {
     /// killed because the run stops frees room that no new child may take).
     fn acquire(&self, py: Python<'_>, stage: String, scopes: Vec<usize>) -> PyResult<()> {
         let table = self.table.clone();
-        let took = py.detach(|| {
-            let mut budget = locked(&table.budget);
-            loop {
-                if table.stopping() {
-                    return false;
-                }
-                if budget.room(&stage, &scopes) {
-                    budget.take(&stage, &scopes);
-                    return true;
-                }
-                budget = table.room.wait(budget).unwrap_or_else(|e| e.into_inner());
-            }
-        });
+        let took = py.detach(|| table.acquire(&stage, &scopes));
         if took {
             Ok(())
         } else {
@@ -315,7 +322,8 @@ impl ChildTable {
             pidfd,
             started: Instant::now(),
             items: AtomicUsize::new(items),
-            status: Mutex::new(None),
+            status: AtomicI64::new(NOT_REAPED),
+            reaping: Mutex::new(()),
             table: Arc::downgrade(&self.table),
         });
         locked(&self.table.children).insert(pid, inner.clone());
@@ -350,8 +358,11 @@ struct ChildInner {
     pidfd: Option<RawFd>,
     started: Instant,
     items: AtomicUsize,
-    /// The raw wait status once reaped (exactly once, under this lock).
-    status: Mutex<Option<i32>>,
+    /// The raw wait status once reaped, else `NOT_REAPED`: read without a lock, so a
+    /// thread attached to Python never waits here for one that waits for the fork gate.
+    status: AtomicI64,
+    /// Held while reaping (exactly once) and terminating.
+    reaping: Mutex<()>,
     table: Weak<Table>,
 }
 
@@ -393,17 +404,17 @@ impl ChildInner {
     /// first.
     fn wait(&self) -> io::Result<i32> {
         loop {
-            if let Some(status) = *locked(&self.status) {
+            if let Some(status) = self.status() {
                 return Ok(status);
             }
             if self.stopping() {
                 return self.kill(GRACE);
             }
             self.wait_for_exit_or_stop()?;
-            let mut status = locked(&self.status);
-            if status.is_none() {
+            let _reaping = locked(&self.reaping);
+            if self.status().is_none() {
                 if let Some(reaped) = fork::try_reap(self.pid)? {
-                    self.ended(&mut status, reaped);
+                    self.ended(reaped);
                 }
             }
         }
@@ -414,8 +425,8 @@ impl ChildInner {
     /// give it `grace` to exit while draining what it still writes (so a full pipe cannot
     /// hold it up), then SIGKILL; reap. Idempotent.
     fn kill(&self, grace: Duration) -> io::Result<i32> {
-        let mut status = locked(&self.status);
-        if let Some(done) = *status {
+        let _reaping = locked(&self.reaping);
+        if let Some(done) = self.status() {
             return Ok(done);
         }
         if let Some(wfd) = self.wfd {
@@ -434,13 +445,14 @@ impl ChildInner {
                 }
             }
         };
-        self.ended(&mut status, reaped);
+        self.ended(reaped);
         Ok(reaped)
     }
 
     /// Wait up to `grace` for the child to exit, reading and dropping what it writes.
     fn drain_until_exit(&self, grace: Duration) -> io::Result<Option<i32>> {
         let deadline = Instant::now() + grace;
+        let mut last_signal = Instant::now();
         let mut scratch = vec![0u8; 64 * 1024];
         let mut pipe_open = true;
         loop {
@@ -459,10 +471,14 @@ impl ChildInner {
                 fds.push(pollin(self.rfd));
             }
             let mut ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-            if self.pidfd.is_none() {
-                ms = ms.min(5);
-            }
+            ms = ms.min(if self.pidfd.is_none() { 5 } else { RESIGNAL_MS });
             ipc::poll_fds(&mut fds, ms)?;
+            if last_signal.elapsed() >= Duration::from_millis(RESIGNAL_MS as u64) {
+                // Again: a signal that lands while the child's interpreter cannot run its
+                // handler (it restarts the call it was in) is otherwise lost.
+                fork::signal(self.pid, libc::SIGTERM)?;
+                last_signal = Instant::now();
+            }
             // A bounded number of reads per wake, so the deadline holds against a
             // child that keeps writing.
             for _ in 0..16 {
@@ -484,8 +500,15 @@ impl ChildInner {
         }
     }
 
-    fn ended(&self, status: &mut Option<i32>, reaped: i32) {
-        *status = Some(reaped);
+    fn status(&self) -> Option<i32> {
+        let status = self.status.load(Ordering::Acquire);
+        (status != NOT_REAPED).then_some(status as i32)
+    }
+
+    /// Record the status (the caller holds `reaping`), then close the fds and leave the
+    /// table.
+    fn ended(&self, reaped: i32) {
+        self.status.store(i64::from(reaped), Ordering::Release);
         fork::close_fds(&self.fds());
         if let Some(table) = self.table() {
             table.forget(self.pid);
@@ -497,7 +520,7 @@ impl Drop for ChildInner {
     fn drop(&mut self) {
         // A child never reaped (its run was dropped unfinished): close its fds if that
         // needs no wait for the fork gate. Never from a forked child.
-        let open = locked(&self.status).is_none();
+        let open = self.status().is_none();
         let owner = self.table().map(|t| t.owner_pid);
         if open && owner.is_none_or(|pid| pid == std::process::id()) {
             fork::try_close_fds(&self.fds());
@@ -512,6 +535,12 @@ fn pollin(fd: RawFd) -> libc::pollfd {
         revents: 0,
     }
 }
+
+/// While a terminated child has not exited, SIGTERM is sent again this often (ms).
+const RESIGNAL_MS: libc::c_int = 20;
+
+/// `ChildInner::status` before the child is reaped.
+const NOT_REAPED: i64 = i64::MIN;
 
 /// Seconds a child gets to exit after SIGTERM before SIGKILL, when the run stops.
 const GRACE: Duration = Duration::from_secs(1);
@@ -615,7 +644,7 @@ impl Child {
     /// Its raw wait status once reaped, else None.
     #[getter]
     fn status(&self) -> Option<i32> {
-        *locked(&self.inner.status)
+        self.inner.status()
     }
 
     /// Seconds since it was forked.
@@ -626,7 +655,7 @@ impl Child {
 
     /// Whether it has exited (it is not reaped).
     fn exited(&self) -> bool {
-        locked(&self.inner.status).is_some() || fork::has_exited(self.inner.pid)
+        self.inner.status().is_some() || fork::has_exited(self.inner.pid)
     }
 
     /// `read_frame() -> bytearray | None`: the child's next frame, read without the GIL;
@@ -695,6 +724,106 @@ impl Child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(limit: usize, reserved: usize) -> Arc<Table> {
+        Arc::new(Table {
+            budget: Mutex::new(Budget {
+                limit: HashMap::from([(1, limit)]),
+                reserved: HashMap::from([(1, reserved)]),
+                extra: HashMap::new(),
+                alive: HashMap::new(),
+            }),
+            room: Condvar::new(),
+            children: Mutex::new(HashMap::new()),
+            shutdown: OnceLock::new(),
+            wake: Mutex::new(-1),
+            owner_pid: std::process::id(),
+        })
+    }
+
+    /// Fork a child that sleeps (async-signal-safe only) until killed.
+    fn sleeping_child() -> i32 {
+        // SAFETY: the child only calls async-signal-safe functions before _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::sleep(30);
+                libc::_exit(0)
+            };
+        }
+        pid
+    }
+
+    #[test]
+    fn a_wait_for_room_wakes_when_the_run_stops() {
+        let t = table(1, 1);
+        let shutdown = Shutdown::new();
+        t.watch(&shutdown).unwrap();
+        assert!(t.acquire("a", &[1]));
+        let waiter = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let began = Instant::now();
+                (t.acquire("a", &[1]), began.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let stopped = Instant::now();
+        shutdown.set();
+        let (took, _) = waiter.join().unwrap();
+        assert!(!took, "no room once the run stops");
+        assert!(stopped.elapsed() < Duration::from_millis(500));
+        t.close_wake(true);
+    }
+
+    #[test]
+    fn a_wait_for_a_frame_wakes_when_the_run_stops_and_kill_reaps() {
+        let t = table(1, 1);
+        let shutdown = Shutdown::new();
+        t.watch(&shutdown).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let pid = sleeping_child();
+        // SAFETY: the parent keeps the read end only.
+        unsafe { libc::close(fds[1]) };
+        ipc::set_nonblocking(fds[0]).unwrap();
+        fork::register_fds(&[fds[0]]);
+        let pidfd = fork::pidfd(pid);
+        fork::register_fds(&pidfd.into_iter().collect::<Vec<_>>());
+        let child = Arc::new(ChildInner {
+            pid,
+            stage: "s".into(),
+            rfd: fds[0],
+            wfd: None,
+            pidfd,
+            started: Instant::now(),
+            items: AtomicUsize::new(0),
+            status: AtomicI64::new(NOT_REAPED),
+            reaping: Mutex::new(()),
+            table: Arc::downgrade(&t),
+        });
+        let stopper = {
+            let shutdown = shutdown.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                shutdown.set();
+                Instant::now()
+            })
+        };
+        let mut waiter = ChildWait::new(&child);
+        let err = ipc::read_frame_vec(child.rfd, &mut waiter).unwrap_err();
+        let stopped = stopper.join().unwrap();
+        assert!(matches!(err, Interrupted::Stopping));
+        assert!(stopped.elapsed() < Duration::from_millis(500));
+        // The sleeping child (SIGTERM's default action here) ends at once.
+        let status = child.kill(Duration::from_secs(5)).unwrap();
+        assert!(libc::WIFSIGNALED(status));
+        assert_eq!(child.status(), Some(status));
+        t.close_wake(true);
+    }
 
     #[test]
     fn the_budget_keeps_one_process_per_stage_and_shares_the_rest() {

@@ -83,10 +83,10 @@ def interruptible(call: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     def item_call(item: Any) -> Any:
         global _in_item
-        if _terminating:
-            raise ChildTerminated("the parent terminated this child: the run is stopping")
-        _in_item = True
+        _in_item = True  # first: a SIGTERM from here on raises, one before it is seen below
         try:
+            if _terminating:
+                raise ChildTerminated("the parent terminated this child: the run is stopping")
             return call(item)
         finally:
             _in_item = False
