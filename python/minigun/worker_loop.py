@@ -172,8 +172,8 @@ class Outbox:
         self._frame(tag)
 
     def fail(self, exc: BaseException, tag: str = ERROR) -> None:
-        """Report ``exc`` (what was emitted before it goes out first, as from a thread;
-        values that cannot be pickled are dropped)."""
+        """Report ``exc``. What is buffered goes out first (in a chunk: the values and
+        outcomes of the items that finished; values that cannot be pickled are dropped)."""
         try:
             self.flush()
         except Exception:  # noqa: BLE001
@@ -181,6 +181,10 @@ class Outbox:
         if self.before_reply is not None:
             self.before_reply()
         self._send(_dumps((tag, error_payload(exc))))
+
+    def discard(self) -> None:
+        """Drop what is buffered: the values of an attempt that failed."""
+        self.buffer = []
 
     def _frame(self, tag: str) -> None:
         entries, self.buffer = self.buffer, []
@@ -242,7 +246,8 @@ def _results(call: Call, mode: str, item: Any, out: Outbox) -> None:
 
 def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
     """A worker for one item (spawn_fork): start it, run the item, close it; report the
-    outcome. The worker's emits, close()'s included, stream back."""
+    outcome. The worker's emits, close()'s included, stream back; the parent holds them as
+    the attempt's output, delivered only if the attempt succeeds."""
     try:
         call, close = start()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -265,6 +270,7 @@ def run_one(start: Start, mode: str, item: Any, out: Outbox) -> None:
             return
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             failure = exc
+    out.discard()  # the parent drops what a failed attempt emitted: no need to send it
     out.fail(failure)
 
 
@@ -277,8 +283,7 @@ def run_chunk(
     for k, item in enumerate(items):
         attempt = 0
         while True:
-            if policy.retries:  # without retries, nothing is ever taken back
-                out.hold()
+            out.hold()  # every attempt's emits wait for its outcome, retried or not
             try:
                 _results(call, mode, item, out)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -288,9 +293,8 @@ def run_chunk(
                     out.mark(MARK_RETRIED, 1)
                     time.sleep(policy.delay(attempt))
                     continue
-                # As in the runtime's threads: without retries, what the item emitted
-                # before it failed goes on; a failed (last) attempt's values do not.
-                out.release(keep=not policy.retries)
+                # As in the runtime's threads: a failed item delivers nothing.
+                out.release(keep=False)
                 out.mark(MARK_FAILED, (k, error_payload(exc)))
             else:
                 out.release(keep=True)
