@@ -609,7 +609,6 @@ fn run_accumulator(stage: &StageShared) {
                             if stage.run.shutdown.is_set() {
                                 return Err(Stop);
                             }
-                            let now = Instant::now();
                             let (slot, key) = match (&slots, &spec.key) {
                                 (Some(slots), Some(key_fn)) => {
                                     match key_slot(
@@ -628,7 +627,10 @@ fn run_accumulator(stage: &StageShared) {
                                 }
                                 _ => (0, py.None()),
                             };
-                            let due = batcher.push(slot, || Some(key), item, now);
+                            // The chunk's arrival time opens its batches: one clock read
+                            // per chunk (a read per item costs as much as the push), and a
+                            // batch that waits is flushed at most a chunk's time early.
+                            let due = batcher.push(slot, || Some(key), item, started);
                             flush(py, due)?;
                         }
                         let spent = started.elapsed();
