@@ -163,9 +163,18 @@ pub struct Emitter {
     all_edges: Vec<usize>,
     shutdown: Shutdown,
     next_rr: Cell<usize>,
-    /// While an attempt that may be retried runs, its emissions wait here.
-    attempt: RefCell<Option<Vec<(Target, Item)>>>,
+    /// An item's attempt is running on this worker: what it emits waits in `held` until
+    /// its outcome is known (delivered if it succeeds, dropped if it fails).
+    holding: Cell<bool>,
+    /// What the attempt in progress emitted, in order. Only `emit()` calls and a
+    /// generator's yields land here; a value-mode stage's return value is dispatched after
+    /// the attempt succeeded, so a stage that never calls `emit()` never touches it.
+    held: RefCell<Vec<(Target, Item)>>,
 }
+
+/// A hold buffer that grew past this many entries (a generator yielding many values per
+/// item) is not kept for the next item.
+const HELD_KEEP_CAPACITY: usize = 1024;
 
 impl Emitter {
     pub fn new(
@@ -181,7 +190,8 @@ impl Emitter {
             outboxes,
             shutdown,
             next_rr: Cell::new(0),
-            attempt: RefCell::new(None),
+            holding: Cell::new(false),
+            held: RefCell::new(Vec::new()),
         })
     }
 
@@ -204,8 +214,8 @@ impl Emitter {
     }
 
     fn route(&self, py: Python<'_>, target: Target, value: Item) {
-        if let Some(buffer) = self.attempt.borrow_mut().as_mut() {
-            buffer.push((target, value));
+        if self.holding.get() {
+            self.held.borrow_mut().push((target, value));
             return;
         }
         self.dispatch(py, target, value);
@@ -244,22 +254,46 @@ impl Emitter {
         }
     }
 
-    /// Start an attempt whose emissions are held back until it succeeds.
+    /// Start an item's attempt: what it emits is held until `commit` or `rollback`.
     pub fn begin_attempt(&self) {
-        *self.attempt.borrow_mut() = Some(Vec::new());
+        self.holding.set(true);
     }
 
-    /// The attempt succeeded: send what it emitted.
+    /// A generator stage yielded `value`: it is part of the attempt's output.
+    pub fn hold(&self, value: Item) {
+        self.held.borrow_mut().push((Target::Default, value));
+    }
+
+    /// The attempt succeeded: send what it emitted, in order.
     pub fn commit(&self, py: Python<'_>) {
-        let held = self.attempt.borrow_mut().take();
-        for (target, value) in held.into_iter().flatten() {
+        self.holding.set(false);
+        if self.held.borrow().is_empty() {
+            return;
+        }
+        // Taken out of the cell: sending may wait for room (without the GIL), and nothing
+        // may borrow the cell meanwhile.
+        let mut held = std::mem::take(&mut *self.held.borrow_mut());
+        for (target, value) in held.drain(..) {
             self.dispatch(py, target, value);
         }
+        self.keep_buffer(held);
     }
 
-    /// The attempt failed: forget what it emitted.
+    /// The attempt failed: forget what it emitted (dropped here, under the GIL).
     pub fn rollback(&self) {
-        self.attempt.borrow_mut().take();
+        self.holding.set(false);
+        if self.held.borrow().is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut *self.held.borrow_mut());
+        held.clear();
+        self.keep_buffer(held);
+    }
+
+    fn keep_buffer(&self, held: Vec<(Target, Item)>) {
+        if held.capacity() <= HELD_KEEP_CAPACITY {
+            *self.held.borrow_mut() = held;
+        }
     }
 
     pub fn flush(&self, py: Python<'_>) {
@@ -270,6 +304,7 @@ impl Emitter {
 
     /// Flush and let the receivers know this worker is done.
     pub fn finish(&self, py: Python<'_>) {
+        self.rollback(); // an attempt cut short delivers nothing
         if !self.shutdown.is_set() {
             self.flush(py);
         }

@@ -115,31 +115,30 @@ fn jitter() -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Call the function on one input and emit what it produces, following the call mode.
+/// Call the function on one input (an attempt, whose emits the emitter holds). Value mode
+/// returns the function's value, to be emitted once the attempt succeeded; iterate mode
+/// holds each yielded value with the attempt's other emits, so a generator that raises
+/// after some yields has delivered none of them.
 fn invoke(
-    py: Python<'_>,
     call: &Bound<'_, PyAny>,
     mode: CallMode,
     input: &Bound<'_, PyAny>,
     emitter: &Emitter,
-) -> PyResult<()> {
+) -> PyResult<Option<Item>> {
     let result = call.call1((input,))?;
+    if result.is_none() {
+        return Ok(None);
+    }
     match mode {
-        CallMode::Value => {
-            if !result.is_none() {
-                emitter.emit_default(py, result.unbind());
-            }
-        }
+        CallMode::Value => Ok(Some(result.unbind())),
         CallMode::Iterate => {
-            if !result.is_none() {
-                for value in result.try_iter()? {
-                    emitter.emit_default(py, value?.unbind());
-                }
+            for value in result.try_iter()? {
+                emitter.hold(value?.unbind());
             }
+            Ok(None)
         }
         CallMode::Chunk => unreachable!("chunk-mode stages are called by run_chunk"),
     }
-    Ok(())
 }
 
 /// Why a worker stops early.
@@ -156,12 +155,15 @@ fn process_one(
     let spec = &stage.spec;
     let mut attempt = 0u32;
     loop {
-        if spec.retries > 0 {
-            emitter.begin_attempt();
-        }
-        match invoke(py, call, stage.mode, input, emitter) {
-            Ok(()) => {
+        // Every attempt's emits are held, retried or not: an item that fails delivers
+        // nothing of the attempt that failed.
+        emitter.begin_attempt();
+        match invoke(call, stage.mode, input, emitter) {
+            Ok(value) => {
                 emitter.commit(py);
+                if let Some(value) = value {
+                    emitter.emit_default(py, value);
+                }
                 return Ok(());
             }
             Err(error) => {
@@ -607,7 +609,6 @@ fn run_accumulator(stage: &StageShared) {
                             if stage.run.shutdown.is_set() {
                                 return Err(Stop);
                             }
-                            let now = Instant::now();
                             let (slot, key) = match (&slots, &spec.key) {
                                 (Some(slots), Some(key_fn)) => {
                                     match key_slot(
@@ -626,7 +627,10 @@ fn run_accumulator(stage: &StageShared) {
                                 }
                                 _ => (0, py.None()),
                             };
-                            let due = batcher.push(slot, || Some(key), item, now);
+                            // The chunk's arrival time opens its batches: one clock read
+                            // per chunk (a read per item costs as much as the push), and a
+                            // batch that waits is flushed at most a chunk's time early.
+                            let due = batcher.push(slot, || Some(key), item, started);
                             flush(py, due)?;
                         }
                         let spent = started.elapsed();

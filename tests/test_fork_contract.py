@@ -336,3 +336,31 @@ def test_the_worker_loop_never_imports_the_extension():
             elif isinstance(node, ast.Import):
                 todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("minigun.")]
     assert "_minigun" not in seen, sorted(seen)
+
+
+def emits_then_fails(x):
+    mg.emit(("early", x))
+    if x % 2:
+        raise ValueError(x)
+    return ("out", x)
+
+
+def yields_then_fails(x):
+    yield ("early", x)
+    if x % 2:
+        raise ValueError(x)
+    yield ("out", x)
+
+
+@pytest.mark.parametrize("work", [emits_then_fails, yields_then_fails], ids=["emit", "generator"])
+@pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
+def test_a_failed_item_without_retries_delivers_nothing_from_a_child(strategy, work):
+    """spawn_fork: the parent holds what the child streams back as the attempt's output;
+    fork_ipc: the worker loop holds each attempt's values. Either way a failed item
+    delivers nothing, as from a thread."""
+    items = list(range(10))
+    out, errors, result = run_with_one_bad_item(strategy, work, items)
+    evens = range(0, 10, 2)
+    assert sorted(out) == sorted([("early", x) for x in evens] + [("out", x) for x in evens])
+    assert sorted(item for item, _ in errors) == [1, 3, 5, 7, 9]
+    assert result.stats["work"].items_out == len(out)

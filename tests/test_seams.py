@@ -305,3 +305,120 @@ def test_a_thread_the_os_refuses_fails_the_run_cleanly():
     assert "failed: stage 'double' failed" in done.stdout
     assert "refused to start a thread" in done.stdout
     assert "threads left: 1" in done.stdout
+
+
+# -- a failed attempt delivers nothing, without retries= too (in-process workers, async) ----
+
+
+def emits_then_fails(x):
+    mg.emit(("early", x))
+    if x % 2:
+        raise ValueError(x)
+    return ("out", x)
+
+
+def yields_then_fails(x):
+    yield ("early", x)
+    if x % 2:
+        raise ValueError(x)
+    yield ("out", x)
+
+
+async def async_emits_then_fails(x):
+    mg.emit(("early", x))
+    await asyncio.sleep(0)
+    if x % 2:
+        raise ValueError(x)
+    return ("out", x)
+
+
+async def async_yields_then_fails(x):
+    yield ("early", x)
+    await asyncio.sleep(0)
+    if x % 2:
+        raise ValueError(x)
+    yield ("out", x)
+
+
+def run_half_failing(work, **options):
+    """Items 0..9 through ``work`` (odd items fail, no retries, a handler takes them):
+    (what the sink received, the items on_error got, the stage's stats)."""
+    out, failed = Collector(), Collector()
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(10), name="numbers")
+    p.processor(work, name="work", **options)
+    p.consumer(out.add, name="sink")
+    p.on_error(ValueError)(lambda error, item, stage: failed.add(item))
+    result = p.run()
+    assert result.status == "ok"
+    return out.items, failed.items, result.stats["work"]
+
+
+EVEN_ITEMS_ONLY = sorted(
+    [("early", x) for x in range(0, 10, 2)] + [("out", x) for x in range(0, 10, 2)]
+)
+
+
+@pytest.mark.parametrize("work", [emits_then_fails, yields_then_fails], ids=["emit", "generator"])
+@pytest.mark.parametrize(
+    "options",
+    [{"strategy": "inline"}, {"strategy": "threads", "threads": 2}, {"strategy": "spawn_thread"}],
+    ids=lambda o: o["strategy"],
+)
+def test_a_failed_item_without_retries_delivers_nothing_from_runtime_workers(work, options):
+    out, failed, stats = run_half_failing(work, **options)
+    assert sorted(out) == EVEN_ITEMS_ONLY
+    assert sorted(failed) == [1, 3, 5, 7, 9]
+    assert stats.items_out == len(out)
+
+
+@pytest.mark.parametrize(
+    "work", [async_emits_then_fails, async_yields_then_fails], ids=["emit", "generator"]
+)
+def test_a_failed_item_without_retries_delivers_nothing_from_an_async_stage(work):
+    out, failed, stats = run_half_failing(work, strategy="async", concurrency=3)
+    assert sorted(out) == EVEN_ITEMS_ONLY
+    assert sorted(failed) == [1, 3, 5, 7, 9]
+    assert stats.items_out == len(out)
+
+
+def test_a_failed_accumulator_body_delivers_nothing_of_its_batch():
+    out, failed = Collector(), Collector()
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(10), name="numbers")
+
+    @p.accumulator(name="batch", max_size=2)
+    def batch(items):
+        mg.emit(("early", items[0]))
+        if items[0] == 4:
+            raise ValueError(items)
+        mg.emit(("out", items[0]))
+
+    p.consumer(out.add, name="sink")
+    p.on_error(ValueError)(lambda error, item, stage: failed.add(item))
+    assert p.run().status == "ok"
+    assert sorted(out.items) == sorted(
+        [(kind, x) for kind in ("early", "out") for x in (0, 2, 6, 8)]
+    )
+    assert failed.items == [[4, 5]]
+
+
+def test_a_generator_stage_delivers_an_items_values_when_the_item_completes():
+    """A generator's yields are one attempt's output: none leaves before the generator
+    ends (it might still raise)."""
+    out = Collector()
+    arrived_mid_item = Collector()
+
+    def work(x):
+        yield (x, "a")
+        # Without the hold, the flusher sends (x, "a") to the idle sink within ~1 ms.
+        arrived_mid_item.add(out.wait_for(x * 2 + 1, timeout=0.2))
+        yield (x, "b")
+
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(2), name="numbers")
+    p.processor(work, name="work", strategy="inline")
+    p.consumer(out.add, name="sink")
+    p.run()
+    assert sorted(out.items) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert arrived_mid_item.items == [False, False]

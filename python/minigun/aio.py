@@ -4,9 +4,10 @@ An async processor runs on an event loop owned by the stage, on the stage's work
 with up to ``concurrency=`` coroutines in flight (capped by the pipeline's
 ``max_concurrency``). The runtime hands the stage its items in chunks of at least
 ``concurrency`` items (when that many are waiting); the chunk's coroutines run
-concurrently and each one's values are emitted as soon as it produces them. Retries run
-on the loop too (``await asyncio.sleep`` for the backoff), holding back what a failed
-attempt emitted; items that still fail go to ``on_error`` one by one.
+concurrently and each item's values are emitted when its coroutine completes (what an
+attempt emits is held until its outcome is known, and dropped if it fails). Retries run on
+the loop too (``await asyncio.sleep`` for the backoff); items that still fail go to
+``on_error`` one by one.
 
 Async producers and accumulator bodies have no concurrency to exploit: they are driven
 step by step on a loop of their own, in their worker thread.
@@ -98,7 +99,8 @@ class _AsyncWorker:
             nonlocal retries
             attempt = 0
             while True:
-                held = context.hold_emits() if self.policy.retries else None
+                # Every attempt's emits wait for its outcome, retried or not.
+                held = context.hold_emits()
                 try:
                     await _body(self.fn, item)
                 except Exception as exc:  # noqa: BLE001 - reported to the runtime

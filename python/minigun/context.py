@@ -32,7 +32,8 @@ class Run(Protocol):
 _native_emit = ext.emit
 _current_run_id = ext.current_run_id
 _child_emit: Callable[[Any, str | None], None] | None = None
-#: An async stage's attempt that may be retried: its emits wait here (one per task).
+#: An async stage's attempt in progress: its emits wait here until its outcome is known
+#: (one list per asyncio task).
 _held: contextvars.ContextVar[list[tuple[Any, str | None]] | None] = contextvars.ContextVar(
     "minigun_held_emits", default=None
 )
@@ -60,7 +61,8 @@ def emit(value: Any, to: str | None = None) -> None:
 
 
 def hold_emits() -> list[tuple[Any, str | None]]:
-    """Hold back what this task emits from now on (an attempt that may be retried)."""
+    """Hold back what this task emits from now on (an item's attempt, until its outcome
+    is known)."""
     held: list[tuple[Any, str | None]] = []
     _held.set(held)
     return held

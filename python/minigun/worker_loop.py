@@ -172,8 +172,8 @@ class Outbox:
         self._frame(tag)
 
     def fail(self, exc: BaseException, tag: str = ERROR) -> None:
-        """Report ``exc`` (what was emitted before it goes out first, as from a thread;
-        values that cannot be pickled are dropped)."""
+        """Report ``exc``. What is buffered goes out first (in a chunk: the values and
+        outcomes of the items that finished; values that cannot be pickled are dropped)."""
         try:
             self.flush()
         except Exception:  # noqa: BLE001
@@ -279,8 +279,7 @@ def run_chunk(
     for k, item in enumerate(items):
         attempt = 0
         while True:
-            if policy.retries:  # without retries, nothing is ever taken back
-                out.hold()
+            out.hold()  # every attempt's emits wait for its outcome, retried or not
             try:
                 _results(call, mode, item, out)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -290,9 +289,8 @@ def run_chunk(
                     out.mark(MARK_RETRIED, 1)
                     time.sleep(policy.delay(attempt))
                     continue
-                # As in the runtime's threads: without retries, what the item emitted
-                # before it failed goes on; a failed (last) attempt's values do not.
-                out.release(keep=not policy.retries)
+                # As in the runtime's threads: a failed item delivers nothing.
+                out.release(keep=False)
                 out.mark(MARK_FAILED, (k, error_payload(exc)))
             else:
                 out.release(keep=True)

@@ -55,40 +55,30 @@ class StrategyCase:
 
 # -- known runtime defects (issue 10), each with its minimal reproduction in the report ---------
 
-FAILED_ATTEMPT_EMITS = (
-    "without retries=, what a failed attempt emitted before raising is delivered downstream "
-    "(emits are held only when retries > 0)"
-)
 #: Defects a cell shows only for some drawn examples: their cells are non-strict xfails.
 INTERMITTENT: frozenset[str] = frozenset()
 
-#: The return form emits nothing before it raises, so it has nothing to discard.
-_COMMON = {("*", "no_retry"): FAILED_ATTEMPT_EMITS, ("return", "no_retry"): None}
-
 REGISTRY: list[StrategyCase] = [
-    StrategyCase("inline", {"strategy": "inline"}, max_workers=1, defects=_COMMON),
-    StrategyCase("threads", {"strategy": "threads", "threads": 2}, max_workers=2, defects=_COMMON),
+    StrategyCase("inline", {"strategy": "inline"}, max_workers=1),
+    StrategyCase("threads", {"strategy": "threads", "threads": 2}, max_workers=2),
     # A thread (child) per item, each a worker of its own: open/close once per item.
-    StrategyCase("spawn_thread", {"strategy": "spawn_thread"}, max_workers=None, defects=_COMMON),
+    StrategyCase("spawn_thread", {"strategy": "spawn_thread"}, max_workers=None),
     StrategyCase(
         "spawn_fork",
         {"strategy": "spawn_fork"},
         max_workers=None,
         unavailable=_needs_fork,
-        defects=_COMMON,
     ),
     StrategyCase(
         "fork_ipc",
         {"strategy": "fork_ipc", "processes": 2},
         max_workers=2,
         unavailable=_needs_fork,
-        defects=_COMMON,
     ),
     StrategyCase(
         "async",
         {"strategy": "async", "concurrency": 3},
         max_workers=1,
         runs_async=True,
-        defects={("*", "no_retry"): FAILED_ATTEMPT_EMITS},
     ),
 ]
