@@ -71,8 +71,13 @@ test_cpython_311
 
 log "quality gates"
 .venv/bin/ruff check python tests benchmarks examples scripts
+.venv/bin/ruff format --check python tests benchmarks examples scripts
+cargo fmt --check
+cargo clippy --quiet -- -D warnings
 # mypy only in the 3.11 venv: its ast-serialize dependency does not build on free-threaded 3.13.
 .venv/bin/python -m pip install -q --disable-pip-version-check mypy
+.venv/bin/python -m mypy --strict python/minigun
+.venv/bin/python -m mypy.stubtest minigun._minigun
 .venv/bin/python -m mypy --strict tests/typing/user_code.py examples/
 
 test_cpython_313

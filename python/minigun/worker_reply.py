@@ -26,19 +26,21 @@ def worker_exception(stage: str, where: str, payload: tuple[Any, ...]) -> BaseEx
     ``traceback_text`` and in a note. ``where`` names the worker ("forked child process
     123", "Ray actor ...")."""
     pickled, type_name, message, text = payload
-    exc: Any = None
+    loaded: Any = None
     if pickled is not None:
         try:
-            exc = pickle.loads(pickled)
+            loaded = pickle.loads(pickled)
         except Exception:  # noqa: BLE001 - reported as WorkerError instead
-            exc = None
-    if not isinstance(exc, BaseException):
+            loaded = None
+    exc: BaseException
+    if not isinstance(loaded, BaseException):
         exc = WorkerError(
             f"stage {stage!r}: {where} raised {type_name}: {message} (the exception could "
             "not be sent to the parent as itself)",
             traceback_text=text,
         )
     else:
+        exc = loaded
         try:
             exc.traceback_text = text  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - e.g. __slots__ exceptions: the note remains
