@@ -220,6 +220,7 @@ def as_json(
             if workload.unit == "s":
                 value = best
         rows[impl.name] = {
+            "peer": impl.requires,  # the peer library's import name; null: minigun or stdlib
             "status": measurement.status,
             "detail": measurement.detail,
             "runs_seconds": measurement.runs,

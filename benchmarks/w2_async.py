@@ -160,7 +160,7 @@ def _workload(key: str, title: str, fail_every: int) -> Workload:
         ),
         subjects=("minigun concurrency=32",),
         full={"n": 2_000, "sleep": 0.002, "concurrency": 32, "fail_every": fail_every},
-        quick={"n": 320, "sleep": 0.002, "concurrency": 32, "fail_every": fail_every},
+        quick={"n": 160, "sleep": 0.002, "concurrency": 32, "fail_every": fail_every},
         count=lambda params: params["n"],
         expected=lambda params: params["n"] * (params["n"] - 1) // 2,
         unit="s",

@@ -132,7 +132,7 @@ WORKLOADS = (
         ),
         subjects=("minigun threads=32",),
         full={"n": 2_000, "sleep": 0.002, "threads": 32},
-        quick={"n": 320, "sleep": 0.002, "threads": 32},
+        quick={"n": 160, "sleep": 0.002, "threads": 32},
         count=lambda params: params["n"],
         expected=lambda params: params["n"] * (params["n"] - 1) // 2,
         unit="s",

@@ -144,8 +144,10 @@ def process_pool_executor(params: Params) -> int:
 def mpire_pool(params: Params) -> int:
     from mpire import WorkerPool
 
+    # mpire unpacks a tuple into arguments: each item goes as a 1-tuple.
+    arguments = ((item,) for item in items(params))
     with WorkerPool(n_jobs=params["cpus"], start_method="fork") as pool:
-        return sum(pool.imap(work, items(params), chunk_size=params["batch"]))
+        return sum(pool.imap(work, arguments, chunk_size=params["batch"]))
 
 
 def pypeln_processes(params: Params) -> int:
@@ -216,7 +218,7 @@ WORKLOADS = (
             "minigun interpreters",
         ),
         full={"n": 400, "batch": 20, "ms": 10.0},
-        quick={"n": 40, "batch": 10, "ms": 1.0},
+        quick={"n": 20, "batch": 5, "ms": 1.0},
         count=lambda params: params["n"],
         expected=lambda params: params["_expected"],
         ideal_seconds=_ideal,
