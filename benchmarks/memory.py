@@ -25,7 +25,7 @@ IMPLS = (
 
 def _expected(params: Params) -> int:
     n = params["n"]
-    return n * (n - 1) if params["workload"] == "W1" else n
+    return int(n * (n - 1) if params["workload"] == "W1" else n)
 
 
 def _adjust(params: Params, impl: str) -> Params:

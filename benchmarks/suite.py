@@ -138,7 +138,8 @@ def value_text(workload: Workload, params: Params, seconds: float) -> str:
         rate = count / seconds
         return f"{rate / 1e6:.2f}M items/s" if rate >= 1e5 else f"{rate / 1e3:.1f}k items/s"
     if workload.unit == "ms":
-        return f"{seconds * 1000 / count:.3f} ms"
+        ms = seconds * 1000 / count
+        return f"{ms:.3f} ms" if ms >= 0.01 else f"{ms * 1000:.2f} µs"
     return f"{seconds:.3f} s"
 
 

@@ -142,7 +142,7 @@ def pyper_async(params: Params) -> int:
 
 def _attempts(params: Params) -> int:
     n, every = params["n"], params["fail_every"]
-    return n + (len(range(0, n, every)) if every else 0)
+    return int(n + (len(range(0, n, every)) if every else 0))
 
 
 def _workload(key: str, title: str, fail_every: int) -> Workload:

@@ -42,7 +42,7 @@ def queue_threads(params: Params) -> int:
 
     def work() -> None:
         while (x := todo.get()) is not done:
-            results.put(io(x))  # type: ignore[arg-type]
+            results.put(io(x))
         results.put(done)
 
     def consume() -> None:

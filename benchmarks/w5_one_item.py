@@ -90,7 +90,7 @@ def _interpreters(code: str):  # type: ignore[no-untyped-def]
     def run(params: Params) -> int:
         for _ in range(params["runs"]):
             subprocess.run([sys.executable, "-c", code], check=True)
-        return params["runs"]
+        return int(params["runs"])
 
     return run
 
@@ -106,7 +106,7 @@ def _import_notes(params: Params, results: Mapping[str, Measurement]) -> list[st
 
 def _expected_sum(params: Params) -> int:
     runs = params["runs"]
-    return runs * (runs - 1)
+    return int(runs * (runs - 1))
 
 
 WORKLOADS = (
