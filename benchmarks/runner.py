@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,29 +106,34 @@ def measure_once(
             json.dumps(params),
             str(result_path),
         ]
-        child = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # so a hung run's whole process group can be killed
-        )
+        # stderr goes to a file, not a pipe: a chatty run must not block on a full pipe
+        # while this side samples PSS instead of reading.
+        errors_path = Path(scratch) / "stderr.txt"
+        with open(errors_path, "w") as errors:
+            child = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                start_new_session=True,  # its own process group: killed whole, below
+            )
         deadline = time.monotonic() + timeout
         peak_pss = 0
-        stderr = ""
         try:
             if impl.processes:
                 while child.poll() is None and time.monotonic() < deadline:
                     peak_pss = max(peak_pss, sum(pss_kb(pid) for pid in descendants(child.pid)))
                     time.sleep(PSS_SAMPLE_SECONDS)
-            _, stderr = child.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, 9)
-            child.communicate()
+            _kill_group(child.pid)
+            child.wait()
             return TIMEOUT, None, f"no result after {timeout:g} s", None, None
+        # Whatever the run left behind (a peer's stray worker) must not load the next one.
+        _kill_group(child.pid)
+        stderr = errors_path.read_text(errors="replace")
         pss_mb = peak_pss / 1024 if impl.processes else None
         if child.returncode == EXIT_NOT_INSTALLED:
             return NOT_INSTALLED, None, _last_line(stderr), None, None
@@ -137,6 +143,13 @@ def measure_once(
             return FAILED, None, f"exit {child.returncode}: {_last_line(stderr)}", None, pss_mb
         result = json.loads(result_path.read_text())
         return OK, result["seconds"], "", result["max_rss_kb"] / 1024, pss_mb
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _last_line(text: str) -> str:

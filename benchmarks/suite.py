@@ -24,6 +24,7 @@ from benchmarks import (
     w4_batching,
     w5_one_item,
 )
+from benchmarks.report import markdown
 from benchmarks.runner import run_workload
 from benchmarks.workload import OK, Measurement, Params, Workload
 
@@ -49,6 +50,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--only", help=f"comma-separated workloads ({keys})")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown here")
     parser.add_argument(
         "--repeat", type=int, help="runs of each implementation, best kept (default 3; 1 quick)"
     )
@@ -251,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.no_venv and not environment.in_bench_venv():
         python = environment.ensure(build=not args.no_build)
-        # Run again inside the environment (peers installed, minigun built from this tree).
-        os.execv(python, [str(python), "-m", "benchmarks", *argv, "--no-venv"])
+        # Run again inside the environment (peers installed, minigun built from this tree);
+        # there in_bench_venv() is true, so it does not come back here.
+        os.execv(python, [str(python), "-m", "benchmarks", *argv])
     repeats = args.repeat or (1 if args.quick else 3)
     timeout = args.timeout or (30.0 if args.quick else 120.0)
     chosen = [w for w in WORKLOADS if not args.only or w.key.upper() in args.only]
@@ -293,4 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
             out.write("\n")
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown(report))
     return 0
