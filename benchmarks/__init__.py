@@ -1,0 +1,1 @@
+"""minigun's benchmark suite: ``python -m benchmarks`` (see docs/performance.md)."""

@@ -1,0 +1,230 @@
+"""W3, CPU-bound: N items of about 10 ms of pure-Python arithmetic, in batches of 20.
+
+The loop length is calibrated once, in the parent, before any run, and travels with each
+item (``(x, loops)``), so every implementation does the same work whichever process or
+subinterpreter runs it. The ideal is the serial time divided by the CPUs; minigun's
+strategies use as many workers as there are CPUs (``max_processes`` = CPUs), and so do the
+pools. A strategy the interpreter cannot provide (``interpreters`` before 3.13) is
+"unavailable". Children's PSS is sampled for everything that forks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+
+from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl
+
+Item = tuple[int, int]
+
+
+def cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def work(item: Item) -> int:
+    """About 10 ms of pure-Python integer arithmetic (``loops`` calibrated)."""
+    acc, loops = item
+    for i in range(loops):
+        acc = (acc * 31 + i) % 1_000_003
+    return acc
+
+
+def crunch(batch: list[Item]) -> int:
+    return sum(work(item) for item in batch)
+
+
+def items(params: Params) -> Iterator[Item]:
+    loops = params["loops"]
+    return ((x, loops) for x in range(params["n"]))
+
+
+def batches(params: Params) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items(params):
+        batch.append(item)
+        if len(batch) == params["batch"]:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def calibrate(params: Params) -> Params:
+    """Loop iterations for ``ms`` milliseconds of work on this interpreter and machine."""
+    trial = 20_000
+    best = float("inf")
+    # The best of many short trials: on a shared machine most of them are slowed down.
+    for _ in range(30):
+        start = time.perf_counter()
+        work((1, trial))
+        best = min(best, time.perf_counter() - start)
+    loops = max(1, int(trial * (params["ms"] / 1000) / best))
+    params = {**params, "loops": loops, "cpus": params.get("cpus") or cpus()}
+    # The checksum every run must compute, worked out once here rather than in each run.
+    return {**params, "_expected": serial(params)}
+
+
+def serial(params: Params) -> int:
+    return sum(work(item) for item in items(params))
+
+
+def minigun(strategy: str) -> Impl:
+    def run(params: Params) -> int:
+        import minigun as mg
+
+        workers = params["cpus"]
+        total = [0]
+        p = mg.Pipeline(f"w3-{strategy}", config={"max_processes": workers, "max_threads": workers})
+        p.producer(lambda: items(params), name="items")
+        p.accumulator(name="batch", max_size=params["batch"])
+        option = {
+            "threads": {"threads": workers},
+            "fork_ipc": {"processes": workers},
+            "interpreters": {"interpreters": workers},
+        }.get(strategy, {})
+        p.processor(crunch, strategy=strategy, **option)
+
+        @p.consumer
+        def add(subtotal: int) -> None:
+            total[0] += subtotal
+
+        p.run()
+        return total[0]
+
+    return minigun_impl(f"minigun {strategy}", run, processes=strategy != "threads")
+
+
+def queue_threads(params: Params) -> int:
+    workers = params["cpus"]
+    done = object()
+    todo: queue.Queue[object] = queue.Queue(maxsize=100)
+    total = [0]
+    lock = threading.Lock()
+
+    def produce() -> None:
+        for batch in batches(params):
+            todo.put(batch)
+        for _ in range(workers):
+            todo.put(done)
+
+    def worker() -> None:
+        while (batch := todo.get()) is not done:
+            subtotal = crunch(batch)  # type: ignore[arg-type]
+            with lock:
+                total[0] += subtotal
+
+    threads = [threading.Thread(target=produce)]
+    threads += [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return total[0]
+
+
+def pool_imap(params: Params) -> int:
+    # Pool start-up included, as minigun's forks are in its time.
+    with multiprocessing.get_context("fork").Pool(params["cpus"]) as pool:
+        return sum(pool.imap(work, items(params), chunksize=params["batch"]))
+
+
+def process_pool_executor(params: Params) -> int:
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(params["cpus"], mp_context=context) as pool:
+        return sum(pool.map(work, items(params), chunksize=params["batch"]))
+
+
+def mpire_pool(params: Params) -> int:
+    from mpire import WorkerPool
+
+    # mpire unpacks a tuple into arguments: each item goes as a 1-tuple.
+    arguments = ((item,) for item in items(params))
+    with WorkerPool(n_jobs=params["cpus"], start_method="fork") as pool:
+        return sum(pool.imap(work, arguments, chunk_size=params["batch"]))
+
+
+def pypeln_processes(params: Params) -> int:
+    import pypeln as pl
+
+    return sum(pl.process.map(crunch, batches(params), workers=params["cpus"], maxsize=4))
+
+
+def pyper_processes(params: Params) -> int:
+    from pyper import task
+
+    pipeline = (
+        task(batches, branch=True) | task(crunch, workers=params["cpus"], multiprocess=True) > sum
+    )
+    result: int = pipeline(params)
+    return result
+
+
+def streamable_processes(params: Params) -> int:
+    from streamable import stream
+
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(params["cpus"], mp_context=context) as pool:
+        return sum(stream(items(params)).group(params["batch"]).map(crunch, concurrency=pool))
+
+
+def _ideal(params: Params, best: Mapping[str, float]) -> float | None:
+    took = best.get("serial loop")
+    return None if took is None else took / params["cpus"]
+
+
+def _notes(params: Params, results: Mapping[str, Measurement]) -> list[str]:
+    return [
+        f"{params['loops']:,} loop iterations per item (~{params['ms']:g} ms here),"
+        f" {params['cpus']} worker(s); ideal = serial / {params['cpus']}"
+        " (measured by the 'serial' row)"
+    ]
+
+
+WORKLOADS = (
+    Workload(
+        key="W3",
+        module=__name__,
+        title="CPU-bound: N items of ~10 ms pure Python, batches of 20, one worker per CPU",
+        impls=(
+            minigun("threads"),
+            minigun("spawn_fork"),
+            minigun("fork_ipc"),
+            minigun("interpreters"),
+            Impl("serial loop", serial),
+            Impl("queue.Queue + threads", queue_threads),
+            Impl("multiprocessing.Pool.imap", pool_imap, processes=True),
+            Impl("ProcessPoolExecutor.map", process_pool_executor, processes=True),
+            Impl("mpire", mpire_pool, requires="mpire", processes=True),
+            Impl("pypeln process", pypeln_processes, requires="pypeln", processes=True),
+            Impl("pyper multiprocess", pyper_processes, requires="pyper", processes=True),
+            Impl(
+                "streamable + processes",
+                streamable_processes,
+                requires="streamable",
+                processes=True,
+            ),
+        ),
+        subjects=(
+            "minigun threads",
+            "minigun spawn_fork",
+            "minigun fork_ipc",
+            "minigun interpreters",
+        ),
+        full={"n": 400, "batch": 20, "ms": 10.0},
+        quick={"n": 20, "batch": 5, "ms": 1.0},
+        count=lambda params: params["n"],
+        expected=lambda params: params["_expected"],
+        ideal_seconds=_ideal,
+        unit="s",
+        prepare=calibrate,
+        notes=_notes,
+    ),
+)

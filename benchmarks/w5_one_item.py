@@ -1,0 +1,146 @@
+"""W5, what a service pays per call: a one-item run, repeated; and ``import minigun``.
+
+W5: one item through producer -> ``x * 2`` -> consumer, R times in one process (pipeline
+built and run each time), against calling the functions and against starting a
+queue.Queue + threads pipeline or a ThreadPoolExecutor per call. Reported in ms per run.
+
+W5-import: R fresh interpreters each running ``import minigun``, against R bare ones
+(``python -c pass``); the difference is what importing minigun costs a process.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl
+
+
+def one(x: int) -> Iterator[int]:
+    yield x
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def plain_call(params: Params) -> int:
+    total = 0
+    for run in range(params["runs"]):
+        for x in one(run):
+            total += double(x)
+    return total
+
+
+def queue_threads(params: Params) -> int:
+    total = 0
+    done = object()
+    for run in range(params["runs"]):
+        to_double: queue.Queue[object] = queue.Queue(maxsize=1000)
+        out: list[int] = []
+
+        def produce(run: int = run, inbox: queue.Queue[object] = to_double) -> None:
+            for x in one(run):
+                inbox.put(x)
+            inbox.put(done)
+
+        def process(inbox: queue.Queue[object] = to_double, out: list[int] = out) -> None:
+            while (x := inbox.get()) is not done:
+                out.append(double(x))  # type: ignore[arg-type]
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=process)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total += sum(out)
+    return total
+
+
+def thread_pool(params: Params) -> int:
+    total = 0
+    for run in range(params["runs"]):
+        with ThreadPoolExecutor(1) as pool:
+            total += sum(pool.map(double, one(run)))
+    return total
+
+
+def minigun(params: Params) -> int:
+    import minigun as mg
+
+    total = [0]
+
+    def add(x: int) -> None:
+        total[0] += x
+
+    for run in range(params["runs"]):
+        p = mg.Pipeline("w5")
+        p.producer(lambda run=run: one(run), name="one")
+        p.processor(double)
+        p.consumer(add)
+        p.run()
+    return total[0]
+
+
+def _interpreters(code: str):  # type: ignore[no-untyped-def]
+    def run(params: Params) -> int:
+        for _ in range(params["runs"]):
+            subprocess.run([sys.executable, "-c", code], check=True)
+        return int(params["runs"])
+
+    return run
+
+
+def _import_notes(params: Params, results: Mapping[str, Measurement]) -> list[str]:
+    bare = results["python -c pass"].best
+    imported = results["python -c 'import minigun'"].best
+    if bare is None or imported is None:
+        return []
+    over = (imported - bare) * 1000 / params["runs"]
+    return [f"import minigun: {over:.1f} ms over a bare interpreter"]
+
+
+def _expected_sum(params: Params) -> int:
+    runs = params["runs"]
+    return int(runs * (runs - 1))
+
+
+WORKLOADS = (
+    Workload(
+        key="W5",
+        module=__name__,
+        title="one-item run (pipeline built and run per call), R calls",
+        impls=(
+            minigun_impl("minigun", minigun),
+            Impl("plain call", plain_call),
+            Impl("queue.Queue + threads", queue_threads),
+            Impl("ThreadPoolExecutor", thread_pool),
+        ),
+        subjects=("minigun",),
+        full={"runs": 1_000},
+        quick={"runs": 10},
+        count=lambda params: params["runs"],
+        expected=_expected_sum,
+        unit="ms",
+    ),
+    Workload(
+        key="W5-import",
+        module=__name__,
+        title="start-up: R fresh interpreters, bare and importing minigun",
+        impls=(
+            Impl("python -c 'import minigun'", _interpreters("import minigun")),
+            Impl("python -c pass", _interpreters("pass")),
+        ),
+        subjects=(),
+        full={"runs": 20},
+        quick={"runs": 1},
+        count=lambda params: params["runs"],
+        expected=lambda params: params["runs"],
+        unit="ms",
+        notes=_import_notes,
+    ),
+)
