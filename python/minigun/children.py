@@ -58,8 +58,7 @@ class RunForks:
             return
         with self._lock:
             if not self._watching:
-                # The Rust runtime itself (the Run keeps it private): its stop signal.
-                self.table.watch(self.run._runtime)
+                self.table.watch(self.run.runtime)
                 self._watching = True
 
 

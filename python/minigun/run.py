@@ -305,6 +305,11 @@ class Run:
         return self._plans
 
     @property
+    def runtime(self) -> ext.Runtime:
+        """The Rust runtime of this run (fork executors wait on its shutdown signal)."""
+        return self._runtime
+
+    @property
     def stopping(self) -> bool:
         """True once the run was cancelled or failed (workers are winding down)."""
         return self._runtime.stopping
