@@ -104,6 +104,23 @@ struct Table {
 }
 
 impl Table {
+    /// A table with per-scope `limits` (`max_processes`) and standing reservations.
+    fn new(limits: HashMap<usize, usize>, reserved: HashMap<usize, usize>) -> Self {
+        Table {
+            budget: Mutex::new(Budget {
+                limit: limits,
+                reserved,
+                extra: HashMap::new(),
+                alive: HashMap::new(),
+            }),
+            room: Condvar::new(),
+            children: Mutex::new(HashMap::new()),
+            shutdown: OnceLock::new(),
+            wake: Mutex::new(-1),
+            owner_pid: std::process::id(),
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.shutdown.get().is_some_and(Shutdown::is_set)
     }
@@ -230,19 +247,7 @@ impl ChildTable {
     #[new]
     fn new(limits: HashMap<usize, usize>, reserved: HashMap<usize, usize>) -> Self {
         ChildTable {
-            table: Arc::new(Table {
-                budget: Mutex::new(Budget {
-                    limit: limits,
-                    reserved,
-                    extra: HashMap::new(),
-                    alive: HashMap::new(),
-                }),
-                room: Condvar::new(),
-                children: Mutex::new(HashMap::new()),
-                shutdown: OnceLock::new(),
-                wake: Mutex::new(-1),
-                owner_pid: std::process::id(),
-            }),
+            table: Arc::new(Table::new(limits, reserved)),
         }
     }
 
@@ -726,19 +731,10 @@ mod tests {
     use super::*;
 
     fn table(limit: usize, reserved: usize) -> Arc<Table> {
-        Arc::new(Table {
-            budget: Mutex::new(Budget {
-                limit: HashMap::from([(1, limit)]),
-                reserved: HashMap::from([(1, reserved)]),
-                extra: HashMap::new(),
-                alive: HashMap::new(),
-            }),
-            room: Condvar::new(),
-            children: Mutex::new(HashMap::new()),
-            shutdown: OnceLock::new(),
-            wake: Mutex::new(-1),
-            owner_pid: std::process::id(),
-        })
+        Arc::new(Table::new(
+            HashMap::from([(1, limit)]),
+            HashMap::from([(1, reserved)]),
+        ))
     }
 
     /// Fork a child that sleeps (async-signal-safe only) until killed.
