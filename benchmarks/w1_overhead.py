@@ -30,6 +30,10 @@ class Sum:
         self.total += x
 
 
+#: The two queue types the hand-written baselines use.
+_Queue = queue.Queue[object] | queue.SimpleQueue[object]
+
+
 def plain_loop(params: Params) -> int:
     total = Sum()
     for x in numbers(params["n"]):
@@ -39,40 +43,17 @@ def plain_loop(params: Params) -> int:
 
 def queue_threads(params: Params) -> int:
     """One thread per stage, bounded queue.Queue between them (what users hand-write)."""
-    n = params["n"]
-    done = object()
-    to_double: queue.Queue[object] = queue.Queue(maxsize=1000)
-    to_sum: queue.Queue[object] = queue.Queue(maxsize=1000)
-    total = Sum()
-
-    def produce() -> None:
-        for x in numbers(n):
-            to_double.put(x)
-        to_double.put(done)
-
-    def process() -> None:
-        while (x := to_double.get()) is not done:
-            to_sum.put(double(x))  # type: ignore[arg-type]
-        to_sum.put(done)
-
-    def consume() -> None:
-        while (x := to_sum.get()) is not done:
-            total(x)  # type: ignore[arg-type]
-
-    threads = [threading.Thread(target=f) for f in (produce, process, consume)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return total.total
+    return _three_threads(params["n"], queue.Queue(maxsize=1000), queue.Queue(maxsize=1000))
 
 
 def simple_queue_threads(params: Params) -> int:
     """The same with unbounded queue.SimpleQueue (faster, but memory is not bounded)."""
-    n = params["n"]
+    return _three_threads(params["n"], queue.SimpleQueue(), queue.SimpleQueue())
+
+
+def _three_threads(n: int, to_double: _Queue, to_sum: _Queue) -> int:
+    """producer -> x*2 -> summing consumer, one thread each, over the queues given."""
     done = object()
-    to_double: queue.SimpleQueue[object] = queue.SimpleQueue()
-    to_sum: queue.SimpleQueue[object] = queue.SimpleQueue()
     total = Sum()
 
     def produce() -> None:

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+import minigun as mg
+
 
 class Collector:
     """A thread-safe list that stages append to."""
@@ -209,3 +211,20 @@ class LeftBehind:
             return
         left = self.new()
         assert not left, f"left behind after the run: {left}"
+
+
+# -- stage functions whose failed attempt emitted first (its output must never arrive) ----
+
+
+def emits_then_fails(x):
+    mg.emit(("early", x))
+    if x % 2:
+        raise ValueError(x)
+    return ("out", x)
+
+
+def yields_then_fails(x):
+    yield ("early", x)
+    if x % 2:
+        raise ValueError(x)
+    yield ("out", x)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from _mg_helpers import emits_then_fails, yields_then_fails
 
 import minigun as mg
 
@@ -336,20 +337,6 @@ def test_the_worker_loop_never_imports_the_extension():
             elif isinstance(node, ast.Import):
                 todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("minigun.")]
     assert "_minigun" not in seen, sorted(seen)
-
-
-def emits_then_fails(x):
-    mg.emit(("early", x))
-    if x % 2:
-        raise ValueError(x)
-    return ("out", x)
-
-
-def yields_then_fails(x):
-    yield ("early", x)
-    if x % 2:
-        raise ValueError(x)
-    yield ("out", x)
 
 
 @pytest.mark.parametrize("work", [emits_then_fails, yields_then_fails], ids=["emit", "generator"])

@@ -13,7 +13,7 @@ import time
 import weakref
 
 import pytest
-from _mg_helpers import Collector
+from _mg_helpers import Collector, emits_then_fails, yields_then_fails
 
 import minigun as mg
 
@@ -308,20 +308,6 @@ def test_a_thread_the_os_refuses_fails_the_run_cleanly():
 
 
 # -- a failed attempt delivers nothing, without retries= too (in-process workers, async) ----
-
-
-def emits_then_fails(x):
-    mg.emit(("early", x))
-    if x % 2:
-        raise ValueError(x)
-    return ("out", x)
-
-
-def yields_then_fails(x):
-    yield ("early", x)
-    if x % 2:
-        raise ValueError(x)
-    yield ("out", x)
 
 
 async def async_emits_then_fails(x):
