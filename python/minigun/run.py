@@ -8,7 +8,6 @@ the Rust runtime, runs the hooks around it, and waits without holding the GIL in
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import signal
@@ -29,7 +28,7 @@ from .native import RuntimeKind, StageSpec, ext
 from .plan import StagePlan, plan_stages
 from .progress import ProgressView
 from .run_hooks import RunHooks
-from .stage import FunctionStage
+from .stage import FunctionStage, worker_copy
 from .stats import RunResult, StageInfo, StageStats
 from .strategies import PER_ITEM
 from .work import Call, Close, StageCode, Start
@@ -379,7 +378,7 @@ class Run:
 
 def _custom_worker_factory(stage: Any) -> Start:
     def make_worker() -> tuple[Call, Close]:
-        worker = copy.copy(stage)
+        worker = worker_copy(stage)
         worker.open()
         return worker.process, worker.close
 

@@ -7,10 +7,11 @@ nested pipelines (:class:`NestedStage`) and custom subclasses that override
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar
 
 from . import strategies
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
@@ -23,6 +24,7 @@ _UNSET: Any = object()
 
 #: How a stage sends an item that ``emit`` does not address by name.
 Routing = Literal["broadcast", "round_robin"]
+StageT = TypeVar("StageT", bound="Stage")
 
 
 class StageOptions(TypedDict, total=False):
@@ -226,6 +228,30 @@ class Stage:
     def trigger(self, name: str) -> None:
         """Start the ``auto_start=False`` producer called ``name``."""
         _trigger(name)
+
+
+def worker_copy(stage: StageT) -> StageT:
+    """The shallow copy of a custom Stage that one worker runs (its ``open``, ``process``
+    and ``close``), as ``copy.copy`` makes it.
+
+    Made attribute by attribute rather than by ``copy.copy``'s ``__dict__.update``: on
+    free-threaded CPython 3.13 before 3.13.6 that update raises "dict mutated during
+    update" when another worker adds an attribute to its own copy at that moment (the
+    copies share one keys table; CPython issue 132617). A Stage that defines its own
+    ``__copy__``, ``__setstate__`` or ``__reduce_ex__`` is copied by ``copy.copy``.
+    """
+    cls = type(stage)
+    copies_itself = hasattr(cls, "__copy__") or hasattr(cls, "__setstate__")
+    if copies_itself or cls.__reduce_ex__ is not object.__reduce_ex__:
+        return copy.copy(stage)
+    reduced = stage.__reduce_ex__(4)
+    if isinstance(reduced, str) or len(reduced) < 3 or not isinstance(reduced[2], dict):
+        return copy.copy(stage)
+    rebuild, args, state = reduced[:3]
+    worker: StageT = rebuild(*args)
+    for name, value in list(state.items()):
+        worker.__dict__[name] = value
+    return worker
 
 
 def _is_count(value: Any, low: int) -> bool:
