@@ -3,6 +3,7 @@ public API only."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -673,6 +674,42 @@ def test_a_child_cannot_use_the_parents_run():
     job.run()
     assert len(job.out) == 2
     assert all("parent process" in v for v in job.out)
+
+
+@pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
+def test_a_child_never_frees_what_it_inherited(tmp_path, strategy):
+    """Garbage the parent had not collected yet at the fork (here a cycle whose __del__
+    records the pid it ran in) is never collected in the child: freeing an inherited
+    extension object there could wait forever on a lock another parent thread held."""
+    finalized = tmp_path / "finalized"
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            with open(finalized, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def collect_in_child(x):
+        gc.collect()
+        return os.getpid()
+
+    gc.disable()
+    try:
+        Cycle()  # unreachable at once, left for the collector
+        p = mg.Pipeline("inherits_garbage")
+        p.producer(lambda: range(4), name="gen")
+        p.processor(collect_in_child, name="collect", strategy=strategy)
+        children = []
+        p.consumer(children.append, name="sink")
+        p.run()
+    finally:
+        gc.enable()
+    assert children and os.getpid() not in children
+    assert not finalized.exists(), "a child finalized the parent's garbage"
+    gc.collect()
+    assert finalized.read_text().split() == [str(os.getpid())]
 
 
 # -- shutdown ----------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ touched any of them could wait forever. minigun's rule is therefore:
 * Every ``Run`` the child inherited has its runtime replaced by a stub that raises a clear
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake.
+* Nothing the child inherited is ever freed in it: its first act is ``gc.freeze()``, so
+  its collector never examines (and never finalizes) the parent's objects, and the
+  runtimes it detaches (below) are kept alive. Freeing an inherited extension object
+  would run Rust code, which may wait for a lock another parent thread held at the fork
+  (PyO3's pending-decref pool, a run's mutexes). What the child itself creates is
+  collected as usual.
 * The child never touches the std streams it inherited (another thread may have held
   their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2.
 * Pipes are created and forks happen under one lock, and each child closes the parent's
@@ -37,6 +43,7 @@ touched any of them could wait forever. minigun's rule is therefore:
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import signal
@@ -237,6 +244,7 @@ def _child_entry(
 
 def _child_setup(own: tuple[int, ...], inherited: list[int], mask: Any) -> None:
     global _fork_lock
+    gc.freeze()
     _fresh_std_streams()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -266,11 +274,17 @@ class _ParentRuntime:
         )
 
 
+#: In a child: the runtimes of the parent's runs, kept alive so that replacing them never
+#: frees one (which would run the extension's code in the child).
+_inherited_runtimes: list[Any] = []
+
+
 def _detach_runs() -> None:
     parent = os.getppid()
     context._runs_lock = threading.Lock()
     for run in list(context._active_runs):
         try:
+            _inherited_runtimes.append(getattr(run, "_runtime", None))
             setattr(run, "_runtime", _ParentRuntime(parent))  # noqa: B010 - a Protocol's run
         except Exception:  # noqa: BLE001
             pass
