@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -57,7 +58,36 @@ def mixed_pipeline(name: str) -> mg.Pipeline:
             mg.emit(x)
 
     p.consumer(lambda x: None, name="sink")
+
+    @p.after_fork
+    def report_stack_on_sigusr1():
+        # For a hang report: the test sends SIGUSR1 to every child it finds.
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+
     return p
+
+
+def dump_children() -> None:
+    """Where each child of this process is: its kernel wait channel, and its Python stack
+    (children that got as far as their after_fork hook print it on SIGUSR1)."""
+    me = os.getpid()
+    for task in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                pids = [int(pid) for pid in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/wchan") as f:
+                    wchan = f.read()
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().split()[2]
+                print(f"child {pid}: state {state}, wchan {wchan}", file=sys.__stderr__)
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                continue
+    time.sleep(0.5)
 
 
 EXPECTED_OUT = ITEMS  # values reaching the sink
@@ -72,6 +102,7 @@ def run_until(deadline: float, name: str, failures: list, counts: list) -> None:
         except TimeoutError:
             # Where every thread of this process is, for whoever reads the failure.
             faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            dump_children()
             run.cancel()
             failures.append(f"{name}: run {runs} hung (stats: {run.stats})")
             return
