@@ -445,6 +445,15 @@ impl Runtime {
         self.run.shutdown.is_set()
     }
 
+    /// Whether items wait in the input queue of stage `index`: an async stage's window
+    /// hands control back to take them while its other items are still in flight.
+    fn input_waiting(&self, index: usize) -> bool {
+        self.stages
+            .get(index)
+            .and_then(|stage| stage.input())
+            .is_some_and(|input| !input.is_empty())
+    }
+
     /// This run's id, as `current_run_id()` reports it on the run's worker threads.
     #[getter]
     fn run_id(&self) -> usize {

@@ -219,3 +219,70 @@ def test_cancel_stops_coroutines_in_flight_promptly():
     run.cancel()
     assert run.wait(timeout=5).status == "cancelled"
     assert time.monotonic() - started < 2
+
+
+def test_items_that_arrive_while_a_slow_one_runs_start_at_once_and_finish_first():
+    """A sliding window across chunks: each item arrives on its own (its own chunk), and
+    a slow item holds back nothing but its own slot."""
+    finished = []
+    gauge = InFlight()
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            for i in range(6):
+                yield i
+                time.sleep(0.02)
+
+        @mg.processor(concurrency=2)
+        async def fetch(self, x):
+            await gauge.hold(1.0 if x == 0 else 0.01)
+            finished.append(x)
+            return x
+
+        @mg.consumer
+        def sink(self, x):
+            pass
+
+    result = Job().run()
+    assert finished == [1, 2, 3, 4, 5, 0]
+    assert gauge.peak == 2
+    assert result.stats["fetch"].items_out == 6
+
+
+def test_retries_and_failures_that_end_after_later_chunks_arrived_are_counted_once():
+    """An item's retries and its failure are reported by whichever call it ends in (its
+    back-off outlasts the arrival of later chunks): on_error gets the item, once."""
+    attempts: dict[int, int] = {}
+    finished = []
+    errors = []
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            for i in range(8):
+                yield i
+                time.sleep(0.01)
+
+        @mg.processor(concurrency=3, retries=1, retry_backoff=0.3)
+        async def fetch(self, x):
+            attempts[x] = attempts.get(x, 0) + 1
+            if x == 0 or (x == 7 and attempts[x] == 1):
+                raise ValueError(f"bad {x}")  # 0 fails twice, 7 once then succeeds
+            await asyncio.sleep(0.01)
+            finished.append(x)
+            return x
+
+        @mg.consumer
+        def sink(self, x):
+            pass
+
+        @mg.on_error
+        def handle(self, error, item, stage):
+            errors.append((item, type(error).__name__))
+
+    result = Job().run()
+    assert sorted(finished) == [1, 2, 3, 4, 5, 6, 7]
+    assert errors == [(0, "ValueError")]
+    assert result.stats["fetch"].retries == 2
+    assert result.stats["fetch"].errors == 1

@@ -2,12 +2,12 @@
 
 An async processor runs on an event loop owned by the stage, on the stage's worker thread,
 with up to ``concurrency=`` coroutines in flight (capped by the pipeline's
-``max_concurrency``). The runtime hands the stage its items in chunks of at least
-``concurrency`` items (when that many are waiting); the chunk's coroutines run
-concurrently and each item's values are emitted when its coroutine completes (what an
-attempt emits is held until its outcome is known, and dropped if it fails). Retries run on
-the loop too (``await asyncio.sleep`` for the backoff); items that still fail go to
-``on_error`` one by one.
+``max_concurrency``) at every moment: a sliding window that a new item enters as soon as
+any one leaves, across the chunks the runtime hands over (see :class:`_AsyncWorker`).
+Each item's values are emitted when its coroutine completes (what an attempt emits is held
+until its outcome is known, and dropped if it fails). Retries run on the loop too (``await
+asyncio.sleep`` for the backoff) and hold only their own slot; items that still fail go
+to ``on_error`` one by one.
 
 Async producers and accumulator bodies have no concurrency to exploit: they are driven
 step by step on a loop of their own, in their worker thread.
@@ -16,7 +16,6 @@ step by step on a loop of their own, in their worker thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import time
 from collections.abc import Callable
@@ -32,8 +31,10 @@ from .work import Run, StageCode, Work
 #: and each item's latency (see minigun.work).
 ChunkOutcome = tuple[int, list[tuple[Any, BaseException]], list[float]]
 
-#: How often a chunk in flight checks whether the run is stopping.
+#: How often the window checks whether the run is stopping; and, while a slot is free,
+#: whether items wait in the stage's input.
 _POLL = 0.05
+_PEEK = 0.005
 
 
 def is_async(fn: Callable[..., Any] | None) -> bool:
@@ -53,7 +54,19 @@ async def _body(fn: Callable[..., Any], item: Any) -> None:
 
 
 class _AsyncWorker:
-    """The event loop of one async stage and the chunk call the runtime makes."""
+    """The event loop of one async stage: a sliding window of coroutines that outlives
+    the chunk calls the runtime makes.
+
+    A call starts a coroutine for each item of its chunk (at most ``concurrency`` run at
+    once; the others wait for a slot) and runs the loop until nothing is in flight, or
+    until a slot is free and more items wait in the stage's input: then it returns, the
+    runtime hands over the next chunk at once, and the items still in flight go on in
+    the next call. A new item therefore starts as soon as any one finishes, whatever
+    chunk it came in; a slow or retried item holds back nothing but its own slot. A call
+    reports what finished during it (retries, failures with their items, latencies),
+    from any chunk. The loop never waits for input itself: it never holds items in
+    flight while the runtime waits for the next chunk, so nothing stalls.
+    """
 
     def __init__(
         self,
@@ -61,72 +74,90 @@ class _AsyncWorker:
         concurrency: int,
         policy: RetryPolicy,
         stopping: Callable[[], bool],
+        input_waiting: Callable[[], bool],
     ) -> None:
         self.fn = fn
         self.concurrency = concurrency
         self.policy = policy
         self.stopping = stopping
+        self.input_waiting = input_waiting
         self.loop = asyncio.new_event_loop()
+        self.slots: asyncio.Semaphore | None = None
+        #: Items started and not finished (running, or waiting for a slot).
+        self.in_flight: set[asyncio.Task[None]] = set()
+        # What finished since the last call returned.
+        self.retries = 0
+        self.failures: list[tuple[Any, BaseException]] = []
+        # Each item's own time from its first attempt to its end: the coroutines
+        # overlap, so a call's time divided by its items is no item's latency.
+        self.latencies: list[float] = []
 
     def __call__(self, items: list[Any]) -> ChunkOutcome:
         try:
-            return self.loop.run_until_complete(self._chunk(items))
+            return self.loop.run_until_complete(self._window(items))
         except BaseException:
             self.close()  # the run is stopping: the runtime will not call close()
             raise
 
     def close(self) -> None:
-        if not self.loop.is_closed():
-            self.loop.close()
+        """Close the loop; what is still in flight (only when the run stops) is cancelled."""
+        if self.loop.is_closed():
+            return
+        if self.in_flight:
+            for task in self.in_flight:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*self.in_flight, return_exceptions=True))
+        self.loop.close()
 
-    async def _chunk(self, items: list[Any]) -> ChunkOutcome:
-        slots = asyncio.Semaphore(self.concurrency)
-        retries = 0
-        failures: list[tuple[Any, BaseException]] = []
-        # Each item's own time from its first attempt to its end: the coroutines of a
-        # chunk overlap, so the chunk's time divided by its items is no item's latency.
-        latencies: list[float] = []
-
-        async def one(item: Any) -> None:
-            async with slots:
-                began = time.perf_counter()
-                try:
-                    await attempts(item)
-                finally:
-                    latencies.append(time.perf_counter() - began)
-
-        async def attempts(item: Any) -> None:
-            nonlocal retries
-            attempt = 0
-            while True:
-                # Every attempt's emits wait for its outcome, retried or not.
-                held = context.hold_emits()
-                try:
-                    await _body(self.fn, item)
-                except Exception as exc:  # noqa: BLE001 - reported to the runtime
-                    context.release_emits(held, keep=False)
-                    if attempt < self.policy.retries and isinstance(exc, self.policy.retry_on):
-                        attempt += 1
-                        retries += 1
-                        await asyncio.sleep(self.policy.delay(attempt))
-                        continue
-                    failures.append((item, exc))
-                else:
-                    context.release_emits(held, keep=True)
-                return
-
-        work = asyncio.gather(*(one(item) for item in items))
-        while True:
-            done, _ = await asyncio.wait([work], timeout=_POLL)
-            if done:
-                break
+    async def _window(self, items: list[Any]) -> ChunkOutcome:
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.concurrency)
+        for item in items:
+            task = self.loop.create_task(self._one(self.slots, item))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+        while self.in_flight:
+            room = len(self.in_flight) < self.concurrency
+            # With a slot free, look at the input often: a waiting item should start now.
+            await asyncio.wait(
+                self.in_flight,
+                timeout=_PEEK if room else _POLL,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if self.stopping():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                raise RuntimeError("the run is stopping")
-        await work
-        return retries, failures, latencies
+                raise RuntimeError("the run is stopping")  # close() cancels the rest
+            if len(self.in_flight) < self.concurrency and self.input_waiting():
+                break
+        outcome = (self.retries, self.failures, self.latencies)
+        self.retries, self.failures, self.latencies = 0, [], []
+        return outcome
+
+    async def _one(self, slots: asyncio.Semaphore, item: Any) -> None:
+        async with slots:
+            began = time.perf_counter()
+            try:
+                await self._attempts(item)
+            finally:
+                self.latencies.append(time.perf_counter() - began)
+
+    async def _attempts(self, item: Any) -> None:
+        attempt = 0
+        while True:
+            # Every attempt's emits wait for its outcome, retried or not.
+            held = context.hold_emits()
+            try:
+                await _body(self.fn, item)
+            except Exception as exc:  # noqa: BLE001 - reported to the runtime
+                context.release_emits(held, keep=False)
+                if attempt < self.policy.retries and isinstance(exc, self.policy.retry_on):
+                    attempt += 1
+                    self.retries += 1
+                    await asyncio.sleep(self.policy.delay(attempt))
+                    continue
+                self.failures.append((item, exc))
+            else:
+                context.release_emits(held, keep=True)
+            return
 
 
 def async_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
@@ -139,7 +170,9 @@ def async_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Wo
     def make_worker() -> tuple[Callable[[list[Any]], Any], Callable[[], None]]:
         process, close_worker = start()
         assert process is not None, "an async stage has a body"
-        worker = _AsyncWorker(process, plan.workers, policy, lambda: run.stopping)
+        worker = _AsyncWorker(
+            process, plan.workers, policy, lambda: run.stopping, lambda: run.input_waiting(node)
+        )
 
         def close() -> None:
             try:

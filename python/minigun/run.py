@@ -308,6 +308,10 @@ class Run:
         """The Rust runtime of this run (fork executors wait on its shutdown signal)."""
         return self._runtime
 
+    def input_waiting(self, node: Node) -> bool:
+        """Whether items wait in the input queue of ``node`` now (cheap: one atomic read)."""
+        return self._runtime.input_waiting(node.index)
+
     @property
     def stopping(self) -> bool:
         """True once the run was cancelled or failed (workers are winding down)."""

@@ -95,6 +95,9 @@ class Run(Protocol):
     def plans(self) -> Mapping[str, StagePlan]:
         """Every stage's plan, by path."""
 
+    def input_waiting(self, node: Node) -> bool:
+        """Whether items wait in ``node``'s input queue now."""
+
 
 class Executor(Protocol):
     """A strategy: turns a stage's code into the runtime's work for it."""
