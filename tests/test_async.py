@@ -4,9 +4,11 @@ stage, `concurrency=` coroutines in flight."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import pytest
+from _mg_helpers import PYTHON, subprocess_env
 
 import minigun as mg
 
@@ -286,3 +288,28 @@ def test_retries_and_failures_that_end_after_later_chunks_arrived_are_counted_on
     assert errors == [(0, "ValueError")]
     assert result.stats["fetch"].retries == 2
     assert result.stats["fetch"].errors == 1
+
+
+def test_import_minigun_leaves_asyncio_unloaded_until_an_async_stage_runs():
+    """asyncio (with the ssl it loads) is a quarter of ``import minigun``: a job with no
+    async stage does not pay for it."""
+    code = (
+        "import sys, minigun as mg\n"
+        "assert 'asyncio' not in sys.modules, 'import minigun loaded asyncio'\n"
+        "class Job(mg.Task):\n"
+        "    @mg.producer\n"
+        "    def gen(self):\n"
+        "        yield 1\n"
+        "    @mg.processor\n"
+        "    async def double(self, x):\n"
+        "        return x * 2\n"
+        "    @mg.consumer\n"
+        "    def sink(self, x):\n"
+        "        print(x)\n"
+        "Job().run()\n"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2"]

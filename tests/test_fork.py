@@ -707,9 +707,9 @@ def test_a_child_never_frees_what_it_inherited(tmp_path, strategy):
     finally:
         gc.enable()
     assert children and os.getpid() not in children
-    assert not finalized.exists(), "a child finalized the parent's garbage"
-    gc.collect()
-    assert finalized.read_text().split() == [str(os.getpid())]
+    gc.collect()  # (something in the parent may have collected it already: that is fine)
+    finalized_in = finalized.read_text().split()
+    assert finalized_in == [str(os.getpid())], f"finalized in {finalized_in}; children {children}"
 
 
 # -- shutdown ----------------------------------------------------------------------------------

@@ -15,17 +15,34 @@ step by step on a loop of their own, in their worker thread.
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import inspect
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import context
 from .config import RetryPolicy
 from .graph import Node
 from .plan import StagePlan
 from .work import Run, StageCode, Work
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+
+    class _ImportedOnFirstUse:
+        """A module imported when first used. asyncio costs about a quarter of
+        ``import minigun`` (it loads ssl), which most jobs, having no async stage, would
+        pay for nothing."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self._name), attr)
+
+    asyncio = _ImportedOnFirstUse("asyncio")
 
 #: What a chunk call returns: retries made, the items that failed with their exception,
 #: and each item's latency (see minigun.work).
