@@ -676,6 +676,10 @@ def test_a_child_cannot_use_the_parents_run():
     assert all("parent process" in v for v in job.out)
 
 
+@pytest.mark.skipif(
+    not getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="free-threaded 3.13: gc.freeze() deadlocks in a forked child, so a child goes without",
+)
 @pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
 def test_a_child_never_frees_what_it_inherited(tmp_path, strategy):
     """Garbage the parent had not collected yet at the fork (here a cycle whose __del__

@@ -19,7 +19,8 @@ touched any of them could wait forever. minigun's rule is therefore:
 * Every ``Run`` the child inherited has its runtime replaced by a stub that raises a clear
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake.
-* Nothing the child inherited is ever freed in it: its first act is ``gc.freeze()``, so
+* Nothing the child inherited is ever freed in it: its first act is ``gc.freeze()`` (not
+  on free-threaded builds, see ``_FREEZE_IN_CHILD``), so
   its collector never examines (and never finalizes) the parent's objects, and the
   runtimes it detaches (below) are kept alive. Freeing an inherited extension object
   would run Rust code, which may wait for a lock another parent thread held at the fork
@@ -48,6 +49,7 @@ import io
 import os
 import signal
 import sys
+import sysconfig
 import threading
 import warnings
 from collections.abc import Callable
@@ -242,9 +244,16 @@ def _child_entry(
         os._exit(code)
 
 
+#: ``gc.freeze()`` in a forked child deadlocks on free-threaded CPython 3.13.5 (observed:
+#: its stop-the-world waits forever on the runtime's stop-the-world mutex, while
+#: ``gc.collect()`` in the same child works). There the child goes without it.
+_FREEZE_IN_CHILD = not sysconfig.get_config_var("Py_GIL_DISABLED")
+
+
 def _child_setup(own: tuple[int, ...], inherited: list[int], mask: Any) -> None:
     global _fork_lock
-    gc.freeze()
+    if _FREEZE_IN_CHILD:
+        gc.freeze()
     _fresh_std_streams()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
