@@ -313,3 +313,26 @@ def test_import_minigun_leaves_asyncio_unloaded_until_an_async_stage_runs():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2"]
+
+
+def test_a_base_exception_from_a_coroutine_fails_the_run_instead_of_vanishing():
+    class Fatal(BaseException):
+        pass
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(5)
+
+        @mg.processor(concurrency=2)
+        async def work(self, x):
+            if x == 3:
+                raise Fatal("boom")
+            return x
+
+        @mg.consumer
+        def sink(self, x):
+            pass
+
+    with pytest.raises(mg.PipelineError, match="Fatal: boom"):
+        Job().run()

@@ -136,11 +136,17 @@ class _AsyncWorker:
         while self.in_flight:
             room = len(self.in_flight) < self.concurrency
             # With a slot free, look at the input often: a waiting item should start now.
-            await asyncio.wait(
+            done, _ = await asyncio.wait(
                 self.in_flight,
                 timeout=_PEEK if room else _POLL,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            for task in done:
+                # Only what is not an Exception gets here (a KeyboardInterrupt, a
+                # SystemExit): it fails the call, as it would fail a threads worker.
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    raise error
             if self.stopping():
                 raise RuntimeError("the run is stopping")  # close() cancels the rest
             if len(self.in_flight) < self.concurrency and self.input_waiting():
