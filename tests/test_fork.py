@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -677,7 +678,7 @@ def test_a_child_cannot_use_the_parents_run():
 
 
 @pytest.mark.skipif(
-    not getattr(sys, "_is_gil_enabled", lambda: True)(),
+    bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
     reason="free-threaded 3.13: gc.freeze() deadlocks in a forked child, so a child goes without",
 )
 @pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])

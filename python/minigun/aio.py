@@ -38,9 +38,12 @@ else:
 
         def __init__(self, name: str) -> None:
             self._name = name
+            self._module: Any = None
 
         def __getattr__(self, attr: str) -> Any:
-            return getattr(importlib.import_module(self._name), attr)
+            if self._module is None:
+                self._module = importlib.import_module(self._name)
+            return getattr(self._module, attr)
 
     asyncio = _ImportedOnFirstUse("asyncio")
 
@@ -99,7 +102,7 @@ class _AsyncWorker:
         self.stopping = stopping
         self.input_waiting = input_waiting
         self.loop = asyncio.new_event_loop()
-        self.slots: asyncio.Semaphore | None = None
+        self.slots = asyncio.Semaphore(concurrency)
         #: Items started and not finished (running, or waiting for a slot).
         self.in_flight: set[asyncio.Task[None]] = set()
         # What finished since the last call returned.
@@ -127,10 +130,8 @@ class _AsyncWorker:
         self.loop.close()
 
     async def _window(self, items: list[Any]) -> ChunkOutcome:
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(self.concurrency)
         for item in items:
-            task = self.loop.create_task(self._one(self.slots, item))
+            task = self.loop.create_task(self._one(item))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
         while self.in_flight:
@@ -155,8 +156,8 @@ class _AsyncWorker:
         self.retries, self.failures, self.latencies = 0, [], []
         return outcome
 
-    async def _one(self, slots: asyncio.Semaphore, item: Any) -> None:
-        async with slots:
+    async def _one(self, item: Any) -> None:
+        async with self.slots:
             began = time.perf_counter()
             try:
                 await self._attempts(item)

@@ -20,9 +20,9 @@ touched any of them could wait forever. minigun's rule is therefore:
   :class:`~minigun.errors.MinigunError` (``mg.trigger`` from a child, for example), so a
   child cannot even reach the parent's runtime by mistake.
 * Nothing the child inherited is ever freed in it: its first act is ``gc.freeze()`` (not
-  on free-threaded builds, see ``_FREEZE_IN_CHILD``), so
-  its collector never examines (and never finalizes) the parent's objects, and the
-  runtimes it detaches (below) are kept alive. Freeing an inherited extension object
+  on free-threaded builds, see ``_FREEZE_IN_CHILD``), so its collector never examines
+  (and never finalizes) the parent's objects, and the runtimes it detaches (below) are
+  kept alive. Freeing an inherited extension object
   would run Rust code, which may wait for a lock another parent thread held at the fork
   (PyO3's pending-decref pool, a run's mutexes). What the child itself creates is
   collected as usual.
