@@ -949,6 +949,58 @@ def test_a_terminal_spawn_fork_stage_sends_values_back_only_with_use_ipc(use_ipc
     assert result.stats["last"].items_out == (8 if use_ipc else 0)
 
 
+BLOCKED_STDOUT_JOB = """
+import io, os, sys, threading, time
+import minigun as mg
+
+# sys.__stdout__ over a pipe nobody reads, and a thread stuck inside a write to it: its
+# buffer lock stays held, in the parent and in every child forked meanwhile.
+r, w = os.pipe()
+blocked = io.TextIOWrapper(io.BufferedWriter(io.FileIO(w, "w")), write_through=True)
+real_stdout, sys.__stdout__ = sys.__stdout__, blocked
+sys.stdout = io.StringIO()  # replaced, as pytest's capture replaces it
+threading.Thread(target=lambda: blocked.write("x" * (1 << 22)), daemon=True).start()
+time.sleep(0.3)
+
+p = mg.Pipeline("prints", config={"max_processes": 2})
+p.producer(lambda: range(4), name="gen")
+
+@p.processor(strategy=sys.argv[1])
+def shout(x):
+    print(f"child says {x}", file=sys.__stdout__, flush=True)
+    return x
+
+out = []
+p.consumer(out.append, name="sink")
+p.run()
+real_stdout.write(f"delivered {sorted(out)}\\n")
+real_stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
+def test_a_child_writing_to_the_original_stdout_never_waits_for_a_lock_held_at_the_fork(
+    tmp_path, strategy
+):
+    """sys.stdout replaced (as under pytest) and another thread inside a write to
+    sys.__stdout__ at the fork: the child's print to sys.__stdout__ goes out over fd 1."""
+    script = tmp_path / "job.py"
+    script.write_text(BLOCKED_STDOUT_JOB)
+    done = subprocess.run(
+        [PYTHON, str(script), strategy],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "delivered [0, 1, 2, 3]" in done.stdout
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("child")) == [
+        f"child says {x}" for x in range(4)
+    ]
+
+
 def test_no_multithreaded_fork_warning_leaks():
     class Job(mg.Task):
         @mg.producer

@@ -188,17 +188,19 @@ _inherited_streams: list[Any] = []
 
 
 def _fresh_std_streams() -> None:
-    """In a child: give it its own ``sys.stdout`` and ``sys.stderr`` over fds 1 and 2.
+    """In a child: give it its own ``sys.__stdout__`` and ``sys.__stderr__`` over fds 1
+    and 2, and make them ``sys.stdout`` / ``sys.stderr`` where those were the originals.
 
     The inherited stream objects may be locked forever: another parent thread may have
     been inside a write or flush (holding the buffer's lock) at the instant of the fork.
     The child never touches them, so it cannot block on them (and never writes out what
-    the parent had buffered, which the parent writes itself). Streams the user replaced
-    (anything but ``sys.__stdout__`` / ``sys.__stderr__``) are left alone."""
+    the parent had buffered, which the parent writes itself). The originals are replaced
+    even when ``sys.stdout`` was replaced (as pytest's capture does): code that writes
+    to ``sys.__stdout__`` must not block either. Streams the user put in ``sys.stdout``
+    or ``sys.stderr`` are left there."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
-        inherited = getattr(sys, name)
         original = getattr(sys, f"__{name}__")
-        if inherited is None or inherited is not original:
+        if original is None:
             continue
         try:
             raw = io.FileIO(fd, "w", closefd=False)
@@ -210,14 +212,23 @@ def _fresh_std_streams() -> None:
             )
         except Exception:  # noqa: BLE001 - no such fd: keep what there is
             continue
-        _inherited_streams.append(inherited)  # never finalized: that would flush it
-        setattr(sys, name, stream)
+        _inherited_streams.append(original)  # never finalized: that would flush it
+        _own_streams.append(stream)
+        if getattr(sys, name) is original:
+            setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
 
 
+#: In a child: the streams :func:`_fresh_std_streams` made for it.
+_own_streams: list[Any] = []
+
+
 def flush_child_streams() -> None:
-    """Flush the child's stdout and stderr (its own, see :func:`_fresh_std_streams`)."""
-    for stream in (sys.stdout, sys.stderr):
+    """Flush the child's ``sys.stdout`` and ``sys.stderr``, and the streams over fds 1 and
+    2 made for it (see :func:`_fresh_std_streams`)."""
+    streams = [sys.stdout, sys.stderr]
+    streams += [s for s in _own_streams if s is not sys.stdout and s is not sys.stderr]
+    for stream in streams:
         try:
             if stream is not None:
                 stream.flush()
