@@ -26,7 +26,7 @@ from . import hooks as _hooks
 from . import worker_loop as loop
 from .config import RetryPolicy
 from .errors import WorkerError
-from .fork_budget import ForkPlan
+from .budget import PROCESSES, BudgetPlan
 from .fork_safety import fork_child, interruptible
 from .native import ext
 from .worker_reply import worker_exception
@@ -46,7 +46,7 @@ class RunForks:
 
     def __init__(self, run: Any) -> None:
         self.run = run
-        self.plan = ForkPlan(run.graph, run.plans)
+        self.plan = BudgetPlan(run.graph, run.plans, PROCESSES)
         self.table = ext.ChildTable(self.plan.limit, self.plan.reserved)
         self._watching = False
         self._lock = threading.Lock()

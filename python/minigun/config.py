@@ -127,6 +127,13 @@ class RetryPolicy:
         self.retry_on = stage.retry_on
         self.backoff = stage.retry_backoff
 
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        """No retries (for a worker that never runs an item)."""
+        policy = cls.__new__(cls)
+        policy.retries, policy.retry_on, policy.backoff = 0, (), 0.0
+        return policy
+
     def delay(self, attempt: int) -> float:
         delay: float = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
         return min(60.0, delay)

@@ -11,6 +11,7 @@ from typing import cast
 from .aio import async_executor
 from .forking import fork_call
 from .graph import Node
+from .interpreters import interpreters_executor, spawn_interpreter_executor
 from .plan import StagePlan
 from .work import Executor, Run, StageCode, Work, WorkMode, in_process
 
@@ -30,6 +31,8 @@ EXECUTORS: dict[str, Executor] = {
     "spawn_fork": _forked,
     "fork_ipc": _forked,
     "async": async_executor,
+    "interpreters": interpreters_executor,
+    "spawn_interpreter": spawn_interpreter_executor,
 }
 
 

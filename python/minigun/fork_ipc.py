@@ -21,10 +21,9 @@ from .children import ForkStage, died_error, pump, spawn, with_hooks
 from .children import kill as _kill
 from .children import wait as _wait
 from .config import RetryPolicy
-from .errors import WorkerError
 from .fork_safety import CHILD_EXIT_OK, flush_child_streams
 from .native import ext
-from .worker_reply import ChunkReply
+from .worker_reply import ChunkReply, split_picklable
 
 
 def _ipc_child(wfd: int, rfd: int, fn: ForkStage, start: loop.Start, policy: RetryPolicy) -> int:
@@ -117,7 +116,14 @@ class _IpcWorker:
             try:
                 message = pickle.dumps((loop.CHUNK, (items[start:], careful)), loop.PROTOCOL)
             except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
-                items = items[:start] + self._picklable(items[start:], failures)
+                kept, refused = split_picklable(
+                    self.fn.path,
+                    items[start:],
+                    "a fork_ipc worker process",
+                    "or use strategy='spawn_fork' (its children read items without "
+                    "pickling) or 'threads'",
+                )
+                items, failures = items[:start] + kept, failures + refused
                 continue
             reply = self._reply(items[start:])
             outcome, error = self._exchange(message, reply.take)
@@ -138,27 +144,6 @@ class _IpcWorker:
         if self.child is not None:
             self.child.items += len(items)
         return (retries, failures) if retries or failures else None
-
-    def _picklable(self, items: list[Any], failures: list[tuple[Any, BaseException]]) -> list[Any]:
-        """The items that can be pickled to the worker; the others fail, one by one."""
-        kept = []
-        for item in items:
-            try:
-                pickle.dumps(item, loop.PROTOCOL)
-            except Exception as exc:  # noqa: BLE001
-                kind = type(item)
-                error = WorkerError(
-                    f"stage {self.fn.path!r}: an item of type {kind.__module__}."
-                    f"{kind.__qualname__} cannot be pickled to send it to a fork_ipc "
-                    f"worker process ({type(exc).__name__}: {exc}); send picklable items, "
-                    "or use strategy='spawn_fork' (its children read items without "
-                    "pickling) or 'threads'"
-                )
-                error.__cause__ = exc
-                failures.append((item, error))
-            else:
-                kept.append(item)
-        return kept
 
     def close(self) -> None:
         if self.child is None:

@@ -5,7 +5,7 @@ the Rust worker threads make instead of the stage function; ``Run._finish`` call
 
 The concerns live below it, one module each (docs/forking.md): ``fork_safety`` (the fork
 itself and the child's set-up), ``children`` (the parent's view of child processes, kept
-in the Rust ``ChildTable``), ``fork_budget`` (planning ``max_processes``), ``spawn_fork``
+in the Rust ``ChildTable``), ``budget`` (planning ``max_processes``), ``spawn_fork``
 and ``fork_ipc`` (the two executors), and ``worker_loop`` (what a child runs).
 """
 
@@ -46,10 +46,10 @@ def fork_call(
         # Each child is the stage's worker for one item, retries included: it opens,
         # processes and closes (a custom Stage), so what close() emits comes back once.
         # The parent's worker threads have nothing to open or close.
-        workers = max(1, min(workers, stage.forks.plan.most_children(stage.scopes)))
+        workers = max(1, min(workers, stage.forks.plan.most_workers(stage.scopes)))
         return spawn_fork_call(stage, start), "chunk", workers, None
     if strategy == "fork_ipc":
-        workers = stage.forks.plan.ipc_workers.get(node.path, workers)
+        workers = stage.forks.plan.long_lived_workers.get(node.path, workers)
         # Items travel in the runtime's chunks; the child retries, the runtime counts.
         return None, "chunk", workers, ipc_factory(stage, start, stage.policy)
     raise ValueError(f"fork_call: {strategy!r} is not a fork strategy")

@@ -88,4 +88,10 @@ def _placement(node: Node, settings: dict[str, Any], caps: CapWarnings | None) -
     if strategy == "spawn_fork":
         processes = settings["max_processes"]
         return strategy, capped(stage.processes, "processes", "max_processes", processes)
+    if strategy == "interpreters":
+        asked = stage.interpreters
+        return strategy, capped(asked, "interpreters", "max_interpreters", 1)
+    if strategy == "spawn_interpreter":
+        most = settings["max_interpreters"]
+        return strategy, capped(stage.interpreters, "interpreters", "max_interpreters", most)
     return strategy, 1

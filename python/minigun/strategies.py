@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -32,12 +33,32 @@ CANONICAL = {
 }
 
 FORKING = frozenset({"fork_ipc", "spawn_fork"})
+INTERPRETERS = frozenset({"interpreters", "spawn_interpreter"})
 #: Strategies that give every input item a worker of its own (a thread, a child).
 PER_ITEM = frozenset({"spawn_thread", "spawn_fork"})
 
 #: Strategies this version of minigun runs. The others are part of the API contract and
 #: are rejected up front with UnsupportedStrategy rather than misbehaving at run time.
-IMPLEMENTED = frozenset({"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc", "async"})
+IMPLEMENTED = frozenset(
+    {"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc", "async"} | INTERPRETERS
+)
+
+#: Where the subinterpreter API lives: the standard library from 3.14, the
+#: ``backports.interpreters`` package (the ``[interpreters]`` extra) on 3.13.
+INTERPRETERS_MODULE = (
+    "concurrent.interpreters" if sys.version_info >= (3, 14) else "backports.interpreters"
+)
+INTERPRETERS_EXTRA = 'pip install "minigun-pipelines[interpreters]"'
+
+
+def _module_exists(name: str) -> bool:
+    """Whether ``import name`` would find the module (without importing it)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: import is blocked
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing or blocked
+        return False
 
 
 def canonical(strategy: str, stage: str) -> str:
@@ -58,14 +79,22 @@ def check_available(strategy: str, stage: str) -> None:
             f"stage {stage!r}: strategy {strategy!r} needs os.fork(), which {sys.platform} "
             "lacks; use strategy='threads' instead"
         )
-    if strategy in ("interpreters", "spawn_interpreter") and sys.version_info < (3, 13):
+    if strategy in INTERPRETERS and sys.version_info < (3, 13):
         raise UnsupportedStrategy(
             f"stage {stage!r}: strategy {strategy!r} needs CPython 3.13 or newer "
             f"(this is {sys.version_info.major}.{sys.version_info.minor}); "
             "use 'fork_ipc' or 'threads' instead"
         )
+    if strategy in INTERPRETERS and not _module_exists(INTERPRETERS_MODULE):
+        raise UnsupportedStrategy(
+            f"stage {stage!r}: strategy {strategy!r} needs the subinterpreter backport on "
+            f"CPython {sys.version_info.major}.{sys.version_info.minor} "
+            f"({INTERPRETERS_MODULE} is not installed); {INTERPRETERS_EXTRA}, or use "
+            "'fork_ipc' or 'threads' instead"
+        )
     if strategy not in IMPLEMENTED:
         raise UnsupportedStrategy(
             f"stage {stage!r}: strategy {strategy!r} is not available in this version of "
-            "minigun; use 'threads', 'spawn_thread', 'spawn_fork', 'fork_ipc' or 'async'"
+            "minigun; use 'threads', 'spawn_thread', 'spawn_fork', 'fork_ipc', 'interpreters' "
+            "or 'async'"
         )

@@ -271,12 +271,22 @@ def run_one(start: Start, mode: str, item: Any, out: Outbox, policy: RetryPolicy
 
 
 def run_chunk(
-    call: Call, mode: str, items: list[Any], careful: bool, out: Outbox, policy: RetryPolicy
+    call: Call,
+    mode: str,
+    items: list[Any],
+    careful: bool,
+    out: Outbox,
+    policy: RetryPolicy,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """Run a chunk item by item, with retries, marking each item's outcome. ``careful``:
     send each item's values and outcome before starting the next item, so that if this
-    process dies, the parent knows exactly which item it died on."""
+    process dies, the parent knows exactly which item it died on. ``stopping``: asked
+    before each item; once true, the rest of the chunk is left unstarted (a worker the
+    parent cannot kill, a subinterpreter, stops between items)."""
     for k, item in enumerate(items):
+        if stopping is not None and stopping():
+            return
         attempt = 0
         while True:
             out.hold()  # every attempt's emits wait for its outcome, retried or not
@@ -310,10 +320,18 @@ class ChunkServer:
     the chunk it is given, one by one, with that error, and retires: the parent starts a
     fresh worker for the next chunk."""
 
-    def __init__(self, out: Outbox, start: Start, mode: str, policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        out: Outbox,
+        start: Start,
+        mode: str,
+        policy: RetryPolicy,
+        stopping: Callable[[], bool] | None = None,
+    ) -> None:
         self.out = out
         self.mode = mode
         self.policy = policy
+        self.stopping = stopping
         self.close: Callable[[], Any] | None = None
         self.startup: BaseException | None = None
         try:
@@ -352,7 +370,7 @@ class ChunkServer:
             out.finish(RETIRED)
             return False
         try:
-            run_chunk(self.call, self.mode, items, careful, out, self.policy)
+            run_chunk(self.call, self.mode, items, careful, out, self.policy, self.stopping)
         except BaseException as exc:  # noqa: BLE001 - nothing may escape a worker
             out.fail(exc, FATAL)
             return False
@@ -366,10 +384,11 @@ def serve(
     start: Start,
     mode: str,
     policy: RetryPolicy,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """A long-lived worker on a pipe: start, then answer chunks until told to close or
     the parent goes away (the pipe ends)."""
-    server = ChunkServer(out, start, mode, policy)
+    server = ChunkServer(out, start, mode, policy, stopping)
     while (message := receive()) is not None and server.handle(message):
         pass
     if message is None:

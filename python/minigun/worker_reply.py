@@ -85,3 +85,28 @@ class ChunkReply:
         values, self.pending = self.pending, []
         for target, value in values:
             self._deliver(value, target)
+
+
+def split_picklable(
+    stage: str, items: list[Any], destination: str, advice: str
+) -> tuple[list[Any], list[tuple[Any, BaseException]]]:
+    """The items that can be pickled to send them to ``destination`` ("a fork_ipc worker
+    process"), and a WorkerError for each of the others, whose message ends with
+    ``advice`` (what else the user can do)."""
+    kept: list[Any] = []
+    failures: list[tuple[Any, BaseException]] = []
+    for item in items:
+        try:
+            pickle.dumps(item, loop.PROTOCOL)
+        except Exception as exc:  # noqa: BLE001
+            kind = type(item)
+            error = WorkerError(
+                f"stage {stage!r}: an item of type {kind.__module__}.{kind.__qualname__} "
+                f"cannot be pickled to send it to {destination} ({type(exc).__name__}: "
+                f"{exc}); send picklable items, {advice}"
+            )
+            error.__cause__ = exc
+            failures.append((item, error))
+        else:
+            kept.append(item)
+    return kept, failures

@@ -11,7 +11,9 @@ XPASS, which fails the suite until the entry is removed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +28,18 @@ def _needs_fork() -> str | None:
     return None if hasattr(os, "fork") else "needs os.fork"
 
 
+def _needs_interpreters() -> str | None:
+    """Subinterpreters need CPython 3.13+, and the backport below 3.14."""
+    if sys.version_info < (3, 13):
+        return "subinterpreters need CPython 3.13+"
+    module = "concurrent.interpreters" if sys.version_info >= (3, 14) else "backports.interpreters"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    return None if found else f"needs {module} (the [interpreters] extra)"
+
+
 @dataclass(frozen=True)
 class StrategyCase:
     name: str
@@ -36,6 +50,10 @@ class StrategyCase:
     max_workers: int | None
     #: True: runs the async def forms and rejects the plain ones; False: the reverse.
     runs_async: bool = False
+    #: True: the stage's code is copied into the worker by pickling, so functions and
+    #: classes must be importable by name; the class DSL's Task classes of the matrix are
+    #: made inside a function, so their method stages must be refused up front.
+    copies_by_name: bool = False
     #: A skip reason when this Python or platform cannot run the strategy, else None.
     unavailable: Callable[[], str | None] = lambda: None
     #: (form, scenario) -> the defect that makes the cell fail today. "*" matches any;
@@ -74,6 +92,20 @@ REGISTRY: list[StrategyCase] = [
         {"strategy": "fork_ipc", "processes": 2},
         max_workers=2,
         unavailable=_needs_fork,
+    ),
+    StrategyCase(
+        "interpreters",
+        {"strategy": "interpreters", "interpreters": 2},
+        max_workers=2,
+        copies_by_name=True,
+        unavailable=_needs_interpreters,
+    ),
+    StrategyCase(
+        "spawn_interpreter",
+        {"strategy": "spawn_interpreter"},
+        max_workers=None,
+        copies_by_name=True,
+        unavailable=_needs_interpreters,
     ),
     StrategyCase(
         "async",

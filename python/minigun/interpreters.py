@@ -1,0 +1,425 @@
+"""The subinterpreter executors: ``interpreters`` (N long-lived subinterpreters per stage,
+one per Rust worker thread, started at its first chunk) and ``spawn_interpreter`` (a new
+subinterpreter per input item, at most ``max_interpreters`` alive per pipeline scope).
+
+A subinterpreter has its own GIL (CPython 3.13+), so pure-Python stages run in parallel
+in one process. It shares no objects with the parent: the stage's code goes in once,
+pickled (:mod:`minigun.interpreter_job`); items go in a chunk at a time, and what they
+emit comes back with each item's outcome, over pipes, in the frames a fork_ipc child
+uses. The far side is the pure-Python worker loop (:mod:`minigun.interpreter_worker`
+over :mod:`minigun.worker_loop`), so the item contract is the one every process
+boundary keeps: retries that discard a failed attempt's emits, per-item ``on_error``
+with the item, ``open``/``close`` per worker, ``emit(to=)`` checked.
+
+A subinterpreter cannot be killed. To stop, the parent writes to the worker's stop pipe
+(it leaves the rest of its chunk before the next item), closes its message pipe (it
+closes the stage's worker and returns), drains what it still sends, and joins its thread;
+then the subinterpreter is destroyed. So an item in progress runs to its end, as on a
+thread, and nothing is left running once the run's workers are closed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pickle
+import select
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import worker_loop as loop
+from .budget import INTERPRETERS, BudgetPlan
+from .config import RetryPolicy
+from .errors import WorkerError
+from .graph import Node
+from .hooks import WorkerHooks
+from .interpreter_job import InterpreterJob, pack
+from .interpreter_worker import BOOT
+from .native import ext
+from .plan import StagePlan
+from .stage import FunctionStage
+from .strategies import INTERPRETERS_MODULE
+from .work import Run, StageCode, Work
+from .worker_reply import ChunkReply, split_picklable, worker_exception
+
+#: How often a parent waiting for a worker's frames checks whether the run is stopping.
+_POLL = 0.05
+
+Outcome = tuple[int, list[tuple[Any, BaseException]]] | None
+
+
+@functools.cache
+def _api() -> Any:
+    """The subinterpreter module (``concurrent.interpreters``, or its backport on 3.13),
+    imported at the first worker: it is an optional dependency and most runs never
+    start a subinterpreter."""
+    return importlib.import_module(INTERPRETERS_MODULE)
+
+
+def _main_module() -> tuple[str, str]:
+    """The parent's ``__main__`` as a worker can import it: its file, or its module name
+    under ``python -m`` ("" where there is neither)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return "", spec.name
+    return getattr(main, "__file__", None) or "", ""
+
+
+class _FrameReader:
+    """Reads the length-prefixed frames a worker writes (worker_loop.pipe_sender)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def next(self, stopping: Callable[[], bool]) -> bytes | None:
+        """The next frame; None at end of stream. Raises RunStopping once ``stopping()``
+        (asked every ``_POLL`` seconds while nothing arrives)."""
+        size = loop.HEADER.size
+        while True:
+            if len(self.buffer) >= size:
+                length = loop.HEADER.unpack_from(self.buffer)[0]
+                if len(self.buffer) >= size + length:
+                    frame = bytes(self.buffer[size : size + length])
+                    del self.buffer[: size + length]
+                    return frame
+                wanted = size + length - len(self.buffer)
+            else:
+                wanted = size
+            if not select.select([self.fd], [], [], _POLL)[0]:
+                if stopping():
+                    raise ext.RunStopping("the run is stopping")
+                continue
+            data = os.read(self.fd, max(wanted, 1 << 16))
+            if not data:
+                return None
+            self.buffer += data
+
+
+def _never() -> bool:
+    return False
+
+
+class _Interpreter:
+    """One subinterpreter serving a stage's job on a thread of its own, over three pipes:
+    messages in, frames out, and a stop pipe it looks at before each item."""
+
+    def __init__(self, job: bytes, stage: str) -> None:
+        self.stage = stage
+        self.interpreter = _api().create()
+        self.id: int = self.interpreter.id
+        receive_fd, self._message_fd = os.pipe()
+        frame_fd, send_fd = os.pipe()
+        stop_fd, self._stop_fd = os.pipe()
+        self._worker_fds = (receive_fd, send_fd, stop_fd)
+        self.frames = _FrameReader(frame_fd)
+        #: Why the worker's code ended early (it raised past the worker loop), if it did.
+        self.failure: BaseException | None = None
+        self.interpreter.prepare_main(
+            _minigun_sys_path=tuple(sys.path),
+            _minigun_job=job,
+            _minigun_stage=stage,
+            _minigun_fds=self._worker_fds,
+            _minigun_main=_main_module(),
+        )
+        self._thread = threading.Thread(
+            target=self._serve, name=f"minigun-interpreter-{self.id}", daemon=True
+        )
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.interpreter.exec(BOOT)
+        except BaseException as exc:  # noqa: BLE001 - reported by the parent's reader
+            self.failure = exc
+        finally:
+            # The worker's ends close when it is done: the parent reads end of stream.
+            for fd in self._worker_fds:
+                os.close(fd)
+
+    def send(self, message: bytes) -> bool:
+        """Write one message; False if the worker is gone."""
+        try:
+            loop.pipe_sender(self._message_fd)(message)
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def ended_error(self) -> WorkerError:
+        cause = self.failure
+        why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        error = WorkerError(
+            f"stage {self.stage!r}: subinterpreter {self.id} stopped answering{why}"
+        )
+        error.__cause__ = cause
+        return error
+
+    def stop(self) -> None:
+        """Ask the worker to leave the rest of its chunk (before its next item)."""
+        try:
+            os.write(self._stop_fd, b"s")
+        except OSError:
+            pass
+
+    def finish(self, abandon: bool = False) -> None:
+        """End the worker (``abandon``: stop it first, mid-chunk) and destroy the
+        subinterpreter once its thread is done."""
+        if abandon:
+            self.stop()
+        os.close(self._message_fd)  # the worker's next read ends: it closes and returns
+        while self.frames.next(_never) is not None:
+            pass  # what it still sends, so a full pipe never blocks it
+        self._thread.join()
+        os.close(self.frames.fd)
+        os.close(self._stop_fd)
+        self.interpreter.close()
+
+
+class _InterpreterWorker:
+    """One Rust worker thread's subinterpreter, started at its first chunk (also the
+    worker of one item under spawn_interpreter)."""
+
+    def __init__(self, run: Run, path: str, job: bytes) -> None:
+        self.run = run
+        self.path = path
+        self.job = job
+        self.interpreter: _Interpreter | None = None
+
+    def _stopping(self) -> bool:
+        return self.run.stopping
+
+    def _where(self) -> str:
+        return f"subinterpreter {self.interpreter.id if self.interpreter else '?'}"
+
+    def _exchange(
+        self, interpreter: _Interpreter, message: bytes, reply: ChunkReply
+    ) -> tuple[str, BaseException | None]:
+        """Send one message and read the reply to its end: ``(tag, error)``, the tag
+        "eof" when the worker ended without finishing it."""
+        if not interpreter.send(message):
+            return "eof", interpreter.ended_error()
+        while True:
+            frame = interpreter.frames.next(self._stopping)
+            if frame is None:
+                return "eof", interpreter.ended_error()
+            tag, data = pickle.loads(frame)
+            if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
+                reply.take(data)
+                if tag != loop.VALUES:
+                    return tag, None
+            else:
+                return tag, worker_exception(self.path, self._where(), data)
+
+    def call(self, items: list[Any]) -> Outcome:
+        """Run one chunk in the subinterpreter: ``(retries, [(item, exception), ...])``
+        for the runtime (None when nothing failed or was retried)."""
+        failures: list[tuple[Any, BaseException]] = []
+        try:
+            message = pickle.dumps((loop.CHUNK, (items, False)), loop.PROTOCOL)
+        except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
+            items, failures = split_picklable(
+                self.path, items, "a subinterpreter worker", "or use strategy='threads'"
+            )
+            if not items:
+                return 0, failures
+            message = pickle.dumps((loop.CHUNK, (items, False)), loop.PROTOCOL)
+        if self.interpreter is None:
+            if self.run.stopping:
+                raise ext.RunStopping(f"stage {self.path!r}: the run is stopping")
+            self.interpreter = _Interpreter(self.job, self.path)
+        interpreter = self.interpreter
+        reply = ChunkReply(self.path, self._where, items, ext.emit)
+        try:
+            outcome, error = self._exchange(interpreter, message, reply)
+        except BaseException:
+            # Stopping, or a value was refused downstream: the worker may be mid-chunk.
+            interpreter.stop()
+            raise
+        failures += reply.failures
+        if outcome == "eof":
+            assert error is not None
+            failures += [(item, error) for item in items[reply.finished :]]
+            self._drop()
+        elif outcome == loop.RETIRED:
+            self._drop()
+        elif outcome == loop.FATAL:
+            self._drop(abandon=True)
+            assert error is not None
+            raise error
+        return (reply.retries, failures) if reply.retries or failures else None
+
+    def _drop(self, abandon: bool = False) -> None:
+        interpreter, self.interpreter = self.interpreter, None
+        if interpreter is not None:
+            interpreter.finish(abandon)
+
+    def close(self) -> None:
+        """Close the stage's worker in the subinterpreter (what its close() emits goes
+        downstream) and destroy the subinterpreter; when the run is stopping, abandon it."""
+        interpreter = self.interpreter
+        if interpreter is None:
+            return
+        if self.run.stopping:
+            self._drop(abandon=True)
+            return
+        reply = ChunkReply(self.path, self._where, [], ext.emit)
+        try:
+            outcome, error = self._exchange(
+                interpreter, pickle.dumps((loop.CLOSE, None), loop.PROTOCOL), reply
+            )
+        except BaseException:
+            self._drop(abandon=True)
+            raise
+        self._drop()
+        if error is not None:
+            raise error
+        reply.deliver()  # what close() emitted
+
+
+class _Slots:
+    """spawn_interpreter's books while the run goes: each stage's guaranteed
+    subinterpreter, and what the ``max_interpreters`` of its scopes leave over to share
+    (planned by :class:`minigun.budget.BudgetPlan`)."""
+
+    def __init__(self, plan: BudgetPlan) -> None:
+        self._changed = threading.Condition()
+        self._shared = {scope: plan.shared(scope) for scope in plan.limit}
+        self._guaranteed_taken: set[str] = set()
+
+    def acquire(self, path: str, scopes: list[int], stopping: Callable[[], bool]) -> Any:
+        """Wait for room for one more subinterpreter of stage ``path``; the token to
+        release. RunStopping when the run stops first."""
+        with self._changed:
+            while True:
+                if path not in self._guaranteed_taken:
+                    self._guaranteed_taken.add(path)
+                    return path
+                if all(self._shared[s] > 0 for s in scopes):
+                    for s in scopes:
+                        self._shared[s] -= 1
+                    return tuple(scopes)
+                if stopping():
+                    raise ext.RunStopping(f"stage {path!r}: the run is stopping")
+                self._changed.wait(_POLL)
+
+    def release(self, token: Any) -> None:
+        with self._changed:
+            if isinstance(token, str):
+                self._guaranteed_taken.discard(token)
+            else:
+                for s in token:
+                    self._shared[s] += 1
+            self._changed.notify_all()
+
+
+class _RunInterpreters:
+    """A run's subinterpreter budget: planned once, then kept while it runs."""
+
+    def __init__(self, run: Run) -> None:
+        self.plan = BudgetPlan(run.graph, run.plans, INTERPRETERS)
+        self.slots = _Slots(self.plan)
+
+
+_runs_lock = threading.Lock()
+_runs: weakref.WeakKeyDictionary[Any, _RunInterpreters] = weakref.WeakKeyDictionary()
+
+
+def _for_run(run: Run) -> _RunInterpreters:
+    with _runs_lock:
+        state = _runs.get(run)
+        if state is None:
+            state = _runs[run] = _RunInterpreters(run)
+        return state
+
+
+def _job(run: Run, node: Node, plan: StagePlan) -> bytes:
+    """The stage's code as a subinterpreter gets it (DefinitionError if it cannot)."""
+    stage, settings = node.stage, node.scope.settings
+    hooks = WorkerHooks(node)
+    function = owner = custom = None
+    if isinstance(stage, FunctionStage):
+        function = stage.fn
+        owner = node.scope.owner if stage.takes_self else None
+    else:
+        custom = stage
+    return pack(
+        InterpreterJob(
+            path=node.path,
+            mode=plan.call_mode,
+            routes=frozenset(node.route_names),
+            route_error=run.graph.route_error(node),
+            policy=RetryPolicy(stage, settings),
+            function=function,
+            owner=owner,
+            stage=custom,
+            hooks=hooks if hooks else None,
+        )
+    )
+
+
+def interpreters_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """``interpreters``: a long-lived subinterpreter per worker thread. ``code`` (the
+    in-process closures) is not used: the worker rebuilds the stage from its job."""
+    job = _job(run, node, plan)
+    workers = _for_run(run).plan.long_lived_workers.get(node.path, plan.workers)
+
+    def make_worker() -> tuple[Callable[[list[Any]], Outcome], Callable[[], None]]:
+        worker = _InterpreterWorker(run, node.path, job)
+        return worker.call, worker.close
+
+    return Work(call=None, mode="chunk", make_worker=make_worker, threads=workers)
+
+
+def spawn_interpreter_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """``spawn_interpreter``: each item gets a new subinterpreter (its worker: opened,
+    given the item, closed), at most ``max_interpreters`` alive per pipeline scope."""
+    job = _job(run, node, plan)
+    state = _for_run(run)
+    scopes = [id(s) for s in node.scope.lineage()]
+    threads = max(1, min(plan.workers, state.plan.most_workers(scopes)))
+    path = node.path
+
+    def stopping() -> bool:
+        return run.stopping
+
+    def call(items: list[Any]) -> Outcome:
+        retries = 0
+        failures: list[tuple[Any, BaseException]] = []
+        for item in items:
+            token = state.slots.acquire(path, scopes, stopping)
+            try:
+                outcome = _one_item(_InterpreterWorker(run, path, job), item)
+            finally:
+                state.slots.release(token)
+            if outcome is not None:
+                retries += outcome[0]
+                failures += outcome[1]
+        return (retries, failures) if retries or failures else None
+
+    return Work(call=call, mode="chunk", make_worker=None, threads=threads)
+
+
+def _one_item(worker: _InterpreterWorker, item: Any) -> Outcome:
+    """One item's subinterpreter: open, the item (retries included), close. A failing
+    close() fails the item, unless the item had failed already."""
+    try:
+        outcome = worker.call([item])
+    except BaseException:
+        worker.close()
+        raise
+    try:
+        worker.close()
+    except Exception as exc:  # noqa: BLE001 - reported as the item's failure
+        retries, failures = outcome or (0, [])
+        if not failures:
+            failures = [(item, exc)]
+        return retries, failures
+    return outcome
+
+
+__all__ = ["interpreters_executor", "spawn_interpreter_executor"]
