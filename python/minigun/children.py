@@ -24,9 +24,9 @@ from typing import Any
 
 from . import hooks as _hooks
 from . import worker_loop as loop
+from .budget import PROCESSES, BudgetPlan
 from .config import RetryPolicy
 from .errors import WorkerError
-from .budget import PROCESSES, BudgetPlan
 from .fork_safety import fork_child, interruptible
 from .native import ext
 from .worker_reply import worker_exception

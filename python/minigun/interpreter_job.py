@@ -27,7 +27,7 @@ from typing import Any
 from .config import RetryPolicy
 from .errors import DefinitionError
 from .hooks import WorkerHooks
-from .stage import Stage, worker_copy
+from .stage import FunctionStage, Stage, worker_copy
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -78,7 +78,9 @@ def stage_function(module: str, qualname: str) -> Callable[..., Any]:
     """The function of the stage at ``module.qualname`` (a Task method: the class
     attribute is the Stage that wraps it)."""
     found = _resolve(module, qualname)
-    function: Callable[..., Any] = found.fn if isinstance(found, Stage) else found
+    if isinstance(found, FunctionStage) and found.fn is not None:
+        return found.fn
+    function: Callable[..., Any] = found
     return function
 
 
@@ -119,7 +121,7 @@ def _wrapped_by_stage(function: types.FunctionType, module: str, qualname: str) 
         found = _resolve(module, qualname)
     except Exception:  # noqa: BLE001 - not found by name: pickle says why
         return False
-    return isinstance(found, Stage) and getattr(found, "fn", None) is function
+    return isinstance(found, FunctionStage) and found.fn is function
 
 
 def pack(job: InterpreterJob) -> bytes:

@@ -1,0 +1,158 @@
+"""Stages for tests/test_interpreters.py, in a module of their own: a subinterpreter
+worker imports the stage's module by name, and this one imports nothing but minigun (not
+pytest), so it loads quickly in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import minigun as mg
+
+try:  # CPython 3.13+: which interpreter runs the code
+    import _interpreters
+except ImportError:
+    _interpreters = None
+
+
+class Refused(ValueError):
+    """The error a stage raises on purpose (a module-level class, so it pickles)."""
+
+
+class Flaky(mg.Task):
+    """Items fail their first ``fails`` attempts (counted per worker copy), with emits
+    before the failure that must never arrive; ``self.emit`` and ``emit(to=)`` in use."""
+
+    max_interpreters = 2
+
+    def __init__(self, n: int, fails: int):
+        self.n, self.fails = n, fails
+        self.tried: dict[int, int] = {}
+        self.out: list[object] = []
+        self.odd: list[object] = []
+        self.errors: list[tuple[str, object, str]] = []
+
+    @mg.producer
+    def source(self):
+        yield from range(self.n)
+
+    @mg.processor(strategy="interpreters", interpreters=2, retries=2, to=["sink", "odd_sink"])
+    def work(self, x):
+        tried = self.tried[x] = self.tried.get(x, 0) + 1
+        if tried <= self.fails:
+            self.emit(("poison", x))
+            raise Refused(f"attempt {tried} at {x}")
+        if x % 2:
+            mg.emit(("odd", x, os.getpid()), to="odd_sink")
+        else:
+            self.emit(("even", x, os.getpid()), to="sink")
+
+    @mg.consumer(strategy="threads")
+    def sink(self, value):
+        self.out.append(value)
+
+    @mg.consumer(strategy="threads")
+    def odd_sink(self, value):
+        self.odd.append(value)
+
+    @mg.on_error(Refused)
+    def failed(self, error, item, stage):
+        self.errors.append((type(error).__name__, item, stage))
+
+
+class Snapshot(mg.Task):
+    """The worker sees the Task instance as it was when the run started, and its
+    before_worker/after_worker hooks run in the worker (in the subinterpreter)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.label = "before"
+        self.got: list[object] = []
+
+    @mg.producer
+    def source(self):
+        yield from range(6)
+
+    @mg.before_worker(stage="work")
+    def connect(self):
+        self.connection = f"connection in interpreter {_interpreter_id()}"
+        _append(self.folder, "before_worker", self.connection)
+
+    @mg.after_worker(stage="work")
+    def disconnect(self):
+        _append(self.folder, "after_worker", self.connection)
+
+    @mg.processor(strategy="interpreters", interpreters=2)
+    def work(self, x):
+        return (x, self.label, self.connection, _interpreter_id())
+
+    @mg.consumer(strategy="threads")
+    def sink(self, value):
+        self.got.append(value)
+
+
+class Unpicklable(mg.Task):
+    """A Task whose state cannot be copied into a subinterpreter (a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    @mg.producer
+    def source(self):
+        yield 1
+
+    @mg.processor(strategy="interpreters")
+    def work(self, x):
+        return x
+
+    @mg.consumer
+    def sink(self, x):
+        pass
+
+
+class Totals(mg.Stage):
+    """A custom Stage with per-worker state; close() emits the worker's total."""
+
+    def open(self):
+        self.total = 0
+        self.where = _interpreter_id()
+
+    def process(self, item):
+        self.total += item
+        return ("item", item)
+
+    def close(self):
+        self.emit(("total", self.total, self.where))
+
+
+def crash(item):
+    raise Refused(f"no good: {item}")
+
+
+def alive_marker(folder: str, x: int) -> int:
+    """Count the items in progress at once (each holds a marker file for a while)."""
+    mine = os.path.join(folder, f"{x}.alive")
+    open(mine, "w").close()
+    time.sleep(0.05)
+    alive = sum(name.endswith(".alive") for name in os.listdir(folder))
+    os.remove(mine)
+    return alive
+
+
+def in_interpreter(_item):
+    return _interpreter_id()
+
+
+def slow(item):
+    time.sleep(0.02)
+    return item
+
+
+def _interpreter_id() -> int:
+    return int(_interpreters.get_current()[0]) if _interpreters is not None else 0
+
+
+def _append(folder: str, name: str, line: str) -> None:
+    with open(os.path.join(folder, name), "a") as f:
+        f.write(line + "\n")

@@ -1,0 +1,300 @@
+"""The subinterpreter strategies (``interpreters``, ``spawn_interpreter``) beyond the
+conformance matrix: the item contract in the class DSL, what is copied into a worker, the
+up-front refusals, errors from workers, the ``max_interpreters`` bound, a stage defined in
+the script being run, and the message where subinterpreters are unavailable.
+
+The stages live in tests/interpreter_jobs.py: a worker imports them by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from _mg_helpers import LeftBehind, subprocess_env
+
+import minigun as mg
+
+try:
+    import interpreter_jobs as jobs
+except mg.UnsupportedStrategy:  # its Task classes ask for subinterpreters: the tests skip
+    jobs = None
+
+BACKPORT = "concurrent.interpreters" if sys.version_info >= (3, 14) else "backports.interpreters"
+
+
+def _available() -> bool:
+    if sys.version_info < (3, 13):
+        return False
+    try:
+        __import__(BACKPORT)
+    except ImportError:
+        return False
+    return True
+
+
+needs_interpreters = pytest.mark.skipif(
+    not _available(), reason=f"needs CPython 3.13+ with {BACKPORT} (the [interpreters] extra)"
+)
+
+
+def _pipeline(fn, strategy="interpreters", **options):
+    got = []
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(10), name="source")
+    p.processor(fn, name="work", strategy=strategy, **options)
+    p.consumer(got.append, name="sink")
+    return p, got
+
+
+# -- the contract in the class DSL ---------------------------------------------------------
+
+
+@needs_interpreters
+def test_retries_discard_a_failed_attempts_emits_and_routes_hold():
+    job = jobs.Flaky(n=20, fails=1)
+    result = job.run()
+    assert result.status == "ok"
+    assert all(v[0] != "poison" for v in job.out + job.odd), "a failed attempt's emits arrived"
+    evens = sorted(v[1] for v in job.out)
+    odds = sorted(v[1] for v in job.odd)
+    assert evens == list(range(0, 20, 2)) and odds == list(range(1, 20, 2))
+    assert {v[2] for v in job.out + job.odd} == {os.getpid()}, "one process, no fork"
+    assert job.errors == []
+    assert result.stats["work"].retries == 20
+    assert job.tried == {}, "the parent's Task instance is not the worker's copy"
+
+
+@needs_interpreters
+def test_items_failing_every_attempt_reach_on_error_with_the_item():
+    job = jobs.Flaky(n=6, fails=99)
+    result = job.run()
+    assert result.status == "ok"
+    assert sorted(job.errors) == [("Refused", x, "work") for x in range(6)]
+    assert job.out == [] and job.odd == [], "a failed item delivers nothing"
+    assert result.stats["work"].errors == 6 and result.stats["work"].retries == 12
+
+
+@needs_interpreters
+def test_workers_copy_the_task_as_it_was_and_run_their_worker_hooks_there(tmp_path):
+    job = jobs.Snapshot(str(tmp_path))
+    job.run()
+    assert sorted(v[0] for v in job.got) == list(range(6))
+    assert {v[1] for v in job.got} == {"before"}
+    main = jobs._interpreter_id()
+    used = {v[3] for v in job.got}
+    assert main not in used and 1 <= len(used) <= 2, used
+    # Each worker's before_worker hook ran in its own subinterpreter, before its items.
+    opened = (tmp_path / "before_worker").read_text().split("\n")[:-1]
+    closed = (tmp_path / "after_worker").read_text().split("\n")[:-1]
+    assert sorted(opened) == sorted(closed) and len(opened) == len(set(opened)) <= 2
+    assert {v[2] for v in job.got} <= set(opened)
+    assert not hasattr(job, "connection"), "hooks ran in the workers, not in the parent"
+
+
+@needs_interpreters
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
+def test_a_custom_stage_opens_and_closes_in_each_worker(strategy):
+    got = []
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(10), name="source")
+    p.add(jobs.Totals("work", strategy=strategy, interpreters=2))
+    p.consumer(got.append, name="sink")
+    assert p.run().status == "ok"
+    items = sorted(v[1] for v in got if v[0] == "item")
+    totals = [v for v in got if v[0] == "total"]
+    assert items == list(range(10))
+    assert sum(t[1] for t in totals) == sum(range(10))
+    if strategy == "spawn_interpreter":
+        assert len(totals) == 10, "each item's subinterpreter is a worker of its own"
+        assert len({t[2] for t in totals}) == 10
+    else:
+        assert 1 <= len(totals) <= 2
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@needs_interpreters
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
+def test_an_error_reaches_the_parent_with_its_type_and_the_workers_traceback(strategy):
+    p, _ = _pipeline(jobs.crash, strategy)
+    with pytest.raises(mg.PipelineError) as info:
+        p.run()
+    cause = info.value.__cause__
+    assert isinstance(cause, jobs.Refused)
+    assert "def crash" in cause.traceback_text or "in crash" in cause.traceback_text
+    assert any("subinterpreter" in note for note in getattr(cause, "__notes__", []))
+
+
+@needs_interpreters
+def test_a_worker_that_cannot_import_the_stages_module_names_it(tmp_path):
+    (tmp_path / "vanishing_stage.py").write_text("def double(x):\n    return 2 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import vanishing_stage
+    finally:
+        sys.path.remove(str(tmp_path))
+    try:
+        p, _ = _pipeline(vanishing_stage.double)
+        with pytest.raises(mg.PipelineError) as info:
+            p.run()
+    finally:
+        sys.modules.pop("vanishing_stage", None)
+    cause = info.value.__cause__
+    assert isinstance(cause, mg.WorkerError), cause
+    assert "vanishing_stage" in str(cause) and "could not load" in str(cause)
+
+
+def _lambda_stage():
+    return lambda x: x
+
+
+def _closure_stage():
+    factor = 3
+
+    def triple(x):
+        return factor * x
+
+    return triple
+
+
+@needs_interpreters
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [(_lambda_stage, "is a lambda"), (_closure_stage, "defined inside a function")],
+    ids=["lambda", "closure"],
+)
+def test_a_stage_a_subinterpreter_cannot_import_is_refused_up_front(make, says):
+    p, got = _pipeline(make())
+    with pytest.raises(mg.DefinitionError) as info:
+        p.run()
+    message = str(info.value)
+    assert "'work'" in message and says in message and "module level" in message
+    assert got == []
+
+
+@needs_interpreters
+def test_a_local_stage_class_and_an_unpicklable_task_are_refused_up_front():
+    class Local(mg.Stage):
+        def process(self, item):
+            return item
+
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(3), name="source")
+    p.add(Local("work", strategy="interpreters"))
+    p.consumer(lambda x: None, name="sink")
+    with pytest.raises(mg.DefinitionError, match="defined inside a function"):
+        p.run()
+    with pytest.raises(mg.DefinitionError, match="__getstate__"):
+        jobs.Unpicklable().run()
+
+
+# -- limits, the main module, leftovers ------------------------------------------------------
+
+
+@needs_interpreters
+def test_max_interpreters_bounds_spawn_interpreter_workers_alive_at_once(tmp_path):
+    p = mg.Pipeline("p", config={"max_interpreters": 2})
+    folder = str(tmp_path)
+    p.producer(lambda: ((folder, x) for x in range(12)), name="source")
+    p.processor(_alive, name="work", strategy="spawn_interpreter")
+    peaks = []
+    p.consumer(peaks.append, name="sink")
+    p.run()
+    assert len(peaks) == 12
+    assert max(peaks) <= 2
+    assert max(peaks) == 2, "they ran side by side"
+
+
+def _alive(pair):
+    return jobs.alive_marker(*pair)
+
+
+@needs_interpreters
+def test_interpreters_caps_its_workers_at_max_interpreters(caplog):
+    p = mg.Pipeline("p", config={"max_interpreters": 2})
+    p.producer(lambda: range(40), name="source")
+    p.processor(jobs.in_interpreter, name="work", strategy="interpreters", interpreters=5)
+    used = []
+    p.consumer(used.append, name="sink")
+    p.run()
+    assert 1 <= len(set(used)) <= 2
+    assert "max_interpreters=2" in caplog.text
+
+
+@needs_interpreters
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
+def test_nothing_is_left_running_after_a_run(strategy):
+    before = LeftBehind()
+    p, got = _pipeline(jobs.slow, strategy, interpreters=2)
+    assert p.run().status == "ok" and sorted(got) == list(range(10))
+    before.assert_nothing_new(settle=1.0)
+    from backports import interpreters  # noqa: PLC0415 - 3.13 only
+
+    assert [i.id for i in interpreters.list_all()] == [interpreters.get_main().id]
+
+
+_SCRIPT = """
+import minigun as mg
+
+print("the script ran as", __name__)
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    got = []
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(5), name="source")
+    p.processor(square, name="work", strategy="interpreters", interpreters=2)
+    p.consumer(got.append, name="sink")
+    p.run()
+    print("result", sorted(got))
+"""
+
+
+@needs_interpreters
+def test_a_stage_defined_in_the_script_being_run(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = collections.Counter(done.stdout.splitlines())
+    assert lines["result [0, 1, 4, 9, 16]"] == 1
+    assert lines["the script ran as __main__"] == 1
+    # Each worker imported the script under another name, its main block skipped.
+    assert 1 <= lines["the script ran as __mp_main__"] <= 2
+
+
+# -- where subinterpreters are not available -------------------------------------------------
+
+
+def _double(x):
+    return 2 * x
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="needs a Python before 3.13")
+@pytest.mark.parametrize("strategy", ["interpreters", "ractor", "spawn_interpreter"])
+def test_before_3_13_the_strategy_is_refused_naming_the_version(strategy):
+    with pytest.raises(mg.UnsupportedStrategy, match=r"CPython 3\.13 or newer"):
+        mg.processor(strategy=strategy)(_double)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="needs CPython 3.13+")
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_ractor"])
+def test_without_the_backport_the_strategy_is_refused_naming_the_extra(monkeypatch, strategy):
+    monkeypatch.setitem(sys.modules, BACKPORT, None)  # what an uninstalled module looks like
+    with pytest.raises(mg.UnsupportedStrategy) as info:
+        mg.processor(strategy=strategy)(_double)
+    assert 'pip install "minigun-pipelines[interpreters]"' in str(info.value)
