@@ -44,6 +44,9 @@ def main(module_name: str, key: str, impl_name: str, params_json: str, result_pa
         except ImportError as error:
             print(f"{impl.requires}: {error}", file=sys.stderr)
             return EXIT_NOT_INSTALLED
+    if impl.unavailable is not None and (why := impl.unavailable()):
+        print(why, file=sys.stderr)
+        return EXIT_UNAVAILABLE
     # Imported before the clock starts: a run's time is its work, not its imports.
     for module in impl.imports:
         importlib.import_module(module)

@@ -79,16 +79,29 @@ def _three_threads(n: int, to_double: _Queue, to_sum: _Queue) -> int:
 
 
 def minigun(params: Params) -> int:
+    return _minigun(params, {})
+
+
+def _minigun(params: Params, options: dict[str, object]) -> int:
     import minigun as mg
 
     n = params["n"]
     total = Sum()
     p = mg.Pipeline("w1")
     p.producer(lambda: numbers(n), name="numbers")
-    p.processor(double)
+    p.processor(double, **options)
     p.consumer(total, name="sum")
     p.run()
     return total.total
+
+
+def minigun_elsewhere(strategy: str) -> Impl:
+    """The same stage in one worker process or subinterpreter: what crossing costs."""
+
+    def run(params: Params) -> int:
+        return _minigun(params, {"strategy": strategy})
+
+    return minigun_impl(f"minigun {strategy}", run, processes=strategy == "fork_ipc")
 
 
 def pypeln_threads(params: Params) -> int:
@@ -159,6 +172,8 @@ WORKLOADS = (
         title="per-item overhead: N ints, producer -> x*2 -> summing consumer",
         impls=(
             minigun_impl("minigun", minigun),
+            minigun_elsewhere("fork_ipc"),
+            minigun_elsewhere("interpreters"),
             Impl("plain loop", plain_loop),
             Impl("queue.Queue + threads", queue_threads),
             Impl("SimpleQueue + threads", simple_queue_threads),

@@ -82,7 +82,8 @@ def minigun(strategy: str) -> Impl:
 
         workers = params["cpus"]
         total = [0]
-        p = mg.Pipeline(f"w3-{strategy}", config={"max_processes": workers, "max_threads": workers})
+        limits = {"max_processes": workers, "max_threads": workers, "max_interpreters": workers}
+        p = mg.Pipeline(f"w3-{strategy}", config=limits)
         p.producer(lambda: items(params), name="items")
         p.accumulator(name="batch", max_size=params["batch"])
         option = {
@@ -175,6 +176,67 @@ def streamable_processes(params: Params) -> int:
         return sum(stream(items(params)).group(params["batch"]).map(crunch, concurrency=pool))
 
 
+def _crunch_here(batch: list[Item]) -> int:
+    """``crunch`` as an interpreter pool calls it: the backport's ``call`` runs the
+    function's code in the subinterpreter's ``__main__``, so it imports what it needs."""
+    from benchmarks.w3_cpu import crunch as crunch_there
+
+    return crunch_there(batch)
+
+
+def interpreter_pool(params: Params) -> int:
+    """InterpreterPoolExecutor (3.14+); on 3.13 the same pool written over the backport:
+    one thread per worker, each calling into its own subinterpreter per batch."""
+    import concurrent.futures
+    import sys
+
+    workers = params["cpus"]
+    if hasattr(concurrent.futures, "InterpreterPoolExecutor"):
+        with concurrent.futures.InterpreterPoolExecutor(workers) as pool:
+            return sum(pool.map(crunch, batches(params)))
+    from backports import interpreters
+
+    todo: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2 * workers)
+    subtotals: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        interp = interpreters.create()
+        try:
+            interp.exec(f"import sys; sys.path[:] = {sys.path!r}")
+            while (batch := todo.get()) is not None:
+                subtotal = interp.call(_crunch_here, batch)
+                with lock:
+                    subtotals.append(subtotal)
+        finally:
+            interp.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for batch in batches(params):
+        todo.put(batch)
+    for _ in threads:
+        todo.put(None)
+    for thread in threads:
+        thread.join()
+    return sum(subtotals)
+
+
+def _has_interpreters() -> str | None:
+    """Why this Python has no subinterpreters to pool, or None."""
+    import sys
+
+    if sys.version_info < (3, 13):
+        return "needs CPython 3.13+"
+    if sys.version_info < (3, 14):
+        try:
+            import backports.interpreters  # noqa: F401
+        except ImportError:
+            return "needs backports.interpreters"
+    return None
+
+
 def _ideal(params: Params, best: Mapping[str, float]) -> float | None:
     took = best.get("serial loop")
     return None if took is None else took / params["cpus"]
@@ -198,10 +260,12 @@ WORKLOADS = (
             minigun("spawn_fork"),
             minigun("fork_ipc"),
             minigun("interpreters"),
+            minigun("spawn_interpreter"),
             Impl("serial loop", serial),
             Impl("queue.Queue + threads", queue_threads),
             Impl("multiprocessing.Pool.imap", pool_imap, processes=True),
             Impl("ProcessPoolExecutor.map", process_pool_executor, processes=True),
+            Impl("interpreter pool", interpreter_pool, unavailable=_has_interpreters),
             Impl("mpire", mpire_pool, requires="mpire", processes=True),
             Impl("pypeln process", pypeln_processes, requires="pypeln", processes=True),
             Impl("pyper multiprocess", pyper_processes, requires="pyper", processes=True),
@@ -217,6 +281,7 @@ WORKLOADS = (
             "minigun spawn_fork",
             "minigun fork_ipc",
             "minigun interpreters",
+            "minigun spawn_interpreter",
         ),
         full={"n": 400, "batch": 20, "ms": 10.0},
         quick={"n": 20, "batch": 5, "ms": 1.0},

@@ -40,6 +40,8 @@ class Impl:
     imports: tuple[str, ...] = ()
     # It starts processes: sample its children's PSS.
     processes: bool = False
+    # Why this interpreter cannot run it (a stdlib feature it lacks), else None.
+    unavailable: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)

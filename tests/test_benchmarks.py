@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 WORKLOADS = ["W1", "W2", "W2-async", "W2-async-retry", "W3", "W4", "W5", "W5-import", "MEM"]
 # What this interpreter may lack: subinterpreters before 3.13.
-MAY_BE_UNAVAILABLE = {"minigun interpreters"}
+MAY_BE_UNAVAILABLE = {"minigun interpreters", "minigun spawn_interpreter", "interpreter pool"}
 PEERS = ("pypeln", "mpire", "pyper", "streamable", "bytewax", "aiostream")
 
 
