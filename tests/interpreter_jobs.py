@@ -156,3 +156,7 @@ def _interpreter_id() -> int:
 def _append(folder: str, name: str, line: str) -> None:
     with open(os.path.join(folder, name), "a") as f:
         f.write(line + "\n")
+
+
+def misroute(item):
+    mg.emit(item, to="nowhere")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 from _mg_helpers import LeftBehind, subprocess_env
@@ -129,6 +132,30 @@ def test_an_error_reaches_the_parent_with_its_type_and_the_workers_traceback(str
     assert isinstance(cause, jobs.Refused)
     assert "def crash" in cause.traceback_text or "in crash" in cause.traceback_text
     assert any("subinterpreter" in note for note in getattr(cause, "__notes__", []))
+
+
+@needs_interpreters
+def test_emit_to_a_stage_it_may_not_send_to_raises_the_routing_error_in_the_worker():
+    p, _ = _pipeline(jobs.misroute)
+    with pytest.raises(mg.PipelineError) as info:
+        p.run()
+    assert isinstance(info.value.__cause__, mg.RoutingError)
+    assert "nowhere" in str(info.value.__cause__)
+
+
+@needs_interpreters
+def test_an_item_that_cannot_be_pickled_fails_alone_with_the_item():
+    lock = threading.Lock()
+    failed, got = [], []
+    p = mg.Pipeline("p")
+    p.producer(lambda: [1, lock, 3], name="source")
+    p.processor(jobs.slow, name="work", strategy="interpreters")
+    p.consumer(got.append, name="sink")
+    p.on_error(mg.WorkerError)(lambda error, item, stage: failed.append((item, str(error))))
+    assert p.run().status == "ok"
+    assert sorted(got) == [1, 3]
+    [(item, message)] = failed
+    assert item is lock and "cannot be pickled" in message and "subinterpreter" in message
 
 
 @needs_interpreters
@@ -275,6 +302,60 @@ def test_a_stage_defined_in_the_script_being_run(tmp_path):
     assert lines["the script ran as __main__"] == 1
     # Each worker imported the script under another name, its main block skipped.
     assert 1 <= lines["the script ran as __mp_main__"] <= 2
+
+
+_CTRL_C_JOB = """
+import itertools, sys, time
+import minigun as mg
+
+def slow(x):
+    time.sleep(0.01)
+    return x
+
+if __name__ == "__main__":
+    p = mg.Pipeline("p")
+    p.producer(lambda: itertools.count(), name="source")
+    p.processor(slow, name="work", strategy=sys.argv[1], interpreters=2)
+    p.consumer(lambda x: print("item", flush=True), name="sink")
+    try:
+        p.run()
+    except KeyboardInterrupt:
+        from backports import interpreters
+        alive = [i.id for i in interpreters.list_all() if i.id != interpreters.get_main().id]
+        print("INTERRUPTED, subinterpreters left:", alive, flush=True)
+        sys.exit(0)
+    print("NOT INTERRUPTED", flush=True)
+    sys.exit(1)
+"""
+
+
+@needs_interpreters
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
+def test_ctrl_c_ends_the_run_promptly_and_leaves_no_subinterpreter(tmp_path, strategy):
+    script = tmp_path / "endless.py"
+    script.write_text(textwrap.dedent(_CTRL_C_JOB))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), strategy],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):  # items are flowing
+            assert proc.stdout.readline() == "item\n"
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "INTERRUPTED, subinterpreters left: []" in out, out + err
+    assert took < 3, f"Ctrl-C took {took:.1f} s"
 
 
 # -- where subinterpreters are not available -------------------------------------------------
