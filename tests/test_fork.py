@@ -172,13 +172,18 @@ def test_fork_ipc_workers_get_the_task_instance_as_it_was_at_fork_time():
 # -- the max_processes budget -------------------------------------------------------------------
 
 
-def _alive_marker(folder, hold=0.04):
-    """Called inside a child: register this process, hold, and report how many registered
-    processes exist now."""
+def _alive_marker(folder, hold=0.04, wait_for_company=0.5):
+    """Called inside a child: register this process, hold, and report the most registered
+    processes seen at once. It holds on (up to ``wait_for_company`` seconds) while it is
+    alone, so a loaded machine, where forks are slow to start, does not hide overlap."""
     mine = os.path.join(folder, str(os.getpid()))
     open(mine, "w").close()
     time.sleep(hold)
     alive = len(os.listdir(folder))
+    deadline = time.monotonic() + wait_for_company
+    while alive < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+        alive = max(alive, len(os.listdir(folder)))
     os.remove(mine)
     return alive
 
