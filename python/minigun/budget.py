@@ -7,14 +7,16 @@ spawn_interpreter, one: its guaranteed worker); what the scope's limit leaves ov
 shared by the per-item stages for their second and later concurrent workers. See
 docs/forking.md, "Limits".
 
-This is planning only: for processes the numbers go to the Rust runtime's ``ChildTable``,
-which keeps the books while the run forks (``minigun.children``); for subinterpreters to
-``minigun.interpreters``.
+For processes the numbers go to the Rust runtime's ``ChildTable``, which keeps the books
+while the run forks (``minigun.children``); for subinterpreters and Ray tasks,
+:class:`Slots` keeps them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +110,45 @@ class BudgetPlan:
     def most_workers(self, scopes: list[int]) -> int:
         """The most workers a per-item stage in ``scopes`` can ever have alive at once."""
         return 1 + min(self.shared(s) for s in scopes)
+
+
+#: How often a stage waiting for room checks whether its run is stopping.
+_POLL = 0.05
+
+
+class Slots:
+    """The books of a per-item strategy's workers while the run goes (subinterpreters,
+    Ray tasks): each stage's guaranteed worker, and what the limits of its scopes leave
+    over to share (planned by a :class:`BudgetPlan`)."""
+
+    def __init__(self, plan: BudgetPlan) -> None:
+        self._changed = threading.Condition()
+        self._shared = {scope: plan.shared(scope) for scope in plan.limit}
+        self._guaranteed_taken: set[str] = set()
+
+    def acquire(
+        self, path: str, scopes: list[int], stopping: Callable[[], bool]
+    ) -> Hashable | None:
+        """Wait for room for one more worker of stage ``path``: the token to release, or
+        None when the run stops first."""
+        with self._changed:
+            while True:
+                if path not in self._guaranteed_taken:
+                    self._guaranteed_taken.add(path)
+                    return path
+                if all(self._shared[s] > 0 for s in scopes):
+                    for s in scopes:
+                        self._shared[s] -= 1
+                    return tuple(scopes)
+                if stopping():
+                    return None
+                self._changed.wait(_POLL)
+
+    def release(self, token: Hashable) -> None:
+        with self._changed:
+            if isinstance(token, str):
+                self._guaranteed_taken.discard(token)
+            elif isinstance(token, tuple):
+                for s in token:
+                    self._shared[s] += 1
+            self._changed.notify_all()

@@ -24,7 +24,7 @@ from . import context
 from . import worker_loop as loop
 from .config import RetryPolicy
 from .errors import WorkerError
-from .interpreter_job import Call, Close, InterpreterJob
+from .worker_job import Call, Close, WorkerJob
 
 #: The code the parent runs in a new subinterpreter (the names are bound by the parent).
 BOOT = """\
@@ -55,7 +55,7 @@ def serve_job(job: bytes, stage: str, fds: tuple[int, int, int], main: tuple[str
             hint = _MAIN_HINT
             _adopt_main(*main)
             hint = _IMPORT_HINT
-        loaded: InterpreterJob = pickle.loads(job)
+        loaded: WorkerJob = pickle.loads(job)
     except BaseException as exc:  # noqa: BLE001 - reported with the first chunk
         start, mode, policy = _cannot_load(stage, exc, hint), "value", RetryPolicy.never()
     else:

@@ -4,7 +4,7 @@ subinterpreter per input item, at most ``max_interpreters`` alive per pipeline s
 
 A subinterpreter has its own GIL (CPython 3.13+), so pure-Python stages run in parallel
 in one process. It shares no objects with the parent: the stage's code goes in once,
-pickled (:mod:`minigun.interpreter_job`); items go in a chunk at a time, and what they
+pickled (:mod:`minigun.worker_job`); items go in a chunk at a time, and what they
 emit comes back with each item's outcome, over pipes, in the frames a fork_ipc child
 uses. The far side is the pure-Python worker loop (:mod:`minigun.interpreter_worker`
 over :mod:`minigun.worker_loop`), so the item contract is the one every process
@@ -33,18 +33,15 @@ from collections.abc import Callable
 from typing import Any
 
 from . import worker_loop as loop
-from .budget import INTERPRETERS, BudgetPlan
-from .config import RetryPolicy
+from .budget import INTERPRETERS, BudgetPlan, Slots
 from .errors import WorkerError
 from .graph import Node
-from .hooks import WorkerHooks
-from .interpreter_job import InterpreterJob, pack
 from .interpreter_worker import BOOT, STOP_FLAG_SIZE
 from .native import ext
 from .plan import StagePlan
-from .stage import FunctionStage
 from .strategies import INTERPRETERS_MODULE
 from .work import Run, StageCode, Work
+from .worker_job import job_of, pack_by_name
 from .worker_reply import ChunkReply, split_picklable, worker_exception
 
 #: How often a parent waiting for a worker's frames checks whether the run is stopping.
@@ -282,48 +279,12 @@ class _InterpreterWorker:
         reply.deliver()  # what close() emitted
 
 
-class _Slots:
-    """spawn_interpreter's books while the run goes: each stage's guaranteed
-    subinterpreter, and what the ``max_interpreters`` of its scopes leave over to share
-    (planned by :class:`minigun.budget.BudgetPlan`)."""
-
-    def __init__(self, plan: BudgetPlan) -> None:
-        self._changed = threading.Condition()
-        self._shared = {scope: plan.shared(scope) for scope in plan.limit}
-        self._guaranteed_taken: set[str] = set()
-
-    def acquire(self, path: str, scopes: list[int], stopping: Callable[[], bool]) -> Any:
-        """Wait for room for one more subinterpreter of stage ``path``; the token to
-        release. RunStopping when the run stops first."""
-        with self._changed:
-            while True:
-                if path not in self._guaranteed_taken:
-                    self._guaranteed_taken.add(path)
-                    return path
-                if all(self._shared[s] > 0 for s in scopes):
-                    for s in scopes:
-                        self._shared[s] -= 1
-                    return tuple(scopes)
-                if stopping():
-                    raise ext.RunStopping(f"stage {path!r}: the run is stopping")
-                self._changed.wait(_POLL)
-
-    def release(self, token: Any) -> None:
-        with self._changed:
-            if isinstance(token, str):
-                self._guaranteed_taken.discard(token)
-            else:
-                for s in token:
-                    self._shared[s] += 1
-            self._changed.notify_all()
-
-
 class _RunInterpreters:
     """A run's subinterpreter budget: planned once, then kept while it runs."""
 
     def __init__(self, run: Run) -> None:
         self.plan = BudgetPlan(run.graph, run.plans, INTERPRETERS)
-        self.slots = _Slots(self.plan)
+        self.slots = Slots(self.plan)
 
 
 _runs_lock = threading.Lock()
@@ -340,27 +301,7 @@ def _for_run(run: Run) -> _RunInterpreters:
 
 def _job(run: Run, node: Node, plan: StagePlan) -> bytes:
     """The stage's code as a subinterpreter gets it (DefinitionError if it cannot)."""
-    stage, settings = node.stage, node.scope.settings
-    hooks = WorkerHooks(node)
-    function = owner = custom = None
-    if isinstance(stage, FunctionStage):
-        function = stage.fn
-        owner = node.scope.owner if stage.takes_self else None
-    else:
-        custom = stage
-    return pack(
-        InterpreterJob(
-            path=node.path,
-            mode=plan.call_mode,
-            routes=frozenset(node.route_names),
-            route_error=run.graph.route_error(node),
-            policy=RetryPolicy(stage, settings),
-            function=function,
-            owner=owner,
-            stage=custom,
-            hooks=hooks if hooks else None,
-        )
-    )
+    return pack_by_name(job_of(node, plan, run.graph.route_error(node)))
 
 
 def interpreters_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
@@ -393,6 +334,8 @@ def spawn_interpreter_executor(run: Run, node: Node, plan: StagePlan, code: Stag
         failures: list[tuple[Any, BaseException]] = []
         for item in items:
             token = state.slots.acquire(path, scopes, stopping)
+            if token is None:
+                raise ext.RunStopping(f"stage {path!r}: the run is stopping")
             try:
                 outcome = _one_item(_InterpreterWorker(run, path, job), item)
             finally:

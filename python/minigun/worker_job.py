@@ -1,17 +1,19 @@
-"""What a subinterpreter worker is given: one stage's code as plain, picklable data.
+"""What a worker in another interpreter or on Ray is given: one stage's code as plain,
+picklable data.
 
-A subinterpreter shares no objects with the parent, so a stage's code reaches it pickled,
-and pickle copies functions and classes *by qualified name*: the worker imports them. So
-an :class:`InterpreterJob` holds the parts of a stage (its function or custom Stage, the
+A subinterpreter (or a Ray actor) shares no objects with the parent, so a stage's code
+reaches it pickled, and pickle copies functions and classes *by qualified name*: the worker
+imports them. So a :class:`WorkerJob` holds the parts of a stage (its function or custom Stage, the
 Task instance it belongs to, its worker hooks, its retry policy and routes), not the
 closures the in-process strategies call, and the worker puts them together
-(:meth:`InterpreterJob.start`).
+(:meth:`WorkerJob.start`).
 
-:func:`pack` pickles a job in the parent, when the run is built, and turns everything that
-cannot travel (a lambda, a closure, a class defined inside a function, a Task attribute
-that cannot be pickled) into a ``DefinitionError`` that says what to change, before
-anything runs. This module must never import the extension: the worker unpickles the job
-inside the subinterpreter.
+`job_of` makes a stage's job. `pack_by_name` pickles it in the parent, when the run is
+built (for a subinterpreter), and turns everything that cannot travel (a lambda, a
+closure, a class defined inside a function, a Task attribute that cannot be pickled) into
+a ``DefinitionError`` that says what to change, before anything runs. (Ray pickles the job
+with cloudpickle instead, which copies by value what it cannot import.) This module must
+never import the extension: the worker unpickles the job inside the subinterpreter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 
 from .config import RetryPolicy
 from .errors import DefinitionError
+from .graph import Node
 from .hooks import WorkerHooks
+from .plan import StagePlan
 from .stage import FunctionStage, Stage, worker_copy
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -36,7 +40,7 @@ Close = Callable[[], Any] | None
 
 
 @dataclass(frozen=True)
-class InterpreterJob:
+class WorkerJob:
     """One stage's code, as a subinterpreter worker rebuilds it."""
 
     path: str
@@ -124,7 +128,31 @@ def _wrapped_by_stage(function: types.FunctionType, module: str, qualname: str) 
     return isinstance(found, FunctionStage) and found.fn is function
 
 
-def pack(job: InterpreterJob) -> bytes:
+def job_of(node: Node, plan: StagePlan, route_error: Callable[[str], BaseException]) -> WorkerJob:
+    """The job of the stage of ``node`` (``route_error``: what its ``emit(to=)`` raises for
+    a stage it may not send to)."""
+    stage, settings = node.stage, node.scope.settings
+    hooks = WorkerHooks(node)
+    function = owner = custom = None
+    if isinstance(stage, FunctionStage):
+        function = stage.fn
+        owner = node.scope.owner if stage.takes_self else None
+    else:
+        custom = stage
+    return WorkerJob(
+        path=node.path,
+        mode=plan.call_mode,
+        routes=frozenset(node.route_names),
+        route_error=route_error,
+        policy=RetryPolicy(stage, settings),
+        function=function,
+        owner=owner,
+        stage=custom,
+        hooks=hooks if hooks else None,
+    )
+
+
+def pack_by_name(job: WorkerJob) -> bytes:
     """The pickled job; DefinitionError naming the stage and the fix when part of it
     cannot reach a subinterpreter."""
     buffer = io.BytesIO()
