@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+import minigun as mg
+
 # Make ``from _mg_helpers import ...`` work whatever pytest's import mode is.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -18,3 +20,35 @@ def mg_caplog(caplog, monkeypatch):
     monkeypatch.setattr(logger, "propagate", True)
     caplog.set_level(logging.WARNING, logger="minigun")
     return caplog
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole test session (starting one takes seconds): minigun's Ray
+    stages join it, as they join any Ray the process already has. Its workers import from
+    this process's sys.path."""
+    ray = pytest.importorskip("ray", reason="needs ray (the [ray] extra)")
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+    )
+    # Ray starts some of its driver's threads and sockets lazily, at the first actor,
+    # task and wait; start them now with one run of each Ray strategy, so a test's check
+    # for what a run left behind sees only the run's own.
+    for strategy in ("ray", "spawn_ray"):
+        got = []
+        warm_up = mg.Pipeline("warm-up")
+        warm_up.producer(lambda: [1, 2], name="source")
+        warm_up.processor(_ray_probe, name="probe", strategy=strategy)
+        warm_up.consumer(got.append, name="sink")
+        warm_up.run()
+        assert sorted(got) == [1, 2], got
+    yield ray
+    ray.shutdown()
+
+
+def _ray_probe(x):
+    return x

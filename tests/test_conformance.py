@@ -18,8 +18,8 @@ expectations for all:
 Always: what a failed attempt emitted never arrives; stats equal the true counts; a custom
 stage's workers are opened and closed once each; and afterwards no fd, thread or child
 process is left behind. A form a strategy cannot run (``async def`` on a thread pool, a
-plain function on the async strategy, a method of a Task class made inside a function for
-a strategy that imports its code by name in a subinterpreter) must be refused with
+plain function on the async strategy, a method of the matrix's Task classes, made inside a
+function and holding locks, for a strategy that pickles the Task into its workers) must be refused with
 ``mg.DefinitionError`` before anything runs.
 
 The fork stress test (forks beside spawn_thread stages and beside a second run in another
@@ -77,12 +77,12 @@ CANCEL_WITHIN = 1.0
 def _cells(scenario):
     """pytest params (case, form, api) of one scenario, xfail where a defect is known."""
     for case, form, api in itertools.product(REGISTRY, FORMS, APIS):
-        # A Task method is copied with its Task, whose class the matrix makes in a function.
-        by_name = case.copies_by_name and api == "task" and not form.is_custom
-        rejected = form.is_async != case.runs_async or by_name
+        # A Task method is copied with its Task, which the matrix makes unpicklable.
+        pickled_task = case.pickles_task and api == "task" and not form.is_custom
+        rejected = form.is_async != case.runs_async or pickled_task
         if rejected != (scenario == REJECT):
             continue
-        marks = []
+        marks = [pytest.mark.ray] if case.needs_ray else []
         unavailable = case.unavailable()
         if unavailable:
             marks.append(pytest.mark.skip(reason=unavailable))
@@ -94,6 +94,15 @@ def _cells(scenario):
 
 def matrix(scenario):
     return pytest.mark.parametrize(("case", "form", "api"), list(_cells(scenario)))
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_ray_cells(request):
+    """The Ray cells run on the session's Ray (one start per test session)."""
+    callspec = getattr(request.node, "callspec", None)
+    case = callspec.params.get("case") if callspec is not None else None
+    if case is not None and case.needs_ray:
+        request.getfixturevalue("ray_session")
 
 
 # -- one run of a cell ----------------------------------------------------------------------------

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "max_concurrency": 100,
     "max_ray_tasks": 8,
     "ray_address": None,
+    # Ray's runtime_env for the run's workers (working_dir, py_modules, env_vars, ...).
+    "ray_runtime_env": None,
 }
 
 ALIASES = {"max_ractors": "max_interpreters"}

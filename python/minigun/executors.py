@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import cast
 
 from .aio import async_executor
-from .forking import fork_call
+from .forking import fork_call, reap_run
 from .graph import Node
 from .interpreters import interpreters_executor, spawn_interpreter_executor
 from .plan import StagePlan
+from .ray_executor import finish_ray_run, ray_executor, spawn_ray_executor
 from .work import Executor, Run, StageCode, Work, WorkMode, in_process
 
 
@@ -33,9 +34,18 @@ EXECUTORS: dict[str, Executor] = {
     "async": async_executor,
     "interpreters": interpreters_executor,
     "spawn_interpreter": spawn_interpreter_executor,
+    "ray": ray_executor,
+    "spawn_ray": spawn_ray_executor,
 }
 
 
 def executor_for(strategy: str) -> Executor:
     """The executor of a canonical strategy name (``plan`` refused unavailable ones)."""
     return EXECUTORS[strategy]
+
+
+def finish_run(run: Run) -> None:
+    """Release what the executors kept for ``run`` once its worker threads are joined:
+    its idle forked children, its Ray actors and connection."""
+    reap_run(run)
+    finish_ray_run(run)

@@ -94,4 +94,9 @@ def _placement(node: Node, settings: dict[str, Any], caps: CapWarnings | None) -
     if strategy == "spawn_interpreter":
         most = settings["max_interpreters"]
         return strategy, capped(stage.interpreters, "interpreters", "max_interpreters", most)
+    if strategy == "ray":
+        # Actors live on the cluster; no pipeline limit bounds how many a stage asks for.
+        return strategy, stage.actors or 1
+    if strategy == "spawn_ray":
+        return strategy, settings["max_ray_tasks"]
     return strategy, 1

@@ -20,8 +20,7 @@ from . import aio, context
 from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
-from .executors import executor_for
-from .forking import reap_run
+from .executors import executor_for, finish_run
 from .graph import Graph, Node, compile_graph
 from .kinds import ACCUMULATOR, PRODUCER
 from .native import RuntimeKind, StageSpec, ext
@@ -257,7 +256,7 @@ class Run:
             self._runtime.join()
             if self._progress is not None:
                 self._progress.stop()
-            reap_run(self)
+            finish_run(self)
             self._after_finished_stages()
             failure = self._runtime.failure()
             self._hooks.after_run(stage_failed=failure is not None)

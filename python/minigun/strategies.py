@@ -34,13 +34,14 @@ CANONICAL = {
 
 FORKING = frozenset({"fork_ipc", "spawn_fork"})
 INTERPRETERS = frozenset({"interpreters", "spawn_interpreter"})
+RAY = frozenset({"ray", "spawn_ray"})
 #: Strategies that give every input item a worker of its own (a thread, a child).
 PER_ITEM = frozenset({"spawn_thread", "spawn_fork"})
 
 #: Strategies this version of minigun runs. The others are part of the API contract and
 #: are rejected up front with UnsupportedStrategy rather than misbehaving at run time.
 IMPLEMENTED = frozenset(
-    {"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc", "async"} | INTERPRETERS
+    {"inline", "threads", "spawn_thread", "spawn_fork", "fork_ipc", "async"} | INTERPRETERS | RAY
 )
 
 #: Where the subinterpreter API lives: the standard library from 3.14, the
@@ -49,6 +50,7 @@ INTERPRETERS_MODULE = (
     "concurrent.interpreters" if sys.version_info >= (3, 14) else "backports.interpreters"
 )
 INTERPRETERS_EXTRA = 'pip install "minigun-pipelines[interpreters]"'
+RAY_EXTRA = 'pip install "minigun-pipelines[ray]"'
 
 
 def _module_exists(name: str) -> bool:
@@ -92,9 +94,14 @@ def check_available(strategy: str, stage: str) -> None:
             f"({INTERPRETERS_MODULE} is not installed); {INTERPRETERS_EXTRA}, or use "
             "'fork_ipc' or 'threads' instead"
         )
+    if strategy in RAY and not _module_exists("ray"):
+        raise UnsupportedStrategy(
+            f"stage {stage!r}: strategy {strategy!r} needs Ray, which is not installed; "
+            f"{RAY_EXTRA}, or use 'fork_ipc' or 'spawn_fork' to run on this machine only"
+        )
     if strategy not in IMPLEMENTED:
         raise UnsupportedStrategy(
             f"stage {stage!r}: strategy {strategy!r} is not available in this version of "
-            "minigun; use 'threads', 'spawn_thread', 'spawn_fork', 'fork_ipc', 'interpreters' "
-            "or 'async'"
+            "minigun; use 'threads', 'spawn_thread', 'spawn_fork', 'fork_ipc', 'interpreters', "
+            "'ray' or 'async'"
         )

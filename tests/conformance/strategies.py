@@ -28,6 +28,15 @@ def _needs_fork() -> str | None:
     return None if hasattr(os, "fork") else "needs os.fork"
 
 
+def _needs_ray() -> str | None:
+    """Ray ships wheels for CPython with the GIL, not for free-threaded builds."""
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except ImportError:
+        found = False
+    return None if found else "needs ray (the [ray] extra; no wheels for free-threaded 3.13t)"
+
+
 def _needs_interpreters() -> str | None:
     """Subinterpreters need CPython 3.13+, and the backport below 3.14."""
     if sys.version_info < (3, 13):
@@ -50,10 +59,13 @@ class StrategyCase:
     max_workers: int | None
     #: True: runs the async def forms and rejects the plain ones; False: the reverse.
     runs_async: bool = False
-    #: True: the stage's code is copied into the worker by pickling, so functions and
-    #: classes must be importable by name; the class DSL's Task classes of the matrix are
-    #: made inside a function, so their method stages must be refused up front.
-    copies_by_name: bool = False
+    #: True: a Task method stage's Task instance is pickled into the worker. The matrix's
+    #: Task classes are made inside a function (a subinterpreter imports classes by name)
+    #: and hold the parent's locks (Ray's cloudpickle copies classes by value, but not
+    #: locks), so those cells must be refused up front.
+    pickles_task: bool = False
+    #: True: the cells need the test session's Ray (marker ``ray``).
+    needs_ray: bool = False
     #: A skip reason when this Python or platform cannot run the strategy, else None.
     unavailable: Callable[[], str | None] = lambda: None
     #: (form, scenario) -> the defect that makes the cell fail today. "*" matches any;
@@ -97,15 +109,31 @@ REGISTRY: list[StrategyCase] = [
         "interpreters",
         {"strategy": "interpreters", "interpreters": 2},
         max_workers=2,
-        copies_by_name=True,
+        pickles_task=True,
         unavailable=_needs_interpreters,
     ),
     StrategyCase(
         "spawn_interpreter",
         {"strategy": "spawn_interpreter"},
         max_workers=None,
-        copies_by_name=True,
+        pickles_task=True,
         unavailable=_needs_interpreters,
+    ),
+    StrategyCase(
+        "ray",
+        {"strategy": "ray", "actors": 2},
+        max_workers=2,
+        pickles_task=True,
+        needs_ray=True,
+        unavailable=_needs_ray,
+    ),
+    StrategyCase(
+        "spawn_ray",
+        {"strategy": "spawn_ray"},
+        max_workers=None,
+        pickles_task=True,
+        needs_ray=True,
+        unavailable=_needs_ray,
     ),
     StrategyCase(
         "async",

@@ -1,0 +1,351 @@
+"""The Ray executors: ``ray`` (``actors=N`` long-lived Ray actors per stage, one per Rust
+worker thread, created at its first chunk) and ``spawn_ray`` (a Ray task per input item,
+at most ``max_ray_tasks`` in flight per pipeline scope).
+
+Ray is the engine: minigun only places a stage's worker loop (:mod:`minigun.ray_worker`)
+on it. A run that uses Ray joins the Ray of the process when the user started one;
+otherwise it starts a local Ray sized to the machine (``ray_address=None``) or connects to
+the cluster named by ``ray_address``, and shuts that down (disconnects) when it ends.
+
+Items go to an actor in the runtime's chunks, one remote call per chunk, and each Rust
+worker thread waits for its call's reply before it sends the next: one chunk in flight
+per actor, so back-pressure holds. The reply is the frames a fork_ipc child would write
+(:mod:`minigun.worker_reply` reads both alike): per-item outcomes, retries, what each item
+emitted. While it waits, the thread checks every ``_POLL`` seconds whether the run is
+stopping; then the actors the run created are killed, and so are actors that die (their
+chunk's items fail with a ``WorkerError``, and the next chunk gets a fresh actor).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pickle
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import worker_loop as loop
+from .budget import BudgetPlan, Slots, WorkerKind
+from .errors import DefinitionError, WorkerError
+from .graph import Node
+from .native import ext
+from .plan import StagePlan
+from .ray_worker import StageActor, run_item
+from .work import Run, StageCode, Work
+from .worker_job import WorkerJob, job_of
+from .worker_reply import ChunkReply, worker_exception
+
+#: How often a thread waiting for Ray checks whether its run is stopping.
+_POLL = 0.05
+#: Seconds a stopping run's actor gets to leave its chunk and close its worker (a custom
+#: Stage's close()) before it is killed.
+GRACE = 1.0
+#: The same for an actor that never replied: it may still be waiting for a process of its
+#: own, and an actor that has not started its worker has nothing to close.
+GRACE_UNSTARTED = 0.25
+
+#: ``max_ray_tasks`` per scope, shared by the spawn_ray stages in it (no actor counts).
+RAY_TASKS = WorkerKind("max_ray_tasks", "", "spawn_ray", "Ray tasks", "spawn_ray")
+
+Outcome = tuple[int, list[tuple[Any, BaseException]]] | None
+
+
+@functools.cache
+def _ray() -> Any:
+    """Ray, imported at the first Ray stage: it is an optional dependency, and importing
+    it takes about a second."""
+    return importlib.import_module("ray")
+
+
+def _local_runtime_env(given: dict[str, Any] | None) -> dict[str, Any]:
+    """A local Ray's workers import what this process can: its ``sys.path`` goes to them
+    as ``PYTHONPATH`` (unless the user's runtime_env sets it)."""
+    env = dict(given or {})
+    env_vars = dict(env.get("env_vars") or {})
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    env_vars.setdefault("PYTHONPATH", os.pathsep.join(paths))
+    env["env_vars"] = env_vars
+    return env
+
+
+class _RaySession:
+    """A run's use of Ray: the connection (made here unless the process had one), the
+    remote classes, the actors the run created and its ``max_ray_tasks`` books."""
+
+    def __init__(self, run: Run, settings: dict[str, Any]) -> None:
+        ray = _ray()
+        self.connected_here = False
+        if not ray.is_initialized():
+            address = settings["ray_address"]
+            runtime_env = settings["ray_runtime_env"]
+            if address is None:
+                ray.init(
+                    num_cpus=os.cpu_count(),
+                    include_dashboard=False,
+                    runtime_env=_local_runtime_env(runtime_env),
+                )
+            else:
+                ray.init(address=address, runtime_env=runtime_env)
+            self.connected_here = True
+        self.actor_class = ray.remote(StageActor)
+        self.item_task = ray.remote(run_item)
+        self.plan = BudgetPlan(run.graph, run.plans, RAY_TASKS)
+        self.slots = Slots(self.plan)
+        self._actors: set[Any] = set()
+        self._lock = threading.Lock()
+
+    def new_actor(self, job: Any) -> Any:
+        # A second concurrent call is what lets stop() reach it mid-chunk (ray_worker).
+        actor = self.actor_class.options(max_concurrency=2).remote(job)
+        with self._lock:
+            self._actors.add(actor)
+        return actor
+
+    def kill(self, actor: Any) -> None:
+        with self._lock:
+            self._actors.discard(actor)
+        try:
+            _ray().kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+    def abandon(self, actor: Any, grace: float = GRACE) -> None:
+        """End the actor of a stopping run: it leaves its chunk before the next item and
+        closes its worker, for up to ``grace`` seconds; then it is killed."""
+        ray = _ray()
+        try:
+            ray.wait([actor.abandon.remote()], timeout=grace)
+        except Exception:  # noqa: BLE001 - dead already: killing it is all there is
+            pass
+        self.kill(actor)
+
+    def finish(self) -> None:
+        """Kill what the run left (a cancelled run's actors), then disconnect if the run
+        connected."""
+        with self._lock:
+            left, self._actors = list(self._actors), set()
+        for actor in left:
+            self.abandon(actor)
+        if self.connected_here:
+            _ray().shutdown()
+
+
+_runs_lock = threading.Lock()
+_runs: weakref.WeakKeyDictionary[Any, _RaySession] = weakref.WeakKeyDictionary()
+
+
+def _session(run: Run, node: Node) -> _RaySession:
+    with _runs_lock:
+        session = _runs.get(run)
+        if session is None:
+            session = _runs[run] = _RaySession(run, node.scope.settings)
+        return session
+
+
+def finish_ray_run(run: Run) -> None:
+    """Called by the run once its worker threads are joined."""
+    with _runs_lock:
+        session = _runs.pop(run, None)
+    if session is not None:
+        session.finish()
+
+
+def _job(run: Run, node: Node, plan: StagePlan) -> WorkerJob:
+    """The stage's job, checked now: Ray copies it with cloudpickle (what cannot be
+    imported by name is copied by value), and what cloudpickle refuses is a
+    DefinitionError before anything runs."""
+    job = job_of(node, plan, run.graph.route_error(node))
+    try:
+        _ray().cloudpickle.dumps(job)
+    except Exception as exc:  # noqa: BLE001 - every cause gets the same advice
+        raise DefinitionError(
+            f"stage {node.path!r} runs on Ray, which copies its code and its Task instance "
+            f"to the workers with cloudpickle, but that failed: {type(exc).__name__}: {exc}. "
+            "Make the Task's attributes picklable (or give it __getstate__ to leave "
+            "parent-only state out), or open such things in a before_worker hook"
+        ) from exc
+    return job
+
+
+class _RayCalls:
+    """Waiting for Ray and reading its replies, for one stage."""
+
+    def __init__(self, run: Run, session: _RaySession, path: str) -> None:
+        self.run = run
+        self.session = session
+        self.path = path
+
+    def wait(self, ref: Any) -> Any:
+        """The result of ``ref``; RunStopping once the run is stopping."""
+        ray = _ray()
+        while not ray.wait([ref], timeout=_POLL)[0]:
+            if self.run.stopping:
+                raise ext.RunStopping(f"stage {self.path!r}: the run is stopping")
+        return ray.get(ref)
+
+    def lost(self, exc: BaseException, what: str) -> BaseException:
+        """The error of items whose ``what`` ("Ray actor") failed without a reply: Ray's
+        own cause where it wraps one (a RayTaskError), else a WorkerError."""
+        ray = _ray()
+        if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+            cause: BaseException = exc.cause
+            cause.add_note(f"[minigun] raised in the {what} of stage {self.path!r}:\n{exc}")
+            return cause
+        error = WorkerError(
+            f"stage {self.path!r}: its {what} failed before it replied "
+            f"({type(exc).__name__}: {exc})"
+        )
+        error.__cause__ = exc
+        return error
+
+    def read(self, frames: list[bytes], reply: ChunkReply, where: str) -> BaseException | None:
+        """Hand a reply's frames to ``reply``; the error of a reply that failed as a whole."""
+        for frame in frames:
+            tag, data = pickle.loads(frame)
+            if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
+                reply.take(data)
+            else:
+                return worker_exception(self.path, where, data)
+        return None
+
+
+class _ActorWorker:
+    """One Rust worker thread's Ray actor, created at its first chunk."""
+
+    def __init__(self, calls: _RayCalls, job: Any) -> None:
+        self.calls = calls
+        self.job = job
+        self.actor: Any = None
+        #: The actor has answered a call (so it runs, and has started its worker).
+        self.replied = False
+
+    def _where(self) -> str:
+        return "Ray actor"
+
+    def call(self, items: list[Any]) -> Outcome:
+        calls = self.calls
+        if self.actor is None:
+            if calls.run.stopping:
+                raise ext.RunStopping(f"stage {calls.path!r}: the run is stopping")
+            self.actor = calls.session.new_actor(self.job)
+            self.replied = False
+        reply = ChunkReply(calls.path, self._where, items, ext.emit)
+        try:
+            frames = calls.wait(self.actor.handle.remote((loop.CHUNK, (items, False))))
+        except ext.RunStopping:
+            self._drop(stopping=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the actor died or its call broke
+            self._drop()
+            lost = calls.lost(exc, "Ray actor")
+            return 0, [(item, lost) for item in items]
+        self.replied = True
+        broken = calls.read(frames, reply, self._where())
+        failures = list(reply.failures)
+        if broken is not None:  # the worker broke (a fatal reply): its chunk is lost
+            self._drop()
+            raise broken
+        if frames and pickle.loads(frames[-1])[0] == loop.RETIRED:
+            self._drop()  # it could not start: the next chunk gets a fresh actor
+        return (reply.retries, failures) if reply.retries or failures else None
+
+    def _drop(self, stopping: bool = False) -> None:
+        actor, self.actor = self.actor, None
+        if actor is None:
+            return
+        if stopping:
+            self.calls.session.abandon(actor, GRACE if self.replied else GRACE_UNSTARTED)
+        else:
+            self.calls.session.kill(actor)
+
+    def close(self) -> None:
+        """Close the stage's worker in the actor (what close() emits goes downstream),
+        then end the actor; when the run is stopping, kill it."""
+        if self.actor is None:
+            return
+        calls = self.calls
+        if calls.run.stopping:
+            self._drop(stopping=True)
+            return
+        reply = ChunkReply(calls.path, self._where, [], ext.emit)
+        try:
+            frames = calls.wait(self.actor.handle.remote((loop.CLOSE, None)))
+        finally:
+            self._drop()
+        error = calls.read(frames, reply, self._where())
+        if error is not None:
+            raise error
+        reply.deliver()
+
+
+def ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """``ray``: a long-lived Ray actor per worker thread. ``code`` (the in-process
+    closures) is not used: the actor rebuilds the stage from its job."""
+    job = _job(run, node, plan)
+    calls = _RayCalls(run, _session(run, node), node.path)
+
+    def make_worker() -> tuple[Callable[[list[Any]], Outcome], Callable[[], None]]:
+        worker = _ActorWorker(calls, job)
+        return worker.call, worker.close
+
+    return Work(call=None, mode="chunk", make_worker=make_worker, threads=plan.workers)
+
+
+def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """``spawn_ray``: a Ray task per item (its worker: opened, given the item, closed), at
+    most ``max_ray_tasks`` in flight per pipeline scope."""
+    session = _session(run, node)
+    calls = _RayCalls(run, session, node.path)
+    job_ref = _ray().put(_job(run, node, plan))
+    scopes = [id(s) for s in node.scope.lineage()]
+    threads = max(1, min(plan.workers, session.plan.most_workers(scopes)))
+    path = node.path
+
+    def stopping() -> bool:
+        return run.stopping
+
+    def one(item: Any) -> Outcome:
+        reply = ChunkReply(path, lambda: "Ray task", [item], ext.emit)
+        ref = session.item_task.remote(job_ref, item)
+        try:
+            item_frames, close_frames = calls.wait(ref)
+        except ext.RunStopping:
+            # Interrupts the item (KeyboardInterrupt in the task): its worker still closes.
+            _ray().cancel(ref)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the task's worker died
+            return 0, [(item, calls.lost(exc, "Ray task"))]
+        error = calls.read(item_frames, reply, "Ray task")
+        failures = list(reply.failures) or ([(item, error)] if error is not None else [])
+        closed = ChunkReply(path, lambda: "Ray task", [], ext.emit)
+        close_error = calls.read(close_frames, closed, "Ray task")
+        if close_error is not None and not failures:
+            failures = [(item, close_error)]
+        elif close_error is None:
+            closed.deliver()  # what close() emitted
+        return (reply.retries, failures) if reply.retries or failures else None
+
+    def call(items: list[Any]) -> Outcome:
+        retries = 0
+        failures: list[tuple[Any, BaseException]] = []
+        for item in items:
+            token = session.slots.acquire(path, scopes, stopping)
+            if token is None:
+                raise ext.RunStopping(f"stage {path!r}: the run is stopping")
+            try:
+                outcome = one(item)
+            finally:
+                session.slots.release(token)
+            if outcome is not None:
+                retries += outcome[0]
+                failures += outcome[1]
+        return (retries, failures) if retries or failures else None
+
+    return Work(call=call, mode="chunk", make_worker=None, threads=threads)
+
+
+__all__ = ["finish_ray_run", "ray_executor", "spawn_ray_executor"]
