@@ -50,6 +50,8 @@ def main(module_name: str, key: str, impl_name: str, params_json: str, result_pa
     # Imported before the clock starts: a run's time is its work, not its imports.
     for module in impl.imports:
         importlib.import_module(module)
+    if impl.setup is not None:
+        impl.setup(params)
     start = time.perf_counter()
     try:
         got = impl.run(params)

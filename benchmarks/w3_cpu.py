@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 
-from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl
+from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl, minigun_on_ray
 
 Item = tuple[int, int]
 
@@ -82,7 +82,12 @@ def minigun(strategy: str) -> Impl:
 
         workers = params["cpus"]
         total = [0]
-        limits = {"max_processes": workers, "max_threads": workers, "max_interpreters": workers}
+        limits = {
+            "max_processes": workers,
+            "max_threads": workers,
+            "max_interpreters": workers,
+            "max_ray_tasks": workers,
+        }
         p = mg.Pipeline(f"w3-{strategy}", config=limits)
         p.producer(lambda: items(params), name="items")
         p.accumulator(name="batch", max_size=params["batch"])
@@ -90,6 +95,7 @@ def minigun(strategy: str) -> Impl:
             "threads": {"threads": workers},
             "fork_ipc": {"processes": workers},
             "interpreters": {"interpreters": workers},
+            "ray": {"actors": workers},
         }.get(strategy, {})
         p.processor(crunch, strategy=strategy, **option)
 
@@ -100,6 +106,8 @@ def minigun(strategy: str) -> Impl:
         p.run()
         return total[0]
 
+    if strategy in ("ray", "spawn_ray"):
+        return minigun_on_ray(f"minigun {strategy}", run)
     return minigun_impl(f"minigun {strategy}", run, processes=strategy != "threads")
 
 
@@ -261,6 +269,8 @@ WORKLOADS = (
             minigun("fork_ipc"),
             minigun("interpreters"),
             minigun("spawn_interpreter"),
+            minigun("ray"),
+            minigun("spawn_ray"),
             Impl("serial loop", serial),
             Impl("queue.Queue + threads", queue_threads),
             Impl("multiprocessing.Pool.imap", pool_imap, processes=True),
@@ -282,6 +292,8 @@ WORKLOADS = (
             "minigun fork_ipc",
             "minigun interpreters",
             "minigun spawn_interpreter",
+            "minigun ray",
+            "minigun spawn_ray",
         ),
         full={"n": 400, "batch": 20, "ms": 10.0},
         quick={"n": 20, "batch": 5, "ms": 1.0},

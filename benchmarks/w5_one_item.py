@@ -4,6 +4,9 @@ W5: one item through producer -> ``x * 2`` -> consumer, R times in one process (
 built and run each time), against calling the functions and against starting a
 queue.Queue + threads pipeline or a ThreadPoolExecutor per call. Reported in ms per run.
 
+W5-elsewhere: the same one-item run with its stage in a worker the run starts (a forked
+child, a subinterpreter, a Ray actor or task): what a call pays for that worker.
+
 W5-import: R fresh interpreters each running ``import minigun``, against R bare ones
 (``python -c pass``); the difference is what importing minigun costs a process.
 """
@@ -17,7 +20,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl
+from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl, minigun_on_ray
 
 
 def one(x: int) -> Iterator[int]:
@@ -70,6 +73,10 @@ def thread_pool(params: Params) -> int:
 
 
 def minigun(params: Params) -> int:
+    return _minigun(params, {})
+
+
+def _minigun(params: Params, options: dict[str, object]) -> int:
     import minigun as mg
 
     total = [0]
@@ -80,10 +87,22 @@ def minigun(params: Params) -> int:
     for run in range(params["runs"]):
         p = mg.Pipeline("w5")
         p.producer(lambda run=run: one(run), name="one")
-        p.processor(double)
+        p.processor(double, **options)
         p.consumer(add)
         p.run()
     return total[0]
+
+
+def minigun_elsewhere(strategy: str) -> Impl:
+    """The one-item run with its stage in a worker elsewhere (started by the run)."""
+
+    def run(params: Params) -> int:
+        return _minigun(params, {"strategy": strategy})
+
+    name = f"minigun {strategy}"
+    if strategy in ("ray", "spawn_ray"):
+        return minigun_on_ray(name, run)
+    return minigun_impl(name, run, processes=strategy == "fork_ipc")
 
 
 def _interpreters(code: str):  # type: ignore[no-untyped-def]
@@ -126,6 +145,28 @@ WORKLOADS = (
         count=lambda params: params["runs"],
         expected=_expected_sum,
         unit="ms",
+    ),
+    Workload(
+        key="W5-elsewhere",
+        module=__name__,
+        title="one-item run with the stage in a worker elsewhere (started by the run), R calls",
+        impls=(
+            minigun_impl("minigun threads", minigun),
+            minigun_elsewhere("spawn_fork"),
+            minigun_elsewhere("fork_ipc"),
+            minigun_elsewhere("interpreters"),
+            minigun_elsewhere("ray"),
+            minigun_elsewhere("spawn_ray"),
+        ),
+        subjects=("minigun fork_ipc",),
+        full={"runs": 20},
+        quick={"runs": 1},
+        count=lambda params: params["runs"],
+        expected=_expected_sum,
+        unit="ms",
+        notes=lambda params, results: [
+            "Ray (where installed) is started before the clock, as a user's would be"
+        ],
     ),
     Workload(
         key="W5-import",

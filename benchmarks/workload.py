@@ -42,6 +42,9 @@ class Impl:
     processes: bool = False
     # Why this interpreter cannot run it (a stdlib feature it lacks), else None.
     unavailable: Callable[[], str | None] | None = None
+    # Runs in the measured process before the clock starts: a service the implementation
+    # uses and a user has running already (a local Ray).
+    setup: Callable[[Params], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,31 @@ def minigun_impl(name: str, run: Callable[[Params], int], processes: bool = Fals
     """A minigun implementation: it imports minigun inside ``run`` (so that no baseline's
     peak RSS includes minigun), and its process imports it before the clock starts."""
     return Impl(name, run, imports=("minigun",), processes=processes)
+
+
+def start_ray(params: Params) -> None:
+    """A local Ray with one CPU per worker (``params["cpus"]``, else the machine's), its
+    worker processes started, as a user's Ray would be before their job runs."""
+    import os
+    import sys
+
+    import ray
+
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    ray.init(
+        num_cpus=params.get("cpus") or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
+    )
+    ray.get(ray.remote(_ready).remote())
+
+
+def _ready() -> bool:
+    return True
+
+
+def minigun_on_ray(name: str, run: Callable[[Params], int]) -> Impl:
+    """A minigun implementation on Ray: Ray is started before the clock (it is a peer to
+    install, like the libraries minigun is compared with)."""
+    return Impl(name, run, requires="ray", imports=("minigun", "ray"), setup=start_ray)

@@ -19,10 +19,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-WORKLOADS = ["W1", "W2", "W2-async", "W2-async-retry", "W3", "W4", "W5", "W5-import", "MEM"]
+WORKLOADS = [
+    "W1",
+    "W2",
+    "W2-async",
+    "W2-async-retry",
+    "W3",
+    "W4",
+    "W5",
+    "W5-elsewhere",
+    "W5-import",
+    "MEM",
+]
 # What this interpreter may lack: subinterpreters before 3.13.
 MAY_BE_UNAVAILABLE = {"minigun interpreters", "minigun spawn_interpreter", "interpreter pool"}
-PEERS = ("pypeln", "mpire", "pyper", "streamable", "bytewax", "aiostream")
+# Ray is an engine minigun runs on, installed by the suite like the peers.
+PEERS = ("pypeln", "mpire", "pyper", "streamable", "bytewax", "aiostream", "ray")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ Always: what a failed attempt emitted never arrives; stats equal the true counts
 stage's workers are opened and closed once each; and afterwards no fd, thread or child
 process is left behind. A form a strategy cannot run (``async def`` on a thread pool, a
 plain function on the async strategy, a method of the matrix's Task classes, made inside a
-function and holding locks, for a strategy that pickles the Task into its workers) must be refused with
-``mg.DefinitionError`` before anything runs.
+function and holding locks, for a strategy that pickles the Task into its workers) must be
+refused with ``mg.DefinitionError`` before anything runs.
 
 The fork stress test (forks beside spawn_thread stages and beside a second run in another
 thread) is tests/test_fork_stress.py, behind the ``stress`` marker.

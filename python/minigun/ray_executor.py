@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -98,9 +99,11 @@ class _RaySession:
         self._actors: set[Any] = set()
         self._lock = threading.Lock()
 
-    def new_actor(self, job: Any) -> Any:
-        # A second concurrent call is what lets stop() reach it mid-chunk (ray_worker).
-        actor = self.actor_class.options(max_concurrency=2).remote(job)
+    def new_actor(self, job: WorkerJob) -> Any:
+        # Named, so the Ray dashboard (and ray.util.list_named_actors) shows whose it is. A
+        # second concurrent call is what lets abandon() reach it mid-chunk (ray_worker).
+        name = f"minigun:{job.path}:{uuid.uuid4().hex[:12]}"
+        actor = self.actor_class.options(name=name, max_concurrency=2).remote(job)
         with self._lock:
             self._actors.add(actor)
         return actor

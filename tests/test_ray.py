@@ -1,0 +1,203 @@
+"""The Ray strategies (``ray``, ``spawn_ray``) beyond the conformance matrix: the contract
+in the class DSL, a killed actor, errors with their remote traceback, what a cancelled run
+leaves on Ray, a "cluster" started with ``ray start --head``, and the message when Ray is
+not installed.
+
+They run on the test session's local Ray (the ``ray_session`` fixture, marker ``ray``);
+the cluster test starts one of its own in separate processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+from _mg_helpers import subprocess_env, wait_until
+
+import minigun as mg
+
+try:
+    import ray
+    import ray_jobs as jobs
+except (ImportError, mg.UnsupportedStrategy):  # no Ray here: the Ray tests skip
+    ray = jobs = None
+
+
+def _minigun_actors():
+    """The actors minigun created that are alive (it names them "minigun:<stage>:<id>")."""
+    return [a for a in ray.util.list_named_actors() if a.startswith("minigun:")]
+
+
+def _pipeline(fn, strategy="ray", **options):
+    got, failed = [], []
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(10), name="source")
+    p.processor(fn, name="work", strategy=strategy, **options)
+    p.consumer(got.append, name="sink")
+    return p, got, failed
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.skipif(jobs is None, reason="needs ray (the [ray] extra; not on 3.13t)")
+class TestOnRay:
+    def test_retries_discard_a_failed_attempts_emits_and_routes_hold(self):
+        job = jobs.Flaky(n=20, fails=1)
+        result = job.run()
+        assert result.status == "ok"
+        assert all(v[0] != "poison" for v in job.out + job.odd), "a failed attempt emitted"
+        assert sorted(v[1] for v in job.out) == list(range(0, 20, 2))
+        assert sorted(v[1] for v in job.odd) == list(range(1, 20, 2))
+        assert os.getpid() not in {v[2] for v in job.out + job.odd}, "the actors ran them"
+        assert result.stats["work"].retries == 20 and job.errors == []
+        assert _minigun_actors() == [], "the run's actors are gone"
+
+    def test_items_failing_every_attempt_reach_on_error_with_the_item(self):
+        job = jobs.Flaky(n=6, fails=99)
+        result = job.run()
+        assert result.status == "ok"
+        assert sorted(job.errors) == [("Refused", x, "work") for x in range(6)]
+        assert job.out == [] and job.odd == []
+        assert result.stats["work"].errors == 6 and result.stats["work"].retries == 12
+
+    @pytest.mark.parametrize("strategy", ["ray", "spawn_ray"])
+    def test_an_error_arrives_as_itself_with_the_remote_traceback(self, strategy):
+        p, _, _ = _pipeline(jobs.crash, strategy)
+        with pytest.raises(mg.PipelineError) as info:
+            p.run()
+        cause = info.value.__cause__
+        assert type(cause) is jobs.Refused, "Ray's wrapper is unwrapped"
+        assert "in crash" in cause.traceback_text
+        assert any("Ray" in note for note in getattr(cause, "__notes__", []))
+
+    def test_a_killed_actor_fails_its_chunk_and_the_run_goes_on_with_a_fresh_one(self):
+        failed = []
+        got = []
+        p = mg.Pipeline("p")
+        p.producer(lambda: range(8), name="source")
+        p.processor(jobs.kill_my_actor_at_3, name="work", strategy="ray")
+        p.consumer(got.append, name="sink")
+        p.on_error(mg.WorkerError)(lambda error, item, stage: failed.append((item, str(error))))
+        began = time.monotonic()
+        assert p.run().status == "ok"
+        assert time.monotonic() - began < 10, "a dead actor is noticed within seconds"
+        lost = [item for item, _ in failed]
+        assert 3 in lost and "Ray actor" in failed[0][1]
+        assert sorted(got + lost) == list(range(8)), "every item once: done, or failed"
+        assert _minigun_actors() == []
+
+    @pytest.mark.parametrize("strategy", ["ray", "spawn_ray"])
+    def test_cancel_ends_the_runs_actors_and_tasks(self, strategy):
+        p = mg.Pipeline("p")
+        p.producer(lambda: itertools.count(), name="source")
+        p.processor(jobs.slow, name="work", strategy=strategy, actors=2)
+        got = []
+        p.consumer(got.append, name="sink")
+        run = p.start()
+        assert wait_until(lambda: len(got) >= 3, timeout=20)
+        began = time.monotonic()
+        run.cancel()
+        assert run.wait(timeout=10).status == "cancelled"
+        assert time.monotonic() - began < 2
+        assert wait_until(lambda: _minigun_actors() == [], timeout=5), _minigun_actors()
+
+
+def test_without_ray_the_strategy_is_refused_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an uninstalled module looks like
+    for strategy in ("ray", "spawn_ray"):
+        with pytest.raises(mg.UnsupportedStrategy) as info:
+            mg.processor(strategy=strategy)(_double)
+        assert 'pip install "minigun-pipelines[ray]"' in str(info.value)
+
+
+def _double(x):
+    return 2 * x
+
+
+_CLUSTER_JOB = """
+import os, sys
+import minigun as mg
+
+def tag(x):
+    return (x, os.getpid())
+
+if __name__ == "__main__":
+    got = []
+    p = mg.Pipeline("p", config={
+        "ray_address": "auto",
+        "ray_runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+    })
+    p.producer(lambda: range(50), name="source")
+    p.processor(tag, name="work", strategy="ray", actors=2)
+    p.consumer(got.append, name="sink")
+    p.run()
+    import ray  # after the run: the job itself never imports Ray
+    print("items", sorted(x for x, _ in got) == list(range(50)))
+    print("remote", os.getpid() not in {pid for _, pid in got})
+    print("connected", ray.is_initialized())
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(jobs is None, reason="needs ray (the [ray] extra; not on 3.13t)")
+def test_a_job_runs_on_a_cluster_started_with_ray_start(tmp_path):
+    """``ray start --head`` as separate processes, then the job with ray_address="auto".
+    ``--block`` keeps the head in the foreground, so ending it ends only this cluster
+    (``ray stop`` would end every Ray on the machine, the test session's too)."""
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = _free_port()
+    # Ray's Unix sockets live under its temp dir, whose path must stay short (107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="mgray-", dir="/tmp")
+    env = {**subprocess_env(), "RAY_ADDRESS": ""}
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--num-cpus=2", f"--port={port}"]
+        + ["--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert head.stdout is not None
+        said = []
+        while not any("Ray runtime started" in line for line in said):
+            line = head.stdout.readline()
+            assert line, "ray start ended: " + "".join(said[-30:])
+            said.append(line)
+        script = tmp_path / "cluster_job.py"
+        script.write_text(textwrap.dedent(_CLUSTER_JOB))
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            # "auto" finds the cluster through RAY_ADDRESS, as `ray start` tells users.
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "items True" in done.stdout and "remote True" in done.stdout
+        assert "connected False" in done.stdout, "the run disconnects what it connected"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
