@@ -18,7 +18,15 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 
-from benchmarks.workload import Impl, Measurement, Params, Workload, minigun_impl, minigun_on_ray
+from benchmarks.workload import (
+    Impl,
+    Measurement,
+    Params,
+    Workload,
+    minigun_impl,
+    minigun_on_ray,
+    start_ray,
+)
 
 Item = tuple[int, int]
 
@@ -231,6 +239,22 @@ def interpreter_pool(params: Params) -> int:
     return sum(subtotals)
 
 
+def ray_tasks(params: Params) -> int:
+    """Plain Ray: a remote task per batch, at most one per worker in flight (what Ray
+    itself costs on this machine, beside minigun's Ray strategies)."""
+    import ray
+
+    remote_crunch = ray.remote(crunch)
+    pending: list[object] = []
+    total = 0
+    for batch in batches(params):
+        if len(pending) >= params["cpus"]:
+            done, pending = ray.wait(pending, num_returns=1)
+            total += sum(ray.get(done))
+        pending.append(remote_crunch.remote(batch))
+    return total + sum(ray.get(pending))
+
+
 def _has_interpreters() -> str | None:
     """Why this Python has no subinterpreters to pool, or None."""
     import sys
@@ -276,6 +300,7 @@ WORKLOADS = (
             Impl("multiprocessing.Pool.imap", pool_imap, processes=True),
             Impl("ProcessPoolExecutor.map", process_pool_executor, processes=True),
             Impl("interpreter pool", interpreter_pool, unavailable=_has_interpreters),
+            Impl("Ray tasks", ray_tasks, requires="ray", imports=("ray",), setup=start_ray),
             Impl("mpire", mpire_pool, requires="mpire", processes=True),
             Impl("pypeln process", pypeln_processes, requires="pypeln", processes=True),
             Impl("pyper multiprocess", pyper_processes, requires="pyper", processes=True),

@@ -15,12 +15,11 @@ log() { printf '\n== %s\n' "$*"; }
 # extension whose PyO3 refuses free-threaded 3.13.
 deps=(maturin pytest pytest-timeout hypothesis ruff rich)
 
-make_venv() {  # make_venv PYTHON DIR: a venv with the test deps and minigun built into it
-  local python=$1 dir=$2
+make_venv() {  # make_venv PYTHON DIR EXTRAS: a venv with the test deps and minigun built into it
+  local python=$1 dir=$2 extras=$3
   [ -x "$dir/bin/python" ] || "$python" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check --only-binary=hypothesis "${deps[@]}"
-  # The [interpreters] extra: the subinterpreter backport on 3.13 (nothing on 3.11).
-  VIRTUAL_ENV="$root/$dir" "$dir/bin/maturin" develop --release -q --extras interpreters
+  VIRTUAL_ENV="$root/$dir" "$dir/bin/maturin" develop --release -q --extras "$extras"
 }
 
 pytest_in() {  # pytest_in DIR [ARGS...]
@@ -36,20 +35,21 @@ stress_in() {  # stress_in DIR: the fork stress tests, bounded by MINIGUN_STRESS
 
 test_cpython_311() {
   log "CPython 3.11: build and pytest"
-  make_venv "${PYTHON:-python3}" .venv
+  make_venv "${PYTHON:-python3}" .venv ray
   pytest_in .venv
   stress_in .venv
 }
 
 test_cpython_313() {
   log "CPython 3.13 (GIL): build and pytest"
-  make_venv "$(bash scripts/get-python.sh 3.13 | tail -n 1)" .venv-313
+  make_venv "$(bash scripts/get-python.sh 3.13 | tail -n 1)" .venv-313 interpreters,ray
   pytest_in .venv-313
 }
 
 test_cpython_313t() {
   log "free-threaded CPython 3.13t: build and pytest"
-  make_venv "$(bash scripts/get-python.sh 3.13 t | tail -n 1)" .venv-313t
+  # Ray has no wheels for free-threaded CPython: its tests skip here, saying so.
+  make_venv "$(bash scripts/get-python.sh 3.13 t | tail -n 1)" .venv-313t interpreters
   pytest_in .venv-313t
   stress_in .venv-313t
 }

@@ -59,9 +59,11 @@ def crash(item):
 
 
 def kill_my_actor_at_3(item):
-    """Item 3 kills the Ray actor running it, as ``ray.kill`` from outside would."""
+    """Item 3 has the Ray actor running it killed (``ray.kill`` works asynchronously: the
+    item waits for it, so it is in flight when the actor dies)."""
     if item == 3:
         ray.kill(ray.get_runtime_context().current_actor)
+        time.sleep(5)
     return item
 
 
