@@ -115,6 +115,9 @@ class BudgetPlan:
 #: How often a stage waiting for room checks whether its run is stopping.
 _POLL = 0.05
 
+#: A chunk's outcome for the runtime: ``(retries, [(item, exception), ...])``, or None.
+Outcome = tuple[int, list[tuple[Any, BaseException]]] | None
+
 
 class Slots:
     """The books of a per-item strategy's workers while the run goes (subinterpreters,
@@ -143,6 +146,33 @@ class Slots:
                 if stopping():
                     return None
                 self._changed.wait(_POLL)
+
+    def each(
+        self,
+        path: str,
+        scopes: list[int],
+        items: list[Any],
+        one: Callable[[Any], Outcome],
+        stopping: Callable[[], bool],
+        stopped: Callable[[], BaseException],
+    ) -> Outcome:
+        """A per-item stage's chunk: ``one(item)`` for each item in turn, each holding a
+        worker's room while it runs; the chunk's outcome (retries and failures summed).
+        Raises ``stopped()`` when the run stops while it waits for room."""
+        retries = 0
+        failures: list[tuple[Any, BaseException]] = []
+        for item in items:
+            token = self.acquire(path, scopes, stopping)
+            if token is None:
+                raise stopped()
+            try:
+                outcome = one(item)
+            finally:
+                self.release(token)
+            if outcome is not None:
+                retries += outcome[0]
+                failures += outcome[1]
+        return (retries, failures) if retries or failures else None
 
     def release(self, token: Hashable) -> None:
         with self._changed:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import worker_loop as loop
-from .budget import INTERPRETERS, BudgetPlan, Slots
+from .budget import INTERPRETERS, BudgetPlan, Outcome, Slots
 from .errors import WorkerError
 from .graph import Node
 from .interpreter_worker import BOOT, STOP_FLAG_SIZE
@@ -46,8 +46,6 @@ from .worker_reply import ChunkReply, split_picklable, worker_exception
 
 #: How often a parent waiting for a worker's frames checks whether the run is stopping.
 _POLL = 0.05
-
-Outcome = tuple[int, list[tuple[Any, BaseException]]] | None
 
 
 @functools.cache
@@ -329,21 +327,14 @@ def spawn_interpreter_executor(run: Run, node: Node, plan: StagePlan, code: Stag
     def stopping() -> bool:
         return run.stopping
 
+    def stopped() -> BaseException:
+        return ext.RunStopping(f"stage {path!r}: the run is stopping")
+
+    def one(item: Any) -> Outcome:
+        return _one_item(_InterpreterWorker(run, path, job), item)
+
     def call(items: list[Any]) -> Outcome:
-        retries = 0
-        failures: list[tuple[Any, BaseException]] = []
-        for item in items:
-            token = state.slots.acquire(path, scopes, stopping)
-            if token is None:
-                raise ext.RunStopping(f"stage {path!r}: the run is stopping")
-            try:
-                outcome = _one_item(_InterpreterWorker(run, path, job), item)
-            finally:
-                state.slots.release(token)
-            if outcome is not None:
-                retries += outcome[0]
-                failures += outcome[1]
-        return (retries, failures) if retries or failures else None
+        return state.slots.each(path, scopes, items, one, stopping, stopped)
 
     return Work(call=call, mode="chunk", make_worker=None, threads=threads)
 

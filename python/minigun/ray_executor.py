@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import worker_loop as loop
-from .budget import BudgetPlan, Slots, WorkerKind
+from .budget import BudgetPlan, Outcome, Slots, WorkerKind
 from .errors import DefinitionError, WorkerError
 from .graph import Node
 from .native import ext
@@ -51,8 +51,6 @@ GRACE_UNSTARTED = 0.25
 
 #: ``max_ray_tasks`` per scope, shared by the spawn_ray stages in it (no actor counts).
 RAY_TASKS = WorkerKind("max_ray_tasks", "", "spawn_ray", "Ray tasks", "spawn_ray")
-
-Outcome = tuple[int, list[tuple[Any, BaseException]]] | None
 
 
 @functools.cache
@@ -332,21 +330,11 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
             closed.deliver()  # what close() emitted
         return (reply.retries, failures) if reply.retries or failures else None
 
+    def stopped() -> BaseException:
+        return ext.RunStopping(f"stage {path!r}: the run is stopping")
+
     def call(items: list[Any]) -> Outcome:
-        retries = 0
-        failures: list[tuple[Any, BaseException]] = []
-        for item in items:
-            token = session.slots.acquire(path, scopes, stopping)
-            if token is None:
-                raise ext.RunStopping(f"stage {path!r}: the run is stopping")
-            try:
-                outcome = one(item)
-            finally:
-                session.slots.release(token)
-            if outcome is not None:
-                retries += outcome[0]
-                failures += outcome[1]
-        return (retries, failures) if retries or failures else None
+        return session.slots.each(path, scopes, items, one, stopping, stopped)
 
     return Work(call=call, mode="chunk", make_worker=None, threads=threads)
 
