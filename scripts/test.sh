@@ -25,7 +25,11 @@ make_venv() {  # make_venv PYTHON DIR EXTRAS: a venv with the test deps and mini
 pytest_in() {  # pytest_in DIR [ARGS...]
   local dir=$1
   shift
-  "$dir/bin/python" -m pytest -q -p no:cacheprovider -m "not wheels and not stress" "$@"
+  "$dir/bin/python" -m pytest -q -p no:cacheprovider -m "not wheels and not stress and not ray" "$@"
+}
+
+ray_in() {  # ray_in DIR: the Ray tests, in a session of their own (one local Ray for all)
+  "$1/bin/python" -m pytest -q -p no:cacheprovider -m ray
 }
 
 stress_in() {  # stress_in DIR: the fork stress tests, bounded by MINIGUN_STRESS_SECONDS
@@ -37,6 +41,7 @@ test_cpython_311() {
   log "CPython 3.11: build and pytest"
   make_venv "${PYTHON:-python3}" .venv ray
   pytest_in .venv
+  ray_in .venv
   stress_in .venv
 }
 
@@ -44,6 +49,7 @@ test_cpython_313() {
   log "CPython 3.13 (GIL): build and pytest"
   make_venv "$(bash scripts/get-python.sh 3.13 | tail -n 1)" .venv-313 interpreters,ray
   pytest_in .venv-313
+  ray_in .venv-313
 }
 
 test_cpython_313t() {
