@@ -20,6 +20,7 @@ thread, and nothing is left running once the run's workers are closed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import mmap
@@ -101,6 +102,14 @@ def _never() -> bool:
     return False
 
 
+def _pipe(undo: contextlib.ExitStack) -> tuple[int, int]:
+    """A pipe whose ends ``undo`` closes if what is being built fails."""
+    read_fd, write_fd = os.pipe()
+    undo.callback(os.close, write_fd)
+    undo.callback(os.close, read_fd)
+    return read_fd, write_fd
+
+
 class _Interpreter:
     """One subinterpreter serving a stage's job on a thread of its own, over two pipes
     (messages in, frames out), with a stop flag it reads before each item: one byte of a
@@ -108,28 +117,35 @@ class _Interpreter:
 
     def __init__(self, job: bytes, stage: str) -> None:
         self.stage = stage
-        self.interpreter = _api().create()
-        self.id: int = self.interpreter.id
-        receive_fd, self._message_fd = os.pipe()
-        frame_fd, send_fd = os.pipe()
-        stop_fd = os.memfd_create("minigun-stop-flag", os.MFD_CLOEXEC)
-        os.ftruncate(stop_fd, STOP_FLAG_SIZE)
-        self._stop_flag = mmap.mmap(stop_fd, STOP_FLAG_SIZE)
-        self._worker_fds = (receive_fd, send_fd, stop_fd)
-        self.frames = _FrameReader(frame_fd)
         #: Why the worker's code ended early (it raised past the worker loop), if it did.
         self.failure: BaseException | None = None
-        self.interpreter.prepare_main(
-            _minigun_sys_path=tuple(sys.path),
-            _minigun_job=job,
-            _minigun_stage=stage,
-            _minigun_fds=self._worker_fds,
-            _minigun_main=_main_module(),
-        )
-        self._thread = threading.Thread(
-            target=self._serve, name=f"minigun-interpreter-{self.id}", daemon=True
-        )
-        self._thread.start()
+        # What is made here is released here if a later step fails, by finish() once the
+        # worker's thread runs.
+        with contextlib.ExitStack() as undo:
+            self.interpreter = _api().create()
+            undo.callback(self.interpreter.close)
+            self.id: int = self.interpreter.id
+            receive_fd, self._message_fd = _pipe(undo)
+            frame_fd, send_fd = _pipe(undo)
+            stop_fd = os.memfd_create("minigun-stop-flag", os.MFD_CLOEXEC)
+            undo.callback(os.close, stop_fd)
+            os.ftruncate(stop_fd, STOP_FLAG_SIZE)
+            self._stop_flag = mmap.mmap(stop_fd, STOP_FLAG_SIZE)
+            undo.callback(self._stop_flag.close)
+            self._worker_fds = (receive_fd, send_fd, stop_fd)
+            self.frames = _FrameReader(frame_fd)
+            self.interpreter.prepare_main(
+                _minigun_sys_path=tuple(sys.path),
+                _minigun_job=job,
+                _minigun_stage=stage,
+                _minigun_fds=self._worker_fds,
+                _minigun_main=_main_module(),
+            )
+            self._thread = threading.Thread(
+                target=self._serve, name=f"minigun-interpreter-{self.id}", daemon=True
+            )
+            self._thread.start()
+            undo.pop_all()
 
     def _serve(self) -> None:
         try:
