@@ -18,7 +18,6 @@ import os
 import pickle
 import signal
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from .config import RetryPolicy
 from .errors import WorkerError
 from .fork_safety import fork_child, interruptible
 from .native import ext
+from .work import PerRun
 from .worker_reply import worker_exception
 
 logger = logging.getLogger("minigun")
@@ -62,25 +62,19 @@ class RunForks:
                 self._watching = True
 
 
-_runs_lock = threading.Lock()
-_runs: weakref.WeakKeyDictionary[Any, RunForks] = weakref.WeakKeyDictionary()
+_runs: PerRun[RunForks] = PerRun(RunForks)
 
 
 def run_forks(run: Any) -> RunForks:
     """The process budget and child table of ``run`` (made on first use)."""
-    with _runs_lock:
-        forks = _runs.get(run)
-        if forks is None:
-            forks = _runs[run] = RunForks(run)
-        return forks
+    return _runs.of(run)
 
 
 def reap_run(run: Any) -> None:
     """End and reap every child ``run`` still has (idle fork_ipc workers of a cancelled or
     failed run), and close its table. Called by the run once its worker threads are
     joined."""
-    with _runs_lock:
-        forks = _runs.pop(run, None)
+    forks = _runs.pop(run)
     if forks is None:
         return
     for child in forks.table.live():
@@ -92,9 +86,7 @@ def reap_run(run: Any) -> None:
 def _reap_all_at_exit() -> None:
     """Last resort when the interpreter exits while runs still have children (a run
     abandoned by a second Ctrl-C, or a background run never waited for): end them."""
-    with _runs_lock:
-        every = list(_runs.values())
-    for forks in every:
+    for forks in _runs.every():
         for child in forks.table.live():
             try:
                 child.kill(0.2)

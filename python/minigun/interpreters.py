@@ -29,7 +29,6 @@ import pickle
 import select
 import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +40,7 @@ from .interpreter_worker import BOOT, STOP_FLAG_SIZE
 from .native import ext
 from .plan import StagePlan
 from .strategies import INTERPRETERS_MODULE
-from .work import Run, StageCode, Work
+from .work import PerRun, Run, StageCode, Work
 from .worker_job import job_of, pack_by_name
 from .worker_reply import ChunkReply, split_picklable, worker_exception
 
@@ -301,16 +300,7 @@ class _RunInterpreters:
         self.slots = Slots(self.plan)
 
 
-_runs_lock = threading.Lock()
-_runs: weakref.WeakKeyDictionary[Any, _RunInterpreters] = weakref.WeakKeyDictionary()
-
-
-def _for_run(run: Run) -> _RunInterpreters:
-    with _runs_lock:
-        state = _runs.get(run)
-        if state is None:
-            state = _runs[run] = _RunInterpreters(run)
-        return state
+_runs: PerRun[_RunInterpreters] = PerRun(_RunInterpreters)
 
 
 def _job(run: Run, node: Node, plan: StagePlan) -> bytes:
@@ -322,7 +312,7 @@ def interpreters_executor(run: Run, node: Node, plan: StagePlan, code: StageCode
     """``interpreters``: a long-lived subinterpreter per worker thread. ``code`` (the
     in-process closures) is not used: the worker rebuilds the stage from its job."""
     job = _job(run, node, plan)
-    workers = _for_run(run).plan.long_lived_workers.get(node.path, plan.workers)
+    workers = _runs.of(run).plan.long_lived_workers.get(node.path, plan.workers)
 
     def make_worker() -> tuple[Callable[[list[Any]], Outcome], Callable[[], None]]:
         worker = _InterpreterWorker(run, node.path, job)
@@ -335,7 +325,7 @@ def spawn_interpreter_executor(run: Run, node: Node, plan: StagePlan, code: Stag
     """``spawn_interpreter``: each item gets a new subinterpreter (its worker: opened,
     given the item, closed), at most ``max_interpreters`` alive per pipeline scope."""
     job = _job(run, node, plan)
-    state = _for_run(run)
+    state = _runs.of(run)
     scopes = [id(s) for s in node.scope.lineage()]
     threads = max(1, min(plan.workers, state.plan.most_workers(scopes)))
     path = node.path

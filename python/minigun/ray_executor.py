@@ -25,7 +25,6 @@ import pickle
 import sys
 import threading
 import uuid
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,7 @@ from .graph import Node
 from .native import ext
 from .plan import StagePlan
 from .ray_worker import StageActor, run_item
-from .work import Run, StageCode, Work
+from .work import PerRun, Run, StageCode, Work
 from .worker_job import WorkerJob, job_of
 from .worker_reply import ChunkReply, worker_exception
 
@@ -75,8 +74,10 @@ class _RaySession:
     """A run's use of Ray: the connection (made here unless the process had one), the
     remote classes, the actors the run created and its ``max_ray_tasks`` books."""
 
-    def __init__(self, run: Run, settings: dict[str, Any]) -> None:
+    def __init__(self, run: Run) -> None:
         ray = _ray()
+        # The outermost pipeline's: where a run's Ray is, is one choice for the whole run.
+        settings = run.graph.root.settings
         self.connected_here = False
         if not ray.is_initialized():
             address = settings["ray_address"]
@@ -135,22 +136,12 @@ class _RaySession:
             _ray().shutdown()
 
 
-_runs_lock = threading.Lock()
-_runs: weakref.WeakKeyDictionary[Any, _RaySession] = weakref.WeakKeyDictionary()
-
-
-def _session(run: Run, node: Node) -> _RaySession:
-    with _runs_lock:
-        session = _runs.get(run)
-        if session is None:
-            session = _runs[run] = _RaySession(run, node.scope.settings)
-        return session
+_runs: PerRun[_RaySession] = PerRun(_RaySession)
 
 
 def finish_ray_run(run: Run) -> None:
     """Called by the run once its worker threads are joined."""
-    with _runs_lock:
-        session = _runs.pop(run, None)
+    session = _runs.pop(run)
     if session is not None:
         session.finish()
 
@@ -287,7 +278,7 @@ def ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work
     """``ray``: a long-lived Ray actor per worker thread. ``code`` (the in-process
     closures) is not used: the actor rebuilds the stage from its job."""
     job = _job(run, node, plan)
-    calls = _RayCalls(run, _session(run, node), node.path)
+    calls = _RayCalls(run, _runs.of(run), node.path)
 
     def make_worker() -> tuple[Callable[[list[Any]], Outcome], Callable[[], None]]:
         worker = _ActorWorker(calls, job)
@@ -299,7 +290,7 @@ def ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work
 def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
     """``spawn_ray``: a Ray task per item (its worker: opened, given the item, closed), at
     most ``max_ray_tasks`` in flight per pipeline scope."""
-    session = _session(run, node)
+    session = _runs.of(run)
     calls = _RayCalls(run, session, node.path)
     job_ref = _ray().put(_job(run, node, plan))
     scopes = [id(s) for s in node.scope.lineage()]

@@ -23,9 +23,11 @@ A combination an executor cannot honour is refused when the stage is defined (se
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from .graph import Graph, Node
 from .plan import StagePlan
@@ -115,3 +117,32 @@ def in_process(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
         per_item=plan.strategy == "spawn_thread",
         min_chunk=plan.min_chunk,
     )
+
+
+State = TypeVar("State")
+
+
+class PerRun(Generic[State]):
+    """What an executor keeps for each run it works for (a process budget, a Ray
+    connection): made by ``make(run)`` at first use, dropped with the run."""
+
+    def __init__(self, make: Callable[[Any], State]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._states: weakref.WeakKeyDictionary[Any, State] = weakref.WeakKeyDictionary()
+
+    def of(self, run: Any) -> State:
+        with self._lock:
+            state = self._states.get(run)
+            if state is None:
+                state = self._states[run] = self._make(run)
+            return state
+
+    def pop(self, run: Any) -> State | None:
+        """The run's state, forgotten here (None if it never had one)."""
+        with self._lock:
+            return self._states.pop(run, None)
+
+    def every(self) -> list[State]:
+        with self._lock:
+            return list(self._states.values())
