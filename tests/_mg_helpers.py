@@ -213,6 +213,24 @@ class LeftBehind:
         assert not left, f"left behind after the run: {left}"
 
 
+def minigun_ray_actors():
+    """The Ray actors minigun created that are alive (it names them "minigun:<stage>:<id>");
+    [] where this process has no Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return []
+    return [name for name in ray.util.list_named_actors() if name.startswith("minigun:")]
+
+
+def assert_nothing_left_on_ray(before, settle=2.0):
+    """What a run on Ray must leave: no actor of minigun's alive and no child process. (A
+    Ray driver starts and ends threads and sockets of its own as it goes, so this
+    process's threads and fds say nothing about the run.)"""
+    assert wait_until(lambda: not minigun_ray_actors(), timeout=settle), minigun_ray_actors()
+    new_children = child_processes() - before.children
+    assert not new_children, f"child processes left behind: {sorted(new_children)}"
+
+
 # -- stage functions whose failed attempt emitted first (its output must never arrive) ----
 
 

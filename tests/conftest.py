@@ -35,9 +35,8 @@ def ray_session():
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}},
     )
-    # Ray starts some of its driver's threads and sockets lazily, at the first actor,
-    # task and wait; start them now with one run of each Ray strategy, so a test's check
-    # for what a run left behind sees only the run's own.
+    # One run of each Ray strategy first: Ray starts the worker processes its first
+    # actors and tasks use, so the tests' timings (cancel within 1 s) are not of that.
     for strategy in ("ray", "spawn_ray"):
         got = []
         warm_up = mg.Pipeline("warm-up")

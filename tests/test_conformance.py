@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from _mg_helpers import Collector, LeftBehind, wait_until
+from _mg_helpers import Collector, LeftBehind, assert_nothing_left_on_ray, wait_until
 from conformance.forms import (
     APIS,
     FORMS,
@@ -147,7 +147,10 @@ class Cell:
     def finish(self):
         """Everything the run started must be gone (then the files are removed)."""
         try:
-            self.before.assert_nothing_new(settle=SETTLE)
+            if self.case.needs_ray:
+                assert_nothing_left_on_ray(self.before, settle=SETTLE)
+            else:
+                self.before.assert_nothing_new(settle=SETTLE)
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -21,20 +21,14 @@ import textwrap
 import time
 
 import pytest
-from _mg_helpers import subprocess_env, wait_until
+from _mg_helpers import minigun_ray_actors, subprocess_env, wait_until
 
 import minigun as mg
 
 try:
-    import ray
     import ray_jobs as jobs
 except (ImportError, mg.UnsupportedStrategy):  # no Ray here: the Ray tests skip
-    ray = jobs = None
-
-
-def _minigun_actors():
-    """The actors minigun created that are alive (it names them "minigun:<stage>:<id>")."""
-    return [a for a in ray.util.list_named_actors() if a.startswith("minigun:")]
+    jobs = None
 
 
 def _pipeline(fn, strategy="ray", **options):
@@ -59,7 +53,7 @@ class TestOnRay:
         assert sorted(v[1] for v in job.odd) == list(range(1, 20, 2))
         assert os.getpid() not in {v[2] for v in job.out + job.odd}, "the actors ran them"
         assert result.stats["work"].retries == 20 and job.errors == []
-        assert _minigun_actors() == [], "the run's actors are gone"
+        assert minigun_ray_actors() == [], "the run's actors are gone"
 
     def test_items_failing_every_attempt_reach_on_error_with_the_item(self):
         job = jobs.Flaky(n=6, fails=99)
@@ -93,7 +87,7 @@ class TestOnRay:
         lost = [item for item, _ in failed]
         assert 3 in lost and "Ray actor" in failed[0][1]
         assert sorted(got + lost) == list(range(8)), "every item once: done, or failed"
-        assert _minigun_actors() == []
+        assert minigun_ray_actors() == []
 
     @pytest.mark.parametrize("strategy", ["ray", "spawn_ray"])
     def test_cancel_ends_the_runs_actors_and_tasks(self, strategy):
@@ -108,7 +102,7 @@ class TestOnRay:
         run.cancel()
         assert run.wait(timeout=10).status == "cancelled"
         assert time.monotonic() - began < 2
-        assert wait_until(lambda: _minigun_actors() == [], timeout=5), _minigun_actors()
+        assert wait_until(lambda: minigun_ray_actors() == [], timeout=5), minigun_ray_actors()
 
 
 def test_without_ray_the_strategy_is_refused_naming_the_extra(monkeypatch):
