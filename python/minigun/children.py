@@ -13,9 +13,9 @@ runs never finished).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
-import pickle
 import signal
 import threading
 from collections.abc import Callable
@@ -29,7 +29,7 @@ from .errors import WorkerError
 from .fork_safety import fork_child, interruptible
 from .native import ext
 from .work import PerRun
-from .worker_reply import worker_exception
+from .worker_reply import read_reply, worker_exception
 
 logger = logging.getLogger("minigun")
 
@@ -246,19 +246,8 @@ def pump(child: Any, take: Callable[[list[tuple[Any, Any]]], None]) -> tuple[str
     work done (``("done" | "retired", None)``), failed (``("error" | "fatal",
     exception)``) or the pipe ends without either (``("eof", None)``). Raises RunStopping
     when the run stops first."""
-    while True:
-        frame = child.read_frame()
-        if frame is None:
-            return "eof", None
-        tag, data = pickle.loads(frame)
-        del frame
-        if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
-            take(data)
-            del data
-            if tag != loop.VALUES:
-                return tag, None
-        else:
-            return tag, child_exception(child.stage, child.pid, data)
+    exception = functools.partial(child_exception, child.stage, child.pid)
+    return read_reply(iter(child.read_frame, None), take, exception)
 
 
 def count_items(item: Any) -> int:

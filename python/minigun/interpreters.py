@@ -42,7 +42,7 @@ from .plan import StagePlan
 from .strategies import INTERPRETERS_MODULE
 from .work import PerRun, Run, StageCode, Work
 from .worker_job import job_of, pack_by_name
-from .worker_reply import ChunkReply, split_picklable, worker_exception
+from .worker_reply import ChunkReply, read_reply, split_picklable, worker_exception
 
 #: How often a parent waiting for a worker's frames checks whether the run is stopping.
 _POLL = 0.05
@@ -214,17 +214,12 @@ class _InterpreterWorker:
         "eof" when the worker ended without finishing it."""
         if not interpreter.send(message):
             return "eof", interpreter.ended_error()
-        while True:
-            frame = interpreter.frames.next(self._stopping)
-            if frame is None:
-                return "eof", interpreter.ended_error()
-            tag, data = pickle.loads(frame)
-            if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
-                reply.take(data)
-                if tag != loop.VALUES:
-                    return tag, None
-            else:
-                return tag, worker_exception(self.path, self._where(), data)
+        frames = iter(functools.partial(interpreter.frames.next, self._stopping), None)
+        tag, error = read_reply(frames, reply.take, self._exception)
+        return (tag, interpreter.ended_error()) if tag == "eof" else (tag, error)
+
+    def _exception(self, payload: tuple[Any, ...]) -> BaseException:
+        return worker_exception(self.path, self._where(), payload)
 
     def call(self, items: list[Any]) -> Outcome:
         """Run one chunk in the subinterpreter: ``(retries, [(item, exception), ...])``

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import pickle
 import sys
 import threading
 import uuid
@@ -37,7 +36,7 @@ from .plan import StagePlan
 from .ray_worker import StageActor, run_item
 from .work import PerRun, Run, StageCode, Work
 from .worker_job import WorkerJob, job_of
-from .worker_reply import ChunkReply, worker_exception
+from .worker_reply import ChunkReply, read_reply, worker_exception
 
 #: How often a thread waiting for Ray checks whether its run is stopping.
 _POLL = 0.05
@@ -194,15 +193,12 @@ class _RayCalls:
         error.__cause__ = exc
         return error
 
-    def read(self, frames: list[bytes], reply: ChunkReply, where: str) -> BaseException | None:
-        """Hand a reply's frames to ``reply``; the error of a reply that failed as a whole."""
-        for frame in frames:
-            tag, data = pickle.loads(frame)
-            if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
-                reply.take(data)
-            else:
-                return worker_exception(self.path, where, data)
-        return None
+    def read(
+        self, frames: list[bytes], reply: ChunkReply, where: str
+    ) -> tuple[str, BaseException | None]:
+        """Hand a reply's frames to ``reply``: its last tag, and the error of a reply that
+        failed as a whole (worker_reply.read_reply)."""
+        return read_reply(frames, reply.take, functools.partial(worker_exception, self.path, where))
 
 
 class _ActorWorker:
@@ -236,12 +232,12 @@ class _ActorWorker:
             lost = calls.lost(exc, "Ray actor")
             return 0, [(item, lost) for item in items]
         self.replied = True
-        broken = calls.read(frames, reply, self._where())
+        tag, broken = calls.read(frames, reply, self._where())
         failures = list(reply.failures)
         if broken is not None:  # the worker broke (a fatal reply): its chunk is lost
             self._drop()
             raise broken
-        if frames and pickle.loads(frames[-1])[0] == loop.RETIRED:
+        if tag == loop.RETIRED:
             self._drop()  # it could not start: the next chunk gets a fresh actor
         return (reply.retries, failures) if reply.retries or failures else None
 
@@ -268,7 +264,7 @@ class _ActorWorker:
             frames = calls.wait(self.actor.handle.remote((loop.CLOSE, None)))
         finally:
             self._drop()
-        error = calls.read(frames, reply, self._where())
+        _, error = calls.read(frames, reply, self._where())
         if error is not None:
             raise error
         reply.deliver()
@@ -311,10 +307,10 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
             raise
         except Exception as exc:  # noqa: BLE001 - the task's worker died
             return 0, [(item, calls.lost(exc, "Ray task"))]
-        error = calls.read(item_frames, reply, "Ray task")
+        _, error = calls.read(item_frames, reply, "Ray task")
         failures = list(reply.failures) or ([(item, error)] if error is not None else [])
         closed = ChunkReply(path, lambda: "Ray task", [], ext.emit)
-        close_error = calls.read(close_frames, closed, "Ray task")
+        _, close_error = calls.read(close_frames, closed, "Ray task")
         if close_error is not None and not failures:
             failures = [(item, close_error)]
         elif close_error is None:

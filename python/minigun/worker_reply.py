@@ -10,7 +10,7 @@ delivered (the item can run again elsewhere without any value arriving twice).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import worker_loop as loop
@@ -85,6 +85,29 @@ class ChunkReply:
         values, self.pending = self.pending, []
         for target, value in values:
             self._deliver(value, target)
+
+
+def read_reply(
+    frames: Iterable[bytes],
+    take: Callable[[list[tuple[Any, Any]]], None],
+    exception: Callable[[tuple[Any, ...]], BaseException],
+) -> tuple[str, BaseException | None]:
+    """Hand the entries of a worker's reply frames to ``take`` until its last frame:
+    ``("done" | "retired", None)``, ``("error" | "fatal", exception(payload))`` for a
+    reply that failed as a whole, or ``("eof", None)`` when the frames end before the
+    reply does (the worker is gone). The one reader of replies, whatever carried them: a
+    child's pipe, a subinterpreter's, a Ray call's result."""
+    for frame in frames:
+        tag, data = pickle.loads(frame)
+        del frame  # a large frame is freed before its values go downstream
+        if tag in (loop.VALUES, loop.DONE, loop.RETIRED):
+            take(data)
+            del data
+            if tag != loop.VALUES:
+                return tag, None
+        else:
+            return tag, exception(data)
+    return "eof", None
 
 
 def split_picklable(
