@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -72,6 +73,21 @@ class TestOnRay:
         assert type(cause) is jobs.Refused, "Ray's wrapper is unwrapped"
         assert "in crash" in cause.traceback_text
         assert any("Ray" in note for note in getattr(cause, "__notes__", []))
+
+    @pytest.mark.parametrize("strategy", ["ray", "spawn_ray"])
+    def test_an_item_ray_cannot_serialize_fails_alone_with_the_item(self, strategy):
+        lock = threading.Lock()
+        failed, got = [], []
+        p = mg.Pipeline("p")
+        p.producer(lambda: [1, lock, 3], name="source")
+        p.processor(jobs.slow, name="work", strategy=strategy)
+        p.consumer(got.append, name="sink")
+        p.on_error(mg.WorkerError)(lambda error, item, stage: failed.append((item, str(error))))
+        assert p.run().status == "ok"
+        assert sorted(got) == [1, 3]
+        [(item, message)] = failed
+        assert item is lock and "cannot be pickled" in message and "Ray" in message
+        assert minigun_ray_actors() == []
 
     def test_a_killed_actor_fails_its_chunk_and_the_run_goes_on_with_a_fresh_one(self):
         failed = []

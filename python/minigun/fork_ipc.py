@@ -23,7 +23,7 @@ from .children import wait as _wait
 from .config import RetryPolicy
 from .fork_safety import CHILD_EXIT_OK, flush_child_streams
 from .native import ext
-from .worker_reply import ChunkReply, split_picklable
+from .worker_reply import ChunkReply, chunk_message
 
 
 def _ipc_child(wfd: int, rfd: int, fn: ForkStage, start: loop.Start, policy: RetryPolicy) -> int:
@@ -113,18 +113,18 @@ class _IpcWorker:
         start = 0
         careful = False
         while start < len(items):
-            try:
-                message = pickle.dumps((loop.CHUNK, (items[start:], careful)), loop.PROTOCOL)
-            except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
-                kept, refused = split_picklable(
-                    self.fn.path,
-                    items[start:],
-                    "a fork_ipc worker process",
-                    "or use strategy='spawn_fork' (its children read items without "
-                    "pickling) or 'threads'",
-                )
+            message, kept, refused = chunk_message(
+                self.fn.path,
+                items[start:],
+                careful,
+                "a fork_ipc worker process",
+                "or use strategy='spawn_fork' (its children read items without pickling) "
+                "or 'threads'",
+            )
+            if refused:
                 items, failures = items[:start] + kept, failures + refused
-                continue
+            if message is None:
+                break
             reply = self._reply(items[start:])
             outcome, error = self._exchange(message, reply.take)
             retries += reply.retries

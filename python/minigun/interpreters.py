@@ -42,7 +42,7 @@ from .plan import StagePlan
 from .strategies import INTERPRETERS_MODULE
 from .work import PerRun, Run, StageCode, Work
 from .worker_job import job_of, pack_by_name
-from .worker_reply import ChunkReply, read_reply, split_picklable, worker_exception
+from .worker_reply import ChunkReply, chunk_message, read_reply, worker_exception
 
 #: How often a parent waiting for a worker's frames checks whether the run is stopping.
 _POLL = 0.05
@@ -224,16 +224,11 @@ class _InterpreterWorker:
     def call(self, items: list[Any]) -> Outcome:
         """Run one chunk in the subinterpreter: ``(retries, [(item, exception), ...])``
         for the runtime (None when nothing failed or was retried)."""
-        failures: list[tuple[Any, BaseException]] = []
-        try:
-            message = pickle.dumps((loop.CHUNK, (items, False)), loop.PROTOCOL)
-        except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
-            items, failures = split_picklable(
-                self.path, items, "a subinterpreter worker", "or use strategy='threads'"
-            )
-            if not items:
-                return 0, failures
-            message = pickle.dumps((loop.CHUNK, (items, False)), loop.PROTOCOL)
+        message, items, failures = chunk_message(
+            self.path, items, False, "a subinterpreter worker", "or use strategy='threads'"
+        )
+        if message is None:
+            return 0, failures
         if self.interpreter is None:
             if self.run.stopping:
                 raise ext.RunStopping(f"stage {self.path!r}: the run is stopping")

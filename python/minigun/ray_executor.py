@@ -36,7 +36,7 @@ from .plan import StagePlan
 from .ray_worker import StageActor, run_item
 from .work import PerRun, Run, StageCode, Work
 from .worker_job import WorkerJob, job_of
-from .worker_reply import ChunkReply, read_reply, worker_exception
+from .worker_reply import ChunkReply, read_reply, split_picklable, worker_exception
 
 #: How often a thread waiting for Ray checks whether its run is stopping.
 _POLL = 0.05
@@ -170,6 +170,25 @@ class _RayCalls:
         self.session = session
         self.path = path
 
+    def submit(
+        self, method: Any, items: list[Any]
+    ) -> tuple[Any, list[Any], list[tuple[Any, BaseException]]]:
+        """Send the chunk ``items`` to an actor's ``method``: the call's ref (None when no
+        item is left), the items it carries, and the failures of those Ray cannot
+        serialize (each fails alone, as a fork_ipc item that cannot be pickled does)."""
+        try:
+            return method.remote((loop.CHUNK, (items, False))), items, []
+        except TypeError:  # Ray: "Could not serialize the argument ..."
+            kept, refused = split_picklable(
+                self.path,
+                items,
+                "a Ray worker",
+                "or use strategy='threads'",
+                _ray().cloudpickle.dumps,
+            )
+            ref = method.remote((loop.CHUNK, (kept, False))) if kept else None
+            return ref, kept, refused
+
     def wait(self, ref: Any) -> Any:
         """The result of ``ref``; RunStopping once the run is stopping."""
         ray = _ray()
@@ -221,9 +240,12 @@ class _ActorWorker:
                 raise ext.RunStopping(f"stage {calls.path!r}: the run is stopping")
             self.actor = calls.session.new_actor(self.job)
             self.replied = False
+        ref, items, refused = calls.submit(self.actor.handle, items)
+        if ref is None:
+            return 0, refused
         reply = ChunkReply(calls.path, self._where, items, ext.emit)
         try:
-            frames = calls.wait(self.actor.handle.remote((loop.CHUNK, (items, False))))
+            frames = calls.wait(ref)
         except ext.RunStopping:
             self._drop(stopping=True)
             raise
@@ -233,7 +255,7 @@ class _ActorWorker:
             return 0, [(item, lost) for item in items]
         self.replied = True
         tag, broken = calls.read(frames, reply, self._where())
-        failures = list(reply.failures)
+        failures = refused + reply.failures
         if broken is not None:  # the worker broke (a fatal reply): its chunk is lost
             self._drop()
             raise broken
@@ -298,7 +320,15 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
 
     def one(item: Any) -> Outcome:
         reply = ChunkReply(path, lambda: "Ray task", [item], ext.emit)
-        ref = session.item_task.remote(job_ref, item)
+        try:
+            ref = session.item_task.remote(job_ref, item)
+        except TypeError:  # Ray: "Could not serialize the argument ..."
+            _, refused = split_picklable(
+                path, [item], "a Ray task", "or use strategy='threads'", _ray().cloudpickle.dumps
+            )
+            if not refused:
+                raise
+            return 0, refused
         try:
             item_frames, close_frames = calls.wait(ref)
         except ext.RunStopping:

@@ -110,17 +110,25 @@ def read_reply(
     return "eof", None
 
 
+def _pickled(value: Any) -> bytes:
+    return pickle.dumps(value, loop.PROTOCOL)
+
+
 def split_picklable(
-    stage: str, items: list[Any], destination: str, advice: str
+    stage: str,
+    items: list[Any],
+    destination: str,
+    advice: str,
+    dumps: Callable[[Any], bytes] = _pickled,
 ) -> tuple[list[Any], list[tuple[Any, BaseException]]]:
-    """The items that can be pickled to send them to ``destination`` ("a fork_ipc worker
-    process"), and a WorkerError for each of the others, whose message ends with
-    ``advice`` (what else the user can do)."""
+    """The items that can be pickled (by ``dumps``) to send them to ``destination`` ("a
+    fork_ipc worker process"), and a WorkerError for each of the others, whose message
+    ends with ``advice`` (what else the user can do)."""
     kept: list[Any] = []
     failures: list[tuple[Any, BaseException]] = []
     for item in items:
         try:
-            pickle.dumps(item, loop.PROTOCOL)
+            dumps(item)
         except Exception as exc:  # noqa: BLE001
             kind = type(item)
             error = WorkerError(
@@ -133,3 +141,17 @@ def split_picklable(
         else:
             kept.append(item)
     return kept, failures
+
+
+def chunk_message(
+    stage: str, items: list[Any], careful: bool, destination: str, advice: str
+) -> tuple[bytes | None, list[Any], list[tuple[Any, BaseException]]]:
+    """The message that sends the chunk ``items`` to a worker, the items it carries, and
+    the failures of those it leaves out because they cannot be pickled (see
+    :func:`split_picklable`); no message when none is left."""
+    try:
+        return _pickled((loop.CHUNK, (items, careful))), items, []
+    except Exception:  # noqa: BLE001 - some item cannot be pickled: it alone fails
+        kept, refused = split_picklable(stage, items, destination, advice)
+        message = _pickled((loop.CHUNK, (kept, careful))) if kept else None
+        return message, kept, refused
