@@ -8,14 +8,14 @@ Rust runtime's worker threads run. There are two kinds:
   Rust runtime keeps the item contract for it (src/worker.rs): calling each form, retries
   with back-off, discarding a failed attempt's emits, per-item ``on_error``, stats, a
   stop check between items.
-* **Elsewhere** (spawn_fork, fork_ipc, interpreters, spawn_interpreter, async; Ray next):
-  the work is a worker in ``"chunk"`` mode. Starting it starts a worker where the items
-  run (a process, a subinterpreter, an event loop); calling it with a chunk of items
-  delivers them, streams back what they emit (``context.emit``), and returns the chunk's
-  outcome: ``(retries, [(item, exception), ...])`` for the items that failed after their
-  retries, optionally with each item's latency. Closing it stops the worker. The far side
-  keeps the item contract in one place, :mod:`minigun.worker_loop` for processes and
-  subinterpreters (and later Ray actors), :mod:`minigun.aio` for coroutines.
+* **Elsewhere** (spawn_fork, fork_ipc, interpreters, spawn_interpreter, ray, spawn_ray,
+  async): the work is a worker in ``"chunk"`` mode. Starting it starts a worker where the
+  items run (a process, a subinterpreter, a Ray actor, an event loop); calling it with a
+  chunk of items delivers them, streams back what they emit (``context.emit``), and
+  returns the chunk's outcome: ``(retries, [(item, exception), ...])`` for the items that
+  failed after their retries, optionally with each item's latency. Closing it stops the
+  worker. The far side keeps the item contract in one place, :mod:`minigun.worker_loop`
+  for processes, subinterpreters and Ray, :mod:`minigun.aio` for coroutines.
 
 A combination an executor cannot honour is refused when the stage is defined (see
 ``Stage`` and ``FunctionStage`` in :mod:`minigun.stage`), never at run time.

@@ -1,6 +1,6 @@
 """The item contract on the far side of a process boundary, written once.
 
-A forked child (and, later, a subinterpreter or a Ray worker) runs stage code away from the
+A forked child (and a subinterpreter, a Ray actor or task) runs stage code away from the
 Rust runtime, so the guarantees the runtime gives its own threads are kept here, in pure
 Python: call the stage (function, generator, or a custom Stage's per-worker
 ``open``/``process``/``close``), retry with back-off, discard what a failed attempt
