@@ -56,7 +56,6 @@ class BudgetPlan:
     """
 
     def __init__(self, graph: Any, plans: Any, kind: WorkerKind) -> None:
-        self.kind = kind
         self.limit: dict[int, int] = {}
         self.reserved: dict[int, int] = {}
         self.long_lived_workers: dict[str, int] = {}
