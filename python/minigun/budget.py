@@ -14,13 +14,12 @@ while the run forks (``minigun.children``); for subinterpreters and Ray tasks,
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger("minigun")
+from . import log
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class BudgetPlan:
         for node, strategy, _ in members_of:
             path = node.path
             if count[path] < wanted[path]:
-                logger.warning(
+                log.warning(
                     "stage %r asks for %d %s %s, but with the other %s stages of its "
                     "pipeline that is more than %s=%d; using %d (raise %s to allow more)",
                     path,

@@ -6,15 +6,14 @@ budget of every pipeline scope, the table of live children, each child's pipes a
 Every wait there is made without the GIL and wakes on the run's shutdown signal, so a
 cancelled run stops waiting for room or for a child at once. This module is the Python
 side: what a fork stage needs (:class:`ForkStage`), the fork with its hooks, decoding the
-frames, logging, and the run-wide clean-up (:func:`reap_run`, and an ``atexit`` hook for
-runs never finished).
+frames, logging, and the run-wide clean-up (:meth:`RunForks.reap`, and an ``atexit`` hook
+for runs never finished).
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import logging
 import os
 import signal
 import threading
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import hooks as _hooks
+from . import log
 from . import worker_loop as loop
 from .budget import PROCESSES, BudgetPlan
 from .config import RetryPolicy
@@ -30,8 +30,6 @@ from .fork_safety import fork_child, interruptible
 from .native import ext
 from .work import PerRun
 from .worker_reply import read_reply, worker_exception
-
-logger = logging.getLogger("minigun")
 
 #: Seconds a child gets to exit after SIGTERM before SIGKILL.
 GRACE = 1.0
@@ -61,25 +59,21 @@ class RunForks:
                 self.table.watch(self.run.runtime)
                 self._watching = True
 
+    def reap(self) -> None:
+        """End and reap every child the run still has (idle fork_ipc workers of a
+        cancelled or failed run), and close the table. Called (through
+        ``work.finish_run``) once the run's worker threads are joined."""
+        for child in self.table.live():
+            kill(child)
+        self.table.close()
 
-_runs: PerRun[RunForks] = PerRun(RunForks)
+
+_runs: PerRun[RunForks] = PerRun(RunForks, finish=RunForks.reap)
 
 
 def run_forks(run: Any) -> RunForks:
     """The process budget and child table of ``run`` (made on first use)."""
     return _runs.of(run)
-
-
-def reap_run(run: Any) -> None:
-    """End and reap every child ``run`` still has (idle fork_ipc workers of a cancelled or
-    failed run), and close its table. Called by the run once its worker threads are
-    joined."""
-    forks = _runs.pop(run)
-    if forks is None:
-        return
-    for child in forks.table.live():
-        kill(child)
-    forks.table.close()
 
 
 @atexit.register
@@ -162,11 +156,11 @@ def spawn(
         return table.add(pid, rfd, wfd, stage.path, n_items)
 
     child = fork_child(child_main, args, duplex, adopt)
-    if logger.isEnabledFor(logging.DEBUG):
+    if log.debug_enabled():
         if duplex:
-            logger.debug("fork: stage %r started fork_ipc worker pid %d", stage.path, child.pid)
+            log.debug("fork: stage %r started fork_ipc worker pid %d", stage.path, child.pid)
         else:
-            logger.debug(
+            log.debug(
                 "fork: stage %r started child pid %d for %d item(s)",
                 stage.path,
                 child.pid,
@@ -189,8 +183,8 @@ def describe(status: int) -> str:
 
 
 def _log_exit(child: Any, status: int) -> None:
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug(
+    if log.debug_enabled():
+        log.debug(
             "exit: child pid %d of stage %r ended with %s after %.3fs (%d item(s))",
             child.pid,
             child.stage,

@@ -7,14 +7,11 @@ a value it sets above its parent's is held at the parent's.
 
 from __future__ import annotations
 
-import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
+from . import log
 from .errors import DefinitionError
-
-logger = logging.getLogger("minigun")
 
 DEFAULTS: dict[str, Any] = {
     "max_threads": 5,
@@ -104,7 +101,7 @@ class CapWarnings:
             return asked
         if (stage, option) not in self._seen:
             self._seen.add((stage, option))
-            logger.warning(
+            log.warning(
                 "stage %r asks for %s=%d but its pipeline allows %s=%d; using %d "
                 "(raise %s on the Task or pipeline to allow more)",
                 stage,
@@ -137,5 +134,7 @@ class RetryPolicy:
         return policy
 
     def delay(self, attempt: int) -> float:
+        import random  # noqa: PLC0415 - at the first retry: most processes never retry
+
         delay: float = self.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
         return min(60.0, delay)

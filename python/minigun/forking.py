@@ -1,7 +1,7 @@
-"""The process strategies' one entry point: ``Run._spec`` hands every stage whose
-strategy forks (``spawn_fork``, ``fork_ipc``) to :func:`fork_call`, which returns the call
-the Rust worker threads make instead of the stage function; ``Run._finish`` calls
-:func:`reap_run`.
+"""The process strategies' one entry point: the executor of every stage whose strategy
+forks (``spawn_fork``, ``fork_ipc``) is :func:`forked_executor`, which returns the work
+the Rust worker threads run instead of the stage function; a run's idle children are
+reaped when it finishes (``RunForks.reap``, through ``work.finish_run``).
 
 The concerns live below it, one module each (docs/forking.md): ``fork_safety`` (the fork
 itself and the child's set-up), ``children`` (the parent's view of child processes, kept
@@ -12,13 +12,24 @@ and ``fork_ipc`` (the two executors), and ``worker_loop`` (what a child runs).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from .children import ForkStage, function_worker, reap_run
+from .children import ForkStage, function_worker
 from .fork_ipc import ipc_factory
+from .graph import Node
+from .plan import StagePlan
 from .spawn_fork import spawn_fork_call
+from .work import Run, StageCode, Work, WorkMode
 
-__all__ = ["fork_call", "reap_run"]
+__all__ = ["fork_call", "forked_executor"]
+
+
+def forked_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
+    """spawn_fork and fork_ipc: the stage runs in forked children."""
+    call, mode, threads, make_worker = fork_call(
+        run, node, plan.strategy, plan.workers, code.call, plan.call_mode, code.start
+    )
+    return Work(call=call, mode=cast(WorkMode, mode), make_worker=make_worker, threads=threads)
 
 
 def fork_call(

@@ -135,14 +135,7 @@ class _RaySession:
             _ray().shutdown()
 
 
-_runs: PerRun[_RaySession] = PerRun(_RaySession)
-
-
-def finish_ray_run(run: Run) -> None:
-    """Called by the run once its worker threads are joined."""
-    session = _runs.pop(run)
-    if session is not None:
-        session.finish()
+_runs: PerRun[_RaySession] = PerRun(_RaySession, finish=_RaySession.finish)
 
 
 def _job(run: Run, node: Node, plan: StagePlan) -> WorkerJob:
@@ -356,4 +349,4 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
     return Work(call=call, mode="chunk", make_worker=None, threads=threads)
 
 
-__all__ = ["finish_ray_run", "ray_executor", "spawn_ray_executor"]
+__all__ = ["ray_executor", "spawn_ray_executor"]

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import aio, context
+from . import aio, context, log
 from . import hooks as _hooks
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
-from .executors import executor_for, finish_run
+from .executors import executor_for
 from .graph import Graph, Node, compile_graph
 from .kinds import ACCUMULATOR, PRODUCER
 from .native import RuntimeKind, StageSpec, ext
@@ -30,9 +29,7 @@ from .run_hooks import RunHooks
 from .stage import FunctionStage, worker_copy
 from .stats import RunResult, StageInfo, StageStats
 from .strategies import PER_ITEM
-from .work import Call, Close, StageCode, Start
-
-logger = logging.getLogger("minigun")
+from .work import Call, Close, StageCode, Start, finish_run
 
 _POLL = 0.05
 
@@ -172,9 +169,9 @@ class Run:
             self._finish()
             assert self._failure is not None
             raise self._failure from exc
-        if logger.isEnabledFor(logging.DEBUG):
+        if log.debug_enabled():
             for spec in self._specs:
-                logger.debug("stage %r: starting %d worker(s)", spec["name"], spec["workers"])
+                log.debug("stage %r: starting %d worker(s)", spec["name"], spec["workers"])
         self._runtime.start()
         if self._show_progress:
             stream = None if self._show_progress is True else self._show_progress
@@ -216,7 +213,7 @@ class Run:
             while not self._runtime.wait(_POLL):
                 pass
         except (KeyboardInterrupt, _Terminated):
-            logger.warning("interrupted again: not waiting for the stages still running")
+            log.warning("interrupted again: not waiting for the stages still running")
             context.unregister_run(self)  # nor at interpreter exit
             raise
         self._finish()
@@ -349,7 +346,7 @@ class Run:
     def stop_for_exit(self, grace: float) -> None:
         """Interpreter exit: wait up to ``grace`` seconds for the cancelled run to end."""
         if not self._done.wait(grace):
-            logger.warning(
+            log.warning(
                 "interpreter exit: a background run did not stop within %.0f s "
                 "(a stage is still in user code)",
                 grace,

@@ -8,7 +8,6 @@ nested pipelines (:class:`NestedStage`) and custom subclasses that override
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypedDict, TypeVar
@@ -273,6 +272,8 @@ def check_options(options: dict[str, Any], stage: str, valid: Iterable[str]) -> 
     for option in options:
         if option in valid:
             continue
+        import difflib  # noqa: PLC0415 - only to word this error
+
         nearest = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
         hint = f"did you mean {nearest[0]}=? " if nearest else ""
         raise DefinitionError(

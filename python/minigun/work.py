@@ -27,7 +27,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from .graph import Graph, Node
 from .plan import StagePlan
@@ -124,12 +124,22 @@ State = TypeVar("State")
 
 class PerRun(Generic[State]):
     """What an executor keeps for each run it works for (a process budget, a Ray
-    connection): made by ``make(run)`` at first use, dropped with the run."""
+    connection): made by ``make(run)`` at first use, dropped with the run. With
+    ``finish``, :func:`finish_run` hands the run's state to it once the run's worker
+    threads are joined (idle forked children to end, a Ray session to close)."""
 
-    def __init__(self, make: Callable[[Any], State]) -> None:
+    #: Every PerRun made with a ``finish``: what :func:`finish_run` asks.
+    _finishing: ClassVar[list[PerRun[Any]]] = []
+
+    def __init__(
+        self, make: Callable[[Any], State], finish: Callable[[State], None] | None = None
+    ) -> None:
         self._make = make
+        self._finish = finish
         self._lock = threading.Lock()
         self._states: weakref.WeakKeyDictionary[Any, State] = weakref.WeakKeyDictionary()
+        if finish is not None:
+            PerRun._finishing.append(self)
 
     def of(self, run: Any) -> State:
         with self._lock:
@@ -138,11 +148,20 @@ class PerRun(Generic[State]):
                 state = self._states[run] = self._make(run)
             return state
 
-    def pop(self, run: Any) -> State | None:
-        """The run's state, forgotten here (None if it never had one)."""
-        with self._lock:
-            return self._states.pop(run, None)
-
     def every(self) -> list[State]:
         with self._lock:
             return list(self._states.values())
+
+    def finish(self, run: Any) -> None:
+        """Forget the run's state, after handing it to ``finish`` (if it had one)."""
+        with self._lock:
+            state = self._states.pop(run, None)
+        if state is not None and self._finish is not None:
+            self._finish(state)
+
+
+def finish_run(run: Any) -> None:
+    """Release what the executors kept for ``run`` once its worker threads are joined.
+    Only the executors the process has loaded can have kept anything."""
+    for per_run in PerRun._finishing:
+        per_run.finish(run)
