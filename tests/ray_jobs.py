@@ -70,3 +70,30 @@ def kill_my_actor_at_3(item):
 def slow(item):
     time.sleep(0.02)
     return item
+
+
+class SlowToOpenAndClose(mg.Stage):
+    """A custom stage whose workers take their time to open and to close, recording each
+    token (``opens`` when open() begins, ``closes`` when close() ends) in ``folder``: a
+    cancel lands mid-open or mid-close more often than not."""
+
+    def __init__(self, name: str, *, folder: str, **options: object) -> None:
+        super().__init__(name, **options)
+        self.folder = folder
+
+    def _record(self, what: str) -> None:
+        with open(os.path.join(self.folder, what), "a") as f:
+            f.write(f"{self.token}\n")
+
+    def open(self) -> None:
+        self.token = f"{os.getpid()}-{time.monotonic_ns()}"
+        self._record("opens")
+        time.sleep(0.3)
+
+    def process(self, item):
+        time.sleep(0.05)
+        return item
+
+    def close(self) -> None:
+        time.sleep(0.3)
+        self._record("closes")

@@ -120,6 +120,27 @@ class TestOnRay:
         assert time.monotonic() - began < 2
         assert wait_until(lambda: minigun_ray_actors() == [], timeout=5), minigun_ray_actors()
 
+    def test_a_cancelled_spawn_ray_task_closes_its_worker_before_the_run_ends(self, tmp_path):
+        # Ray cancels a task with a KeyboardInterrupt at any point of it: one that lands in
+        # open() or close() must not leave an opened worker unclosed, and the run must not
+        # end before the task has closed its worker.
+        p = mg.Pipeline("p")
+        p.producer(lambda: itertools.count(), name="source")
+        p.add(jobs.SlowToOpenAndClose("work", folder=str(tmp_path), strategy="spawn_ray"))
+        p.consumer(lambda item: None, name="sink")
+        for pause in (0.1, 0.45, 0.8):  # in open(), around the item, in close()
+            run = p.start()
+            assert wait_until(lambda: (tmp_path / "opens").exists(), timeout=20)
+            time.sleep(pause)
+            run.cancel()
+            assert run.wait(timeout=10).status == "cancelled"
+            opens = (tmp_path / "opens").read_text().split()
+            closes_file = tmp_path / "closes"
+            closes = closes_file.read_text().split() if closes_file.exists() else []
+            assert sorted(closes) == sorted(opens), f"cancelled after {pause} s"
+            (tmp_path / "opens").unlink()
+            closes_file.unlink(missing_ok=True)
+
 
 def test_without_ray_the_strategy_is_refused_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an uninstalled module looks like

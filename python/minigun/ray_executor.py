@@ -325,8 +325,11 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
         try:
             item_frames, close_frames = calls.wait(ref)
         except ext.RunStopping:
-            # Interrupts the item (KeyboardInterrupt in the task): its worker still closes.
-            _ray().cancel(ref)
+            # Interrupts the item (KeyboardInterrupt in the task); its worker still
+            # closes, and the run ends only once it has (or GRACE is spent).
+            ray = _ray()
+            ray.cancel(ref)
+            ray.wait([ref], timeout=GRACE)
             raise
         except Exception as exc:  # noqa: BLE001 - the task's worker died
             return 0, [(item, calls.lost(exc, "Ray task"))]

@@ -13,6 +13,7 @@ result, rather than streamed.
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any
 
@@ -71,17 +72,53 @@ class StageActor:
                 self._server.abandoned()
 
 
+class _CancelDeferred:
+    """Ray cancels a running task by raising KeyboardInterrupt in its main thread (a
+    simulated SIGINT). Within this block one is only noted (``cancelled``), so that
+    opening or closing the worker is never cut in half: a worker that was opened is
+    always closed. Off the main thread (where Ray never interrupts) it does nothing."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._previous: Any = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.cancelled = True
+
+    def __enter__(self) -> _CancelDeferred:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def run_item(job: WorkerJob, item: Any) -> tuple[list[bytes], list[bytes]]:
     """One item's worker, in a Ray task: the frames of the item's reply and of the
-    worker's close (empty when the worker could not start)."""
+    worker's close (empty when the worker could not start).
+
+    A cancel (the run is stopping) interrupts the item only; the worker is closed all the
+    same. The parent no longer reads the reply then, so a cancelled task returns none."""
     frames: list[bytes] = []
     out = loop.Outbox(frames.append, job.path, job.routes, job.route_error)
     context.set_child_emitter(out.emit)
-    server = loop.ChunkServer(out, job.start, job.mode, job.policy)
-    if not server.handle((loop.CHUNK, ([item], False))):
-        server.abandoned()  # it could not start, or broke: close what was opened
-        return list(frames), []
-    item_frames = list(frames)
-    frames.clear()
-    server.handle((loop.CLOSE, None))
+    with _CancelDeferred() as opening:
+        server = loop.ChunkServer(out, job.start, job.mode, job.policy)
+    if opening.cancelled:
+        with _CancelDeferred():
+            server.abandoned()
+        return [], []
+    try:
+        served = server.handle((loop.CHUNK, ([item], False)))
+    except KeyboardInterrupt:  # cancelled between the item and its reply
+        served = False
+    with _CancelDeferred():
+        if not served:
+            server.abandoned()  # it could not start, broke or was cancelled: close it
+            return list(frames), []
+        item_frames = list(frames)
+        frames.clear()
+        server.handle((loop.CLOSE, None))
     return item_frames, list(frames)
