@@ -1,10 +1,16 @@
 """The package's modules import downward only: no import cycle, counting imports made
-inside functions and under TYPE_CHECKING (a cycle hidden there is still a cycle)."""
+inside functions and under TYPE_CHECKING (a cycle hidden there is still a cycle); and
+``import minigun`` loads only what every run needs."""
 
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
+import subprocess
+import textwrap
+
+from _mg_helpers import PYTHON, subprocess_env
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "python" / "minigun"
 
@@ -71,3 +77,44 @@ def test_only_native_imports_the_extension():
         if "_minigun" in _imports(p) or "import _minigun" in p.read_text()
     }
     assert importers == {"native"}
+
+
+#: Loaded only by the runs that need them: each costs import time every user would pay.
+LOADED_ON_FIRST_USE = [
+    "minigun.forking",
+    "minigun.fork_ipc",
+    "minigun.spawn_fork",
+    "minigun.interpreters",
+    "minigun.ray_executor",
+    "asyncio",
+    "logging",
+    "pickle",
+    "random",
+    "difflib",
+]
+
+
+def test_import_minigun_leaves_executors_and_heavy_modules_to_their_first_use():
+    # In a fresh interpreter: this session has long since imported all of them.
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import minigun as mg
+        watched = {LOADED_ON_FIRST_USE!r}
+        at_import = [m for m in watched if m in sys.modules]
+        p = mg.Pipeline("p")
+        p.producer(lambda: range(3), name="source")
+        p.processor(lambda x: x, name="work", strategy="fork_ipc")
+        p.consumer(lambda x: None, name="sink")
+        assert p.run().status == "ok"
+        print(json.dumps([at_import, [m for m in watched if m in sys.modules]]))
+        """
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    at_import, after_a_fork_run = json.loads(done.stdout.splitlines()[-1])
+    assert at_import == [], f"import minigun loaded {at_import}"
+    # The check sees a module once it is loaded: a fork_ipc run loads its executor.
+    assert "minigun.fork_ipc" in after_a_fork_run
