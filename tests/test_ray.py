@@ -128,7 +128,9 @@ class TestOnRay:
         p.producer(lambda: itertools.count(), name="source")
         p.add(jobs.SlowToOpenAndClose("work", folder=str(tmp_path), strategy="spawn_ray"))
         p.consumer(lambda item: None, name="sink")
-        for pause in (0.1, 0.45, 0.8):  # in open(), around the item, in close()
+        # After the first open() began: in open() (0.3 s), in the item (0.3 to 0.35 s), in
+        # close() (0.35 to 0.65 s); tasks started later are elsewhere in theirs.
+        for pause in (0.1, 0.32, 0.5):
             run = p.start()
             assert wait_until(lambda: (tmp_path / "opens").exists(), timeout=20)
             time.sleep(pause)

@@ -106,14 +106,12 @@ def run_item(job: WorkerJob, item: Any) -> tuple[list[bytes], list[bytes]]:
     context.set_child_emitter(out.emit)
     with _CancelDeferred() as opening:
         server = loop.ChunkServer(out, job.start, job.mode, job.policy)
-    if opening.cancelled:
-        with _CancelDeferred():
-            server.abandoned()
-        return [], []
-    try:
-        served = server.handle((loop.CHUNK, ([item], False)))
-    except KeyboardInterrupt:  # cancelled between the item and its reply
-        served = False
+    served = False
+    if not opening.cancelled:  # cancelled while opening: the item is not started
+        try:
+            served = server.handle((loop.CHUNK, ([item], False)))
+        except KeyboardInterrupt:  # cancelled between the item and its reply
+            pass
     with _CancelDeferred():
         if not served:
             server.abandoned()  # it could not start, broke or was cancelled: close it
