@@ -34,13 +34,45 @@ pub enum Recv<T> {
 }
 
 /// The item budget of a bounded channel: a counting semaphore that also wakes on shutdown.
+///
+/// A waiting sender is woken only once half the capacity (or all it wants, if more) is
+/// free, not as each chunk is taken: on a GIL build a woken sender can only queue for the
+/// GIL the receiver holds, and every wake-up costs the receiver a system call and both
+/// threads a context switch. With this hysteresis a sender that filled the queue sleeps
+/// until the receiver drained half of it, then refills it in one go.
 struct Permits {
     capacity: Option<usize>,
-    available: Mutex<usize>,
+    state: Mutex<PermitState>,
     freed: Condvar,
 }
 
+struct PermitState {
+    available: usize,
+    /// Senders waiting for room, and the most permits one of them wants.
+    waiters: usize,
+    most_wanted: usize,
+}
+
+impl PermitState {
+    /// Whether a waiting sender should be woken now (see [`Permits`]).
+    fn wakes_a_sender(&self, capacity: usize) -> bool {
+        self.waiters > 0 && self.available >= self.most_wanted.max(capacity.div_ceil(2))
+    }
+}
+
 impl Permits {
+    fn new(capacity: Option<usize>) -> Self {
+        Permits {
+            capacity,
+            state: Mutex::new(PermitState {
+                available: capacity.unwrap_or(0),
+                waiters: 0,
+                most_wanted: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
     /// Take permits for `n` items, waiting while the queue is full. A chunk larger than the
     /// whole capacity waits for an empty queue and takes everything, so it cannot deadlock.
     fn acquire(&self, n: usize, shutdown: &Shutdown) -> Option<usize> {
@@ -48,18 +80,26 @@ impl Permits {
             return Some(0);
         };
         let want = n.min(capacity);
-        let mut available = self.available.lock().unwrap();
-        while *available < want {
-            if shutdown.is_set() {
-                return None;
+        let mut state = self.state.lock().unwrap();
+        if state.available < want {
+            state.waiters += 1;
+            state.most_wanted = state.most_wanted.max(want);
+            while state.available < want && !shutdown.is_set() {
+                state = self
+                    .freed
+                    .wait_timeout(state, Duration::from_millis(50))
+                    .unwrap()
+                    .0;
             }
-            available = self
-                .freed
-                .wait_timeout(available, Duration::from_millis(50))
-                .unwrap()
-                .0;
+            state.waiters -= 1;
+            if state.waiters == 0 {
+                state.most_wanted = 0;
+            }
+            if state.available < want {
+                return None; // the run shut down
+            }
         }
-        *available -= want;
+        state.available -= want;
         Some(want)
     }
 
@@ -68,24 +108,31 @@ impl Permits {
             return Some(0);
         };
         let want = n.min(capacity);
-        let mut available = self.available.lock().unwrap();
-        if *available < want {
+        let mut state = self.state.lock().unwrap();
+        if state.available < want {
             return None;
         }
-        *available -= want;
+        state.available -= want;
         Some(want)
     }
 
     fn release(&self, n: usize) {
-        if n == 0 {
+        let Some(capacity) = self.capacity.filter(|_| n > 0) else {
             return;
+        };
+        let wake = {
+            let mut state = self.state.lock().unwrap();
+            state.available += n;
+            state.wakes_a_sender(capacity)
+        };
+        // Notified after the lock is dropped, so a woken sender does not wake into it.
+        if wake {
+            self.freed.notify_all();
         }
-        *self.available.lock().unwrap() += n;
-        self.freed.notify_all();
     }
 
     fn wake_all(&self) {
-        let _guard = self.available.lock().unwrap();
+        let _state = self.state.lock().unwrap();
         self.freed.notify_all();
     }
 }
@@ -131,11 +178,7 @@ impl<T> ItemChannel<T> {
         ItemChannel {
             rx,
             master: Mutex::new(Some(tx)),
-            permits: Permits {
-                capacity,
-                available: Mutex::new(capacity.unwrap_or(0)),
-                freed: Condvar::new(),
-            },
+            permits: Permits::new(capacity),
             upstreams_left: AtomicUsize::new(upstreams),
             preferred_chunk: AtomicUsize::new(min_chunk.clamp(1, max_chunk)),
             min_chunk: min_chunk.clamp(1, max_chunk),
@@ -355,6 +398,51 @@ mod tests {
         assert!(blocked.join().unwrap());
         let empty = ItemChannel::<u32>::new(Some(1), 1);
         assert!(matches!(empty.recv(&shutdown, None), Recv::Shutdown));
+    }
+
+    #[test]
+    fn a_waiting_sender_is_woken_once_half_the_capacity_is_free() {
+        let state = |available, waiters, most_wanted| PermitState {
+            available,
+            waiters,
+            most_wanted,
+        };
+        assert!(!state(1000, 0, 0).wakes_a_sender(1000), "nobody waits");
+        assert!(!state(250, 1, 250).wakes_a_sender(1000));
+        assert!(!state(499, 1, 250).wakes_a_sender(1000));
+        assert!(state(500, 1, 250).wakes_a_sender(1000));
+        assert!(
+            state(3, 1, 1).wakes_a_sender(5),
+            "half of an odd capacity rounds up"
+        );
+        assert!(
+            !state(600, 1, 800).wakes_a_sender(1000),
+            "it wants more than half"
+        );
+        assert!(state(800, 2, 800).wakes_a_sender(1000));
+    }
+
+    #[test]
+    fn a_blocked_sender_gets_through_as_the_receiver_drains() {
+        let shutdown = Shutdown::new();
+        let ch = Arc::new(ItemChannel::<u32>::new(Some(4), 1));
+        let tx = ch.sender().unwrap();
+        ch.try_send(&tx, vec![1, 2]).unwrap();
+        ch.try_send(&tx, vec![3, 4]).unwrap();
+        let sender = {
+            let ch = ch.clone();
+            let shutdown = shutdown.clone();
+            thread::spawn(move || ch.send(&tx, vec![5, 6], &shutdown).is_ok())
+        };
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            match ch.recv(&shutdown, None) {
+                Recv::Chunk(items) => got.extend(items),
+                _ => unreachable!(),
+            }
+        }
+        assert!(sender.join().unwrap());
+        assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
