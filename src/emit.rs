@@ -20,7 +20,7 @@ use pyo3::prelude::*;
 
 use crate::channel::{Chunk, ItemChannel};
 use crate::shutdown::Shutdown;
-use crate::stats::StageStats;
+use crate::stats::{OutCounter, StageStats};
 
 pub type Item = Py<PyAny>;
 pub type Channel = ItemChannel<Item>;
@@ -158,7 +158,7 @@ enum Target {
 /// The output side of one worker thread.
 pub struct Emitter {
     routes: Arc<Routes>,
-    stats: Arc<StageStats>,
+    items_out: OutCounter,
     outboxes: Vec<Arc<Outbox>>,
     all_edges: Vec<usize>,
     shutdown: Shutdown,
@@ -185,7 +185,7 @@ impl Emitter {
     ) -> Rc<Self> {
         Rc::new(Emitter {
             routes,
-            stats,
+            items_out: stats.out_counter(),
             all_edges: (0..outboxes.len()).collect(),
             outboxes,
             shutdown,
@@ -222,7 +222,7 @@ impl Emitter {
     }
 
     fn dispatch(&self, py: Python<'_>, target: Target, value: Item) {
-        self.stats.add_out(1);
+        self.items_out.add(1);
         let n = self.outboxes.len();
         if n == 0 {
             return; // a terminal stage: the value is dropped here, under the GIL
