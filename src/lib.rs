@@ -2,14 +2,15 @@
 //!
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
 //! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
-//! call user code), `accumulate` (keyed batching), `stats` (counters and latency),
-//! `spec` (the typed stage spec the Python layer hands over), `scheduler` (a whole run),
-//! `shutdown` (the stop signal), `fork` (the fork gate, the
-//! parent's fds every child closes, reaping and terminating a process), `children` (a run's
-//! process budget and table of children, waiting on them) and `ipc` (length-prefixed
-//! frames on pipes).
+//! call user code), `call` (one-argument calls without an argument tuple), `accumulate`
+//! (keyed batching), `stats` (counters and latency), `spec` (the typed stage spec the
+//! Python layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal),
+//! `fork` (the fork gate, the parent's fds every child closes, reaping and terminating a
+//! process), `children` (a run's process budget and table of children, waiting on them)
+//! and `ipc` (length-prefixed frames on pipes).
 
 pub mod accumulate;
+pub mod call;
 pub mod channel;
 pub mod children;
 pub mod emit;

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::accumulate::{Batcher, Limits};
+use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
@@ -125,7 +126,7 @@ fn invoke(
     input: &Bound<'_, PyAny>,
     emitter: &Emitter,
 ) -> PyResult<Option<Item>> {
-    let result = call.call1((input,))?;
+    let result = call_one(call, input)?;
     if result.is_none() {
         return Ok(None);
     }
@@ -316,26 +317,36 @@ fn run_producer(stage: &StageShared) {
 }
 
 /// Wait (without the GIL) for the stage's next chunk; None at the end of the stream or
-/// when the run stops. Small chunks already queued behind it are merged in, up to the
-/// stage's preferred size: senders that chunked before the stage's cost was known (or
-/// flushed early) do not make it pay the per-chunk cost for each of them.
+/// when the run stops.
 fn next_chunk(stage: &StageShared, input: &Channel) -> Option<Vec<Item>> {
     loop {
         match input.recv(&stage.run.shutdown, None) {
-            Recv::Chunk(mut items) => {
+            Recv::Chunk(items) => {
                 stage.stats.started();
-                while items.len() < input.preferred_chunk() {
-                    match input.try_recv() {
-                        Some(more) => items.extend(more),
-                        None => break,
-                    }
-                }
-                return Some(items);
+                return Some(merge_queued(input, items));
             }
             Recv::Timeout => continue,
             Recv::Closed | Recv::Shutdown => return None,
         }
     }
+}
+
+/// The next chunk if one is queued now, without waiting.
+fn queued_chunk(input: &Channel) -> Option<Vec<Item>> {
+    input.try_recv().map(|items| merge_queued(input, items))
+}
+
+/// Small chunks already queued behind `items` are merged in, up to the stage's preferred
+/// size: senders that chunked before the stage's cost was known (or flushed early) do not
+/// make it pay the per-chunk cost for each of them.
+fn merge_queued(input: &Channel, mut items: Vec<Item>) -> Vec<Item> {
+    while items.len() < input.preferred_chunk() {
+        match input.try_recv() {
+            Some(more) => items.extend(more),
+            None => break,
+        }
+    }
+    items
 }
 
 fn run_processor(stage: &StageShared) {
@@ -344,29 +355,42 @@ fn run_processor(stage: &StageShared) {
         let Some(call) = worker.call.as_ref() else {
             return;
         };
+        let target = if stage.mode == CallMode::Chunk {
+            TARGET_CHUNK_NANOS_REMOTE
+        } else {
+            TARGET_CHUNK_NANOS
+        };
         while let Some(items) = next_chunk(stage, &input) {
-            let n = items.len();
+            // The GIL is kept from chunk to chunk while input is queued: giving it up costs
+            // two context switches (more than a chunk of cheap items), and the interpreter
+            // still hands it to the other threads every switch interval. It is given up
+            // only to wait, after the buffered output is flushed.
             let stop = Python::attach(|py| {
                 let call = call.bind(py);
-                let started = Instant::now();
-                let result = if stage.mode == CallMode::Chunk {
-                    run_chunk(py, stage, call, items)
-                } else {
-                    run_items(py, stage, call, emitter, items)
-                };
-                let target = if stage.mode == CallMode::Chunk {
-                    TARGET_CHUNK_NANOS_REMOTE
-                } else {
-                    TARGET_CHUNK_NANOS
-                };
-                let spent = started.elapsed();
-                stage.stats.add_busy(spent);
-                input.observe_cost(n, spent.as_nanos() as u64, target);
-                stage.run.tick(py);
-                if result.is_ok() && input.is_empty() {
-                    emitter.flush(py);
+                let mut items = items;
+                loop {
+                    let n = items.len();
+                    let started = Instant::now();
+                    let result = if stage.mode == CallMode::Chunk {
+                        run_chunk(py, stage, call, items)
+                    } else {
+                        run_items(py, stage, call, emitter, items)
+                    };
+                    let spent = started.elapsed();
+                    stage.stats.add_busy(spent);
+                    input.observe_cost(n, spent.as_nanos() as u64, target);
+                    stage.run.tick(py);
+                    if result.is_err() {
+                        return true;
+                    }
+                    match queued_chunk(&input) {
+                        Some(more) => items = more,
+                        None => {
+                            emitter.flush(py);
+                            return false;
+                        }
+                    }
                 }
-                result.is_err()
             });
             if stop {
                 break;
@@ -551,7 +575,7 @@ fn key_slot(
     item: &Bound<'_, PyAny>,
     next_slot: &mut u64,
 ) -> PyResult<(u64, Item)> {
-    let key = key_fn.call1((item,))?;
+    let key = call_one(key_fn, item)?;
     if let Some(slot) = slots.get_item(&key)? {
         return Ok((slot.extract()?, key.unbind()));
     }
