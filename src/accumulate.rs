@@ -10,7 +10,36 @@
 //! * at the end of the stream everything left is flushed, oldest batch first.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
+
+/// Slots are small ids handed out in sequence; a multiplicative hash spreads them over the
+/// table as well as the default SipHash does, for a fraction of its cost, which every item
+/// of an accumulator pays.
+#[derive(Default)]
+struct SlotHasher(u64);
+
+impl Hasher for SlotHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(self.0 ^ u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type BySlot<V> = HashMap<u64, V, BuildHasherDefault<SlotHasher>>;
+
+/// A new batch reserves room for this many items at most (a `max_size` in the millions
+/// must not reserve its whole size up front).
+const BATCH_PREALLOCATION: usize = 1024;
 
 pub struct Limits {
     pub max_size: usize,
@@ -28,7 +57,7 @@ pub struct Batch<K, T> {
 
 pub struct Batcher<K, T> {
     limits: Limits,
-    open: HashMap<u64, Batch<K, T>>,
+    open: BySlot<Batch<K, T>>,
     held: usize,
     since_check: usize,
     next_seq: u64,
@@ -43,7 +72,7 @@ impl<K, T> Batcher<K, T> {
         };
         Batcher {
             limits,
-            open: HashMap::new(),
+            open: BySlot::default(),
             held: 0,
             since_check: 0,
             next_seq: 0,
@@ -68,12 +97,12 @@ impl<K, T> Batcher<K, T> {
         item: T,
         now: Instant,
     ) -> Vec<Batch<K, T>> {
-        let seq = &mut self.next_seq;
+        let (seq, limits) = (&mut self.next_seq, &self.limits);
         let batch = self.open.entry(slot).or_insert_with(|| {
             *seq += 1;
             Batch {
                 key: key(),
-                items: Vec::new(),
+                items: Vec::with_capacity(limits.max_size.min(BATCH_PREALLOCATION)),
                 first_at: now,
                 seq: *seq,
             }

@@ -641,7 +641,7 @@ fn run_accumulator(stage: &StageShared) {
                                         item.bind(py),
                                         &mut next_slot,
                                     ) {
-                                        Ok(found) => found,
+                                        Ok((slot, key)) => (slot, Some(key)),
                                         Err(error) => {
                                             stage.stats.add_error();
                                             handle_failure(py, stage, error, Some(item.bind(py)))?;
@@ -649,12 +649,12 @@ fn run_accumulator(stage: &StageShared) {
                                         }
                                     }
                                 }
-                                _ => (0, py.None()),
+                                _ => (0, None),
                             };
                             // The chunk's arrival time opens its batches: one clock read
                             // per chunk (a read per item costs as much as the push), and a
                             // batch that waits is flushed at most a chunk's time early.
-                            let due = batcher.push(slot, || Some(key), item, started);
+                            let due = batcher.push(slot, || key, item, started);
                             flush(py, due)?;
                         }
                         let spent = started.elapsed();
