@@ -42,8 +42,8 @@ class Impl:
     processes: bool = False
     # Why this interpreter cannot run it (a stdlib feature it lacks), else None.
     unavailable: Callable[[], str | None] | None = None
-    # Runs in the measured process before the clock starts: a service the implementation
-    # uses and a user has running already (a local Ray).
+    # Runs in the measured process before the clock starts: what a user has in place
+    # already (a local Ray running, an installed package's bytecode compiled).
     setup: Callable[[Params], None] | None = None
 
 
