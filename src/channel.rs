@@ -423,6 +423,56 @@ mod tests {
     }
 
     #[test]
+    fn many_senders_and_receivers_neither_lose_nor_overfill() {
+        // Four senders, two receivers, a capacity of 5: every item arrives once, and the
+        // permits come back to the whole capacity.
+        let shutdown = Shutdown::new();
+        let ch = Arc::new(ItemChannel::<u32>::new(Some(5), 1));
+        let senders: Vec<_> = (0..4u32)
+            .map(|s| {
+                let (ch, shutdown) = (ch.clone(), shutdown.clone());
+                let tx = ch.sender().unwrap();
+                thread::spawn(move || {
+                    for i in 0..500 {
+                        let chunk = vec![s * 10_000 + 2 * i, s * 10_000 + 2 * i + 1];
+                        ch.send(&tx, chunk, &shutdown).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let receivers: Vec<_> = (0..2)
+            .map(|_| {
+                let (ch, shutdown) = (ch.clone(), shutdown.clone());
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        match ch.recv(&shutdown, None) {
+                            Recv::Chunk(items) => got.extend(items),
+                            Recv::Closed => return got,
+                            _ => unreachable!(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        ch.upstream_finished();
+        let mut got: Vec<u32> = receivers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
+        got.sort_unstable();
+        let mut want: Vec<u32> = (0..4u32)
+            .flat_map(|s| (0..1000).map(move |i| s * 10_000 + i))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(ch.permits.state.lock().unwrap().available, 5);
+    }
+
+    #[test]
     fn a_blocked_sender_gets_through_as_the_receiver_drains() {
         let shutdown = Shutdown::new();
         let ch = Arc::new(ItemChannel::<u32>::new(Some(4), 1));
