@@ -380,7 +380,7 @@ fn run_processor(stage: &StageShared) {
                     stage.stats.add_busy(spent);
                     input.observe_cost(n, spent.as_nanos() as u64, target);
                     stage.run.tick(py);
-                    if result.is_err() {
+                    if result.is_err() || stage.run.shutdown.is_set() {
                         return true;
                     }
                     match queued_chunk(&input) {
