@@ -270,9 +270,10 @@ impl Runtime {
             .enumerate()
             .map(|(i, spec)| {
                 (spec.kind != Kind::Producer).then(|| {
-                    Arc::new(Channel::with_min_chunk(
+                    Arc::new(Channel::for_receiver(
                         spec.queue_size,
                         upstreams[i],
+                        spec.thread_count(),
                         spec.min_chunk,
                     ))
                 })
@@ -306,11 +307,7 @@ impl Runtime {
                 by_name: spec.route_names.clone(),
                 route_error: spec.route_error.clone_ref(py),
             });
-            let workers = if kind == Kind::Processor && !spec.spawn_per_item {
-                spec.workers.max(1)
-            } else {
-                1
-            };
+            let workers = spec.thread_count();
             let trigger = if kind == Kind::Producer && !spec.auto_start {
                 TRIGGER_WAITING
             } else {
@@ -366,7 +363,7 @@ impl Runtime {
             return Ok(());
         }
         self.run.workers_ready.lock().unwrap().1 =
-            self.stages.iter().map(|s| worker::thread_count(s)).sum();
+            self.stages.iter().map(|s| s.spec.thread_count()).sum();
         for (index, stage) in self.stages.iter().enumerate() {
             if let Err((missing, error)) = worker::start_stage(stage, &mut threads) {
                 self.run.fail(Failure {
@@ -378,7 +375,7 @@ impl Runtime {
                     stage.worker_finished(py);
                 }
                 for later in &self.stages[index + 1..] {
-                    for _ in 0..worker::thread_count(later) {
+                    for _ in 0..later.spec.thread_count() {
                         later.worker_finished(py);
                     }
                 }

@@ -151,6 +151,15 @@ fn definition_error(py: Python<'_>, message: String) -> PyResult<PyErr> {
 }
 
 impl StageSpec {
+    /// How many long-lived threads run the stage (and take its input): a processor's
+    /// workers, else one (a `spawn_thread` stage's one thread hands items out).
+    pub fn thread_count(&self) -> usize {
+        match self.kind {
+            Kind::Processor if !self.spawn_per_item => self.workers.max(1),
+            _ => 1,
+        }
+    }
+
     /// Read one stage's spec from the dict the Python layer built.
     pub fn from_dict(dict: &Bound<'_, PyDict>) -> PyResult<Self> {
         let stage = match dict.get_item("name")? {

@@ -20,14 +20,6 @@ use crate::emit::{self, Channel, Emitter, Item};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 
-/// How many long-lived threads `start_stage` starts for this stage.
-pub fn thread_count(stage: &StageShared) -> usize {
-    match stage.kind {
-        Kind::Processor if !stage.spec.spawn_per_item => stage.spec.workers.max(1),
-        _ => 1,
-    }
-}
-
 /// Start the threads of one stage into `threads`. On the OS's refusal, returns how many
 /// of the stage's threads did not start, with the error.
 pub fn start_stage(
@@ -40,7 +32,7 @@ pub fn start_stage(
         Kind::Processor if stage.spec.spawn_per_item => run_spawning,
         Kind::Processor => |s| run_processor(s),
     };
-    let count = thread_count(stage);
+    let count = stage.spec.thread_count();
     for i in 0..count {
         let s = stage.clone();
         let started = spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
