@@ -38,8 +38,11 @@ class Lead:
 
 
 def slack(queue_size: int) -> int:
-    """Items a stage may hold beyond its queue: the chunk in hand and its outbox."""
-    return 2 * max(1, queue_size // 4) + 2
+    """Items beyond a one-worker stage's queue: what it holds in hand (a chunk, with the
+    chunks queued behind it merged in: under two chunks) and the chunk its sender's outbox
+    fills. A chunk to one worker carries at most half its queue (docs/architecture.md,
+    "Chunk size adapts")."""
+    return 3 * max(1, queue_size // 2)
 
 
 def _chain(lead: Lead, n: int, sizes: list[int], delay: float) -> mg.Pipeline:
