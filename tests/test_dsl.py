@@ -2,11 +2,15 @@
 forms, inheritance and overriding, Task ``__init__``."""
 
 import collections
+import functools
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from _mg_helpers import Collector
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minigun as mg
 
@@ -325,6 +329,69 @@ def test_called_decorator_arity_checked_too():
             @mg.processor(threads=2)
             def two(self, a, b):
                 return a
+
+
+@st.composite
+def _parameter_lists(draw: st.DrawFn) -> str:
+    """A Python parameter list: positional-only, positional with and without defaults,
+    *args, keyword-only with and without defaults."""
+    names = iter("abcdefghij")
+    positional = draw(st.integers(0, 3))
+    defaults = draw(st.integers(0, positional))
+    parts = [
+        next(names) if i < positional - defaults else f"{next(names)}=1" for i in range(positional)
+    ]
+    if positional and draw(st.booleans()):
+        parts.insert(draw(st.integers(1, positional)), "/")
+    keyword_only = [
+        f"{next(names)}=1" if draw(st.booleans()) else next(names)
+        for _ in range(draw(st.integers(0, 2)))
+    ]
+    if draw(st.booleans()):
+        parts.append("*args")
+    elif keyword_only:
+        parts.append("*")
+    return ", ".join(parts + keyword_only)
+
+
+def _outcome(define: Callable[[], object]) -> str:
+    try:
+        define()
+    except mg.DefinitionError as error:
+        return str(error)
+    return "accepted"
+
+
+@settings(max_examples=60, deadline=None)
+@given(params=_parameter_lists(), kind=st.sampled_from(["producer", "processor", "consumer"]))
+def test_a_plain_function_is_checked_as_its_signature_says(params, kind):
+    """A plain function's parameters are read off its code object; a wrapped one's come from
+    inspect.signature: both must accept and refuse the same stages, with the same words."""
+    scope: dict[str, object] = {}
+    exec(f"def work({params}):\n    return 1\n", scope)
+    plain = scope["work"]
+
+    @functools.wraps(plain)
+    def wrapped(*args, **kwargs):
+        return plain(*args, **kwargs)
+
+    def in_a_pipeline(fn: object) -> Callable[[], object]:
+        return lambda: getattr(mg.Pipeline("arity"), kind)(fn, name="work")
+
+    assert _outcome(in_a_pipeline(plain)) == _outcome(in_a_pipeline(wrapped))
+    exec(
+        f"def method({', '.join(['self', params] if params else ['self'])}):\n    return 1\n", scope
+    )
+    method = scope["method"]
+
+    @functools.wraps(method)
+    def wrapped_method(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    def in_a_task(fn: object) -> Callable[[], object]:
+        return lambda: type("Job", (mg.Task,), {"work": getattr(mg, kind)(fn)})
+
+    assert _outcome(in_a_task(method)) == _outcome(in_a_task(wrapped_method))
 
 
 def test_optional_parameters_do_not_count_toward_arity():

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
 
 from . import strategies
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
@@ -281,27 +282,61 @@ def check_options(options: dict[str, Any], stage: str, valid: Iterable[str]) -> 
         )
 
 
+class _Parameters(NamedTuple):
+    """What arity checking needs of a function's parameters."""
+
+    #: The positional parameters, in order, each with whether it has a default.
+    positional: list[tuple[str, bool]]
+    #: Whether it takes ``*args``.
+    varargs: bool
+    #: The keyword-only parameters without a default.
+    kw_required: list[str]
+
+
+def _parameters(fn: Callable[..., Any]) -> _Parameters | None:
+    """``fn``'s parameters; None for a callable without a signature (some builtins).
+
+    A plain function's are read off its code object, as ``inspect.signature`` would report
+    them, in a tenth of the time (a pipeline built per call, as a service does, checks its
+    stages on every call); anything else (a wrapper, a method, a callable object) asks
+    ``inspect.signature``.
+    """
+    if type(fn) is types.FunctionType and not {"__wrapped__", "__signature__"} & fn.__dict__.keys():
+        code = fn.__code__
+        names, count = code.co_varnames, code.co_argcount
+        first_default = count - len(fn.__defaults__ or ())
+        keyword_only = names[count : count + code.co_kwonlyargcount]
+        keyword_defaults = fn.__kwdefaults__ or {}
+        return _Parameters(
+            positional=[(names[i], i >= first_default) for i in range(count)],
+            varargs=bool(code.co_flags & inspect.CO_VARARGS),
+            kw_required=[name for name in keyword_only if name not in keyword_defaults],
+        )
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional_kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return _Parameters(
+        positional=[
+            (p.name, p.default is not p.empty) for p in params if p.kind in positional_kinds
+        ],
+        varargs=any(p.kind is p.VAR_POSITIONAL for p in params),
+        kw_required=[p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty],
+    )
+
+
 def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool) -> None:
     """Reject functions whose parameters do not fit the stage kind (API.md section 1)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
+    parameters = _parameters(fn)
+    if parameters is None:
         return  # builtins without a signature: trust the caller
-    params = list(sig.parameters.values())
+    positional, varargs, kw_required = parameters
     if takes_self:
-        if not params or params[0].kind not in (
-            params[0].POSITIONAL_ONLY,
-            params[0].POSITIONAL_OR_KEYWORD,
-        ):
+        if not positional:
             raise DefinitionError(f"stage {stage!r}: a Task stage is a method and takes self first")
-        params = params[1:]
-    required = [
-        p
-        for p in params
-        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
-    kw_required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+        positional = positional[1:]
+    required = [name for name, has_default in positional if not has_default]
     if kw_required:
         raise DefinitionError(
             f"stage {stage!r}: required keyword-only parameter(s) {', '.join(kw_required)}; "
@@ -311,7 +346,7 @@ def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool)
         if required:
             raise DefinitionError(
                 f"producer {stage!r} takes no items but its function requires "
-                f"{len(required)} parameter(s) ({', '.join(p.name for p in required)}); "
+                f"{len(required)} parameter(s) ({', '.join(required)}); "
                 f"define it as def {stage}({'self' if takes_self else ''}) and yield the items"
             )
         return
@@ -321,7 +356,7 @@ def check_arity(fn: Callable[..., Any], kind: str, stage: str, takes_self: bool)
     raise DefinitionError(
         f"{kind} {stage!r} must take exactly one parameter, {what}, but its function "
         f"requires {len(required)}"
-        + (f" ({', '.join(p.name for p in required)})" if required else "")
+        + (f" ({', '.join(required)})" if required else "")
         + f"; define it as def {stage}("
         + ("self, " if takes_self else "")
         + "item)"
@@ -409,6 +444,7 @@ class FunctionStage(Stage):
                 self.__dict__[attr] = getattr(fn, attr)
         self.__dict__["__wrapped__"] = fn
         asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        self._generator = inspect.isgeneratorfunction(inspect.unwrap(fn))
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
                 raise DefinitionError(
@@ -426,8 +462,7 @@ class FunctionStage(Stage):
 
     @property
     def is_generator(self) -> bool:
-        fn = self.fn
-        return fn is not None and inspect.isgeneratorfunction(inspect.unwrap(fn))
+        return self.fn is not None and self._generator
 
     def with_body(self, fn: Callable[..., Any]) -> FunctionStage:
         """A copy of this stage (same kind and options) running ``fn``."""
@@ -453,6 +488,8 @@ class FunctionStage(Stage):
     _auto_named = False
     #: The strategy is "async" because the body is an async function (not asked for).
     _auto_async = False
+    #: The body is a generator function (read once, when the body is set).
+    _generator = False
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # On a Task instance the attribute is the plain bound method, so stages can call
