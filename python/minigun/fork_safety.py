@@ -53,7 +53,7 @@ import sysconfig
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 try:
     import fcntl
@@ -157,6 +157,7 @@ def fork_child(
             # Signals stay blocked across the fork so the child cannot take a Ctrl-C before
             # it has set SIGINT to "ignore"; this thread gets its mask back right after.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            streams = _std_stream_settings()
             # No minigun thread creates or deletes its thread state during the fork, and
             # no listed fd is closed before the child has closed its copy.
             inherited = ext.fork_gate_close()
@@ -167,7 +168,7 @@ def fork_child(
                     # The parent's ends of this child's own pipes go too: a worker that
                     # kept its input's write end open would never see the end of it.
                     theirs = [r, cw] if duplex else [r]
-                    _child_entry(own, inherited + theirs, mask, child_main, args)
+                    _child_entry(own, inherited + theirs, mask, streams, child_main, args)
             finally:
                 ext.fork_gate_open()
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -187,28 +188,60 @@ def fork_child(
 _inherited_streams: list[Any] = []
 
 
-def _fresh_std_streams() -> None:
-    """In a child: give it its own ``sys.__stdout__`` and ``sys.__stderr__`` over fds 1
-    and 2, and make them ``sys.stdout`` / ``sys.stderr`` where those were the originals.
+class _StreamSettings(NamedTuple):
+    """What a child needs to make its own copy of one of the parent's std streams."""
 
-    The inherited stream objects may be locked forever: another parent thread may have
-    been inside a write or flush (holding the buffer's lock) at the instant of the fork.
-    The child never touches them, so it cannot block on them (and never writes out what
-    the parent had buffered, which the parent writes itself). The originals are replaced
-    even when ``sys.stdout`` was replaced (as pytest's capture does): code that writes
-    to ``sys.__stdout__`` must not block either. Streams the user put in ``sys.stdout``
-    or ``sys.stderr`` are left there."""
+    name: str
+    fd: int
+    encoding: str
+    errors: str | None
+    line_buffering: bool
+
+
+def _std_stream_settings() -> list[_StreamSettings]:
+    """In the parent, before a fork: the settings of ``sys.__stdout__`` and
+    ``sys.__stderr__``. Read here because the child must not read them: on free-threaded
+    CPython reading a stream's attribute takes the stream's lock, which another parent
+    thread may hold (inside a write) at the instant of the fork, and then holds forever in
+    the child (seen: a child blocked in ``TextIOWrapper.errors``)."""
+    settings = []
     for name, fd in (("stdout", 1), ("stderr", 2)):
         original = getattr(sys, f"__{name}__")
         if original is None:
             continue
         try:
+            settings.append(
+                _StreamSettings(
+                    name, fd, original.encoding, original.errors, original.line_buffering
+                )
+            )
+        except (AttributeError, ValueError):  # not a text stream, or closed
+            continue
+    return settings
+
+
+def _fresh_std_streams(settings: list[_StreamSettings]) -> None:
+    """In a child: give it its own ``sys.__stdout__`` and ``sys.__stderr__`` over fds 1
+    and 2, and make them ``sys.stdout`` / ``sys.stderr`` where those were the originals.
+
+    The inherited stream objects may be locked forever: another parent thread may have
+    been inside a write or flush (holding the buffer's lock, and on free-threaded builds
+    the stream's own) at the instant of the fork. The child never touches them, not even
+    to read their settings (``_std_stream_settings`` read those in the parent), so it
+    cannot block on them (and never writes out what the parent had buffered, which the
+    parent writes itself). The originals are replaced even when ``sys.stdout`` was
+    replaced (as pytest's capture does): code that writes to ``sys.__stdout__`` must not
+    block either. Streams the user put in ``sys.stdout`` or ``sys.stderr`` are left
+    there."""
+    for name, fd, encoding, errors, line_buffering in settings:
+        original = getattr(sys, f"__{name}__")
+        try:
             raw = io.FileIO(fd, "w", closefd=False)
             stream = io.TextIOWrapper(
                 io.BufferedWriter(raw),
-                encoding=original.encoding,
-                errors=original.errors,
-                line_buffering=original.line_buffering,
+                encoding=encoding,
+                errors=errors,
+                line_buffering=line_buffering,
             )
         except Exception:  # noqa: BLE001 - no such fd: keep what there is
             continue
@@ -240,13 +273,14 @@ def _child_entry(
     own: tuple[int, ...],
     inherited: list[int],
     mask: Any,
+    streams: list[_StreamSettings],
     child_main: Callable[..., int],
     args: tuple[Any, ...],
 ) -> None:
     code = CHILD_EXIT_BROKEN
     try:
         try:
-            _child_setup(own, inherited, mask)
+            _child_setup(own, inherited, mask, streams)
             code = child_main(*own, *args)
         except BaseException:  # noqa: BLE001 - nothing may escape a child
             code = CHILD_EXIT_BROKEN
@@ -261,11 +295,13 @@ def _child_entry(
 _FREEZE_IN_CHILD = not sysconfig.get_config_var("Py_GIL_DISABLED")
 
 
-def _child_setup(own: tuple[int, ...], inherited: list[int], mask: Any) -> None:
+def _child_setup(
+    own: tuple[int, ...], inherited: list[int], mask: Any, streams: list[_StreamSettings]
+) -> None:
     global _fork_lock
     if _FREEZE_IN_CHILD:
         gc.freeze()
-    _fresh_std_streams()
+    _fresh_std_streams(streams)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
