@@ -215,7 +215,7 @@ def _std_stream_settings() -> list[_StreamSettings]:
                     name, fd, original.encoding, original.errors, original.line_buffering
                 )
             )
-        except (AttributeError, ValueError):  # not a text stream, or closed
+        except Exception:  # noqa: BLE001 - not a usable text stream: keep what there is
             continue
     return settings
 
