@@ -4,9 +4,9 @@
 //! Every worker owns one [`Outbox`] per downstream edge. Items collect there (under the GIL,
 //! one uncontended spin lock per item) and leave as a chunk when the receiving stage's
 //! preferred chunk size is reached, when the worker is about to wait for input, or when the
-//! run's flusher finds the oldest item older than a millisecond. The flusher is what guarantees
-//! that no item sits in a buffer while the pipeline waits, even if user code blocks between
-//! two emits.
+//! run's flusher finds the oldest item older than a millisecond. The flusher is what
+//! guarantees that no item sits in a buffer while the pipeline waits, even if user code
+//! blocks between two emits.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
