@@ -613,8 +613,45 @@ fn run_accumulator(stage: &StageShared) {
             }
             Ok(())
         };
+        // Batches handed to the emitter since it was last flushed.
+        let mut unflushed = false;
         loop {
             let got = input.recv(&stage.run.shutdown, batcher.next_deadline());
+            let got = match (got, &slots) {
+                // Unkeyed items are batched without the GIL: a push only moves a reference.
+                // The GIL is taken once a batch is due (once per `max_size` items), not
+                // per chunk, and the stage batches while the threads feeding it run Python.
+                (Recv::Chunk(items), None) => {
+                    let (n, started) = (items.len(), Instant::now());
+                    stage.stats.started();
+                    stage.stats.add_in(n as u64);
+                    let mut due = Vec::new();
+                    for item in items {
+                        due.extend(batcher.push(0, || None, item, started));
+                    }
+                    let idle = input.is_empty();
+                    if !due.is_empty() || (unflushed && idle) {
+                        let handed = Python::attach(|py| -> Result<(), Stop> {
+                            unflushed |= !due.is_empty();
+                            flush(py, due)?;
+                            stage.run.tick(py);
+                            if input.is_empty() {
+                                emitter.flush(py);
+                                unflushed = false;
+                            }
+                            Ok(())
+                        });
+                        if handed.is_err() {
+                            break;
+                        }
+                    }
+                    let spent = started.elapsed();
+                    stage.stats.add_busy(spent);
+                    input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
+                    continue;
+                }
+                (got, _) => got,
+            };
             let stop = Python::attach(|py| -> Result<bool, Stop> {
                 match got {
                     Recv::Chunk(items) => {
@@ -663,6 +700,7 @@ fn run_accumulator(stage: &StageShared) {
                         flush(py, batcher.expired(Instant::now()))?;
                         stage.stats.add_busy(started.elapsed());
                         emitter.flush(py);
+                        unflushed = false;
                         Ok(false)
                     }
                     Recv::Closed => {
