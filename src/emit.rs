@@ -11,7 +11,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -45,15 +46,22 @@ pub struct Outbox {
     target: Arc<Channel>,
     /// The sending stage's stats: time spent waiting for room is not busy time.
     sender_stats: Arc<StageStats>,
+    /// Rung when the outbox takes an item while empty.
+    flusher: Arc<FlusherBell>,
     state: OutboxLock<OutboxState>,
 }
 
 impl Outbox {
-    pub fn new(target: Arc<Channel>, sender_stats: Arc<StageStats>) -> Arc<Self> {
+    pub fn new(
+        target: Arc<Channel>,
+        sender_stats: Arc<StageStats>,
+        flusher: Arc<FlusherBell>,
+    ) -> Arc<Self> {
         let tx = target.sender();
         Arc::new(Outbox {
             target,
             sender_stats,
+            flusher,
             state: OutboxLock::new(OutboxState {
                 items: Vec::new(),
                 oldest: None,
@@ -65,14 +73,18 @@ impl Outbox {
 
     /// Add an item; sends a chunk when the receiver's preferred size is reached.
     pub fn push(&self, py: Python<'_>, item: Item, shutdown: &Shutdown) {
-        let full = {
+        let (first, full) = {
             let mut st = self.state.lock();
-            if st.items.is_empty() {
+            let first = st.items.is_empty();
+            if first {
                 st.oldest = Some(Instant::now());
             }
             st.items.push(item);
-            st.items.len() >= self.target.preferred_chunk()
+            (first, st.items.len() >= self.target.preferred_chunk())
         };
+        if first {
+            self.flusher.item_waiting();
+        }
         if full {
             self.flush(py, shutdown);
         }
@@ -111,22 +123,37 @@ impl Outbox {
     /// Called by the flusher thread (no GIL): send items older than `max_age` if the
     /// receiver has nothing queued (so it would wait for them) and there is room right now.
     /// Never blocks. A receiver with work queued is not waiting: leaving the chunk to fill
-    /// keeps chunks big while the sending worker merely waits for the GIL.
-    pub fn flush_stale(&self, max_age: Duration) {
-        if self.target.queued_items() > 0 {
-            return;
-        }
+    /// keeps chunks big while the sending worker merely waits for the GIL. Returns whether
+    /// the outbox may still hold items.
+    pub fn flush_stale(&self, max_age: Duration) -> bool {
         let Some(mut st) = self.state.try_lock() else {
-            return;
+            return true;
         };
-        if st.sending || st.items.is_empty() || st.oldest.is_none_or(|t| t.elapsed() < max_age) {
-            return;
+        if st.items.is_empty() {
+            return false;
         }
-        let Some(tx) = st.tx.clone() else { return };
+        if self.target.queued_items() > 0
+            || st.sending
+            || st.oldest.is_none_or(|t| t.elapsed() < max_age)
+        {
+            return true;
+        }
+        let Some(tx) = st.tx.clone() else {
+            return true;
+        };
         let items = std::mem::take(&mut st.items);
-        if let Err(items) = self.target.try_send(&tx, items) {
-            st.items = items;
+        match self.target.try_send(&tx, items) {
+            Ok(()) => false,
+            Err(items) => {
+                st.items = items;
+                true
+            }
         }
+    }
+
+    /// Whether the outbox holds nothing now (false while its owner holds the lock).
+    pub fn is_empty(&self) -> bool {
+        self.state.try_lock().is_some_and(|st| st.items.is_empty())
     }
 
     /// The worker is done with this edge: its sender goes away so the receiver can see the
@@ -138,6 +165,63 @@ impl Outbox {
     /// Buffered items, for dropping under the GIL at teardown.
     pub fn take_all(&self) -> Vec<Item> {
         std::mem::take(&mut self.state.lock().items)
+    }
+}
+
+/// Wakes the run's flusher from a doze. The flusher dozes once every outbox of the run
+/// has been empty for a while (an idle pipeline, or one whose stages take long per item),
+/// instead of waking 2,000 times a second for nothing; the first item into an empty
+/// outbox rings it, so no item waits longer than when it never dozed.
+pub struct FlusherBell {
+    dozing: AtomicBool,
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl FlusherBell {
+    pub fn new() -> Self {
+        FlusherBell {
+            dozing: AtomicBool::new(false),
+            rung: Mutex::new(false),
+            bell: Condvar::new(),
+        }
+    }
+
+    /// An empty outbox took an item: wake the flusher if it dozes. The item is in the
+    /// outbox before this looks (SeqCst against the flusher's `dozing` store and its look
+    /// at every outbox): a flusher that starts dozing after this look sees the item.
+    fn item_waiting(&self) {
+        if self.dozing.load(Ordering::SeqCst) {
+            self.ring();
+        }
+    }
+
+    /// Wake the flusher whether it dozes now or is about to (the run is stopping).
+    pub fn ring(&self) {
+        *self.rung.lock().unwrap() = true;
+        self.bell.notify_one();
+    }
+
+    /// Doze up to `limit`, unless rung or `idle()` (asked after `dozing` is set) says an
+    /// item already waits.
+    pub fn doze(&self, limit: Duration, idle: impl FnOnce() -> bool) {
+        let mut rung = self.rung.lock().unwrap();
+        self.dozing.store(true, Ordering::SeqCst);
+        if !*rung && idle() {
+            rung = self
+                .bell
+                .wait_timeout_while(rung, limit, |rung| !*rung)
+                .unwrap()
+                .0;
+        }
+        *rung = false;
+        self.dozing.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Default for FlusherBell {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -365,5 +449,49 @@ pub fn emit(py: Python<'_>, value: Item, to: Option<&str>) -> PyResult<()> {
             Ok(())
         }
         Some(name) => emitter.emit_to(py, value, name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_flusher_with_an_item_waiting_does_not_doze() {
+        let bell = FlusherBell::new();
+        let started = Instant::now();
+        bell.doze(LONG, || false);
+        assert!(started.elapsed() < LONG / 2);
+    }
+
+    #[test]
+    fn the_first_item_into_an_empty_outbox_wakes_a_dozing_flusher() {
+        let bell = Arc::new(FlusherBell::new());
+        let dozer = {
+            let bell = bell.clone();
+            thread::spawn(move || {
+                let started = Instant::now();
+                bell.doze(LONG, || true);
+                started.elapsed()
+            })
+        };
+        while !bell.dozing.load(Ordering::SeqCst) {
+            thread::yield_now();
+        }
+        bell.item_waiting();
+        assert!(dozer.join().unwrap() < LONG / 2);
+        assert!(!bell.dozing.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_ring_before_the_doze_is_not_lost() {
+        let bell = FlusherBell::new();
+        bell.ring();
+        let started = Instant::now();
+        bell.doze(LONG, || true);
+        assert!(started.elapsed() < LONG / 2);
     }
 }

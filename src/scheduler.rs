@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
-use crate::emit::{Channel, Item, Outbox, Routes};
+use crate::emit::{Channel, FlusherBell, Item, Outbox, Routes};
 use crate::pool::{join_all, refused_error, spawn_named};
 use crate::shutdown::Shutdown;
 pub use crate::spec::{CallMode, Kind, StageSpec};
@@ -31,6 +31,8 @@ pub struct RunShared {
     pub channels: Vec<Option<Arc<Channel>>>,
     failure: Mutex<Option<Failure>>,
     outboxes: Mutex<Vec<Weak<Outbox>>>,
+    /// Wakes the flusher from a doze (see `flusher`).
+    flusher_bell: Arc<FlusherBell>,
     stages_left: Mutex<usize>,
     all_done: Condvar,
     /// Free-threaded builds only: a Python no-op each worker runs now and then, so its
@@ -65,6 +67,7 @@ impl RunShared {
         for channel in self.channels.iter().flatten() {
             channel.wake_senders();
         }
+        self.flusher_bell.ring();
     }
 
     pub fn register_outbox(&self, outbox: &Arc<Outbox>) {
@@ -161,7 +164,8 @@ impl StageShared {
                 let channel = self.run.channels[target]
                     .clone()
                     .expect("downstream stages have an input");
-                let outbox = Outbox::new(channel, self.stats.clone());
+                let outbox =
+                    Outbox::new(channel, self.stats.clone(), self.run.flusher_bell.clone());
                 self.run.register_outbox(&outbox);
                 outbox
             })
@@ -284,6 +288,7 @@ impl Runtime {
             channels,
             failure: Mutex::new(None),
             outboxes: Mutex::new(Vec::new()),
+            flusher_bell: Arc::new(FlusherBell::new()),
             stages_left: Mutex::new(n),
             all_done: Condvar::new(),
             merge_tick: if free_threaded {
@@ -526,21 +531,37 @@ impl Runtime {
 
 /// Ships items that waited in an outbox for over a millisecond, so slow user code between
 /// two emits never holds finished items back from the next stage.
+///
+/// It looks every half millisecond while items are buffered somewhere. Once every outbox
+/// has been empty for `DOZE_AFTER` looks in a row, it dozes until an empty outbox takes an
+/// item (`FlusherBell`), the run stops, or `DOZE_LIMIT` passes: an idle pipeline, or one
+/// whose stages take long per item, then costs no wake-ups.
 fn flusher(run: Arc<RunShared>) {
-    let max_age = Duration::from_millis(1);
-    while !run.shutdown.sleep(Duration::from_micros(500)) {
-        let outboxes: Vec<Arc<Outbox>> = run
-            .outboxes
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for outbox in outboxes {
-            outbox.flush_stale(max_age);
+    const TICK: Duration = Duration::from_micros(500);
+    const MAX_AGE: Duration = Duration::from_millis(1);
+    const DOZE_AFTER: u32 = 20;
+    const DOZE_LIMIT: Duration = Duration::from_secs(1);
+    let live_outboxes = || -> Vec<Arc<Outbox>> {
+        let all = run.outboxes.lock().unwrap();
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    let mut empty_looks = 0;
+    while !run.shutdown.sleep(TICK) {
+        let mut buffered = false;
+        for outbox in live_outboxes() {
+            buffered |= outbox.flush_stale(MAX_AGE);
         }
         if run.is_done() {
             break;
+        }
+        empty_looks = if buffered { 0 } else { empty_looks + 1 };
+        if empty_looks >= DOZE_AFTER {
+            // The outboxes are listed again once the bell knows it dozes: one made since
+            // the last look is in the list before it can take an item.
+            run.flusher_bell.doze(DOZE_LIMIT, || {
+                live_outboxes().iter().all(|outbox| outbox.is_empty())
+            });
+            empty_looks = 0;
         }
     }
 }

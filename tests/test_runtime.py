@@ -72,6 +72,36 @@ def test_slow_items_spread_over_every_worker():
     assert len(seen) == 4
 
 
+def test_an_item_after_an_idle_spell_does_not_wait_in_a_buffer_while_the_producer_blocks():
+    """The run's flusher dozes once every buffer has been empty for a while (for up to a
+    second); the first item after that leaves the producer's buffer as promptly. The burst
+    first makes the consumer's chunks big, so a lone item waits in the buffer for the
+    flusher: a lost wake-up would hold it about 0.8 s."""
+    arrived = threading.Event()
+    delays = []
+
+    def gen():
+        yield from range(1_000)
+        for item in ("late", "later"):
+            time.sleep(0.2)  # nothing buffered anywhere: the flusher dozes
+            arrived.clear()
+            yield item
+            sent = time.monotonic()
+            if not arrived.wait(5):
+                raise AssertionError(f"{item!r} never left the producer's buffer")
+            delays.append(time.monotonic() - sent)
+
+    def sink(item):
+        if isinstance(item, str):
+            arrived.set()
+
+    p = mg.Pipeline("idle")
+    p.producer(gen)
+    p.consumer(sink)
+    p.run()
+    assert len(delays) == 2 and max(delays) < 0.4, delays
+
+
 def test_an_item_does_not_wait_in_a_buffer_while_the_producer_blocks():
     """The first item reaches the consumer while the producer is still blocked."""
     arrived = threading.Event()
