@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context
+from .callables import called_function
 from .config import RetryPolicy
 from .graph import Node
 from .plan import StagePlan
@@ -58,13 +59,13 @@ _PEEK = 0.005
 
 
 def is_async(fn: Callable[..., Any] | None) -> bool:
-    fn = inspect.unwrap(fn) if fn is not None else None
+    fn = called_function(inspect.unwrap(fn)) if fn is not None else None
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
 
 
 async def _body(fn: Callable[..., Any], item: Any) -> None:
     """Run the stage function on one item and emit what it produces (processor rules)."""
-    if inspect.isasyncgenfunction(inspect.unwrap(fn)):
+    if inspect.isasyncgenfunction(called_function(inspect.unwrap(fn))):
         async for value in fn(item):
             context.emit(value)
         return
@@ -218,7 +219,7 @@ def drive_producer(fn: Callable[[], Any]) -> Callable[[], Any]:
     def produce() -> Any:
         loop = asyncio.new_event_loop()
         try:
-            if inspect.isasyncgenfunction(inspect.unwrap(fn)):
+            if inspect.isasyncgenfunction(called_function(inspect.unwrap(fn))):
                 agen = fn()
                 while True:
                     try:

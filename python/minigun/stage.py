@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
 
 from . import strategies
+from .callables import called_function
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
 from .context import emit as _emit
 from .context import trigger as _trigger
@@ -443,8 +444,10 @@ class FunctionStage(Stage):
             if hasattr(fn, attr):
                 self.__dict__[attr] = getattr(fn, attr)
         self.__dict__["__wrapped__"] = fn
-        asynchronous = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        self._generator = inspect.isgeneratorfunction(inspect.unwrap(fn))
+        # The form is that of what a call runs: a callable object's __call__.
+        called = called_function(fn)
+        asynchronous = inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called)
+        self._generator = inspect.isgeneratorfunction(inspect.unwrap(called))
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
                 raise DefinitionError(

@@ -122,6 +122,27 @@ async def async_generator_form(item):
     yield out(item)
 
 
+class ReturnCallable:
+    """The return form as a callable object, the usual shape of a stateful stage."""
+
+    def __call__(self, item):
+        return return_form(item)
+
+
+class GeneratorCallable:
+    """The generator form as a callable object: its ``__call__`` is a generator function."""
+
+    def __call__(self, item):
+        yield from generator_form(item)
+
+
+class AsyncCallable:
+    """The async return form as a callable object: its ``__call__`` is ``async def``."""
+
+    async def __call__(self, item):
+        return await async_return_form(item)
+
+
 class RecordingStage(mg.Stage):
     """A custom stage with per-worker state: ``open()`` makes a token, ``process()`` needs
     it, ``close()`` records it and emits ``("close", token)`` (close may emit)."""
@@ -220,6 +241,10 @@ class Form:
     def is_custom(self) -> bool:
         return self.stage_class is not None
 
+    def written_in(self, api: str) -> bool:
+        """Whether the form exists in ``api``: a callable object has no Task method."""
+        return api == "builder" or self.is_custom or self.method is not None
+
     def __str__(self) -> str:
         return self.name
 
@@ -230,9 +255,12 @@ FORMS = [
     Form("emit", False, emit_form, _task_emit),
     Form("stage", False, stage_class=RecordingStage),
     Form("buffering_stage", False, stage_class=BufferingStage),
+    Form("callable", False, ReturnCallable()),
+    Form("generator_callable", False, GeneratorCallable()),
     Form("async_return", True, async_return_form, _task_async_return),
     Form("async_generator", True, async_generator_form, _task_async_generator),
     Form("async_stage", True, stage_class=AsyncRecordingStage),
+    Form("async_callable", True, AsyncCallable()),
 ]
 
 APIS = ["builder", "task"]

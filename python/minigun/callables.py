@@ -1,0 +1,30 @@
+"""A user's callable as minigun sees it: the function a call of it runs.
+
+A stage may be any callable: a function, a bound method, a ``functools.partial``, or an
+object of a class that defines ``__call__`` (a stateful stage). ``stage(x)`` runs
+``type(stage).__call__(stage, x)`` for the latter, so that method's kind (a generator
+function, a coroutine function, an async generator function) is the stage's form, as it
+is for a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import FunctionType
+from typing import Any
+
+
+def _class_call(fn: object) -> FunctionType | None:
+    """``type(fn).__call__`` where the class defines it as a Python function, else None
+    (a function, a builtin, a partial, a class: their type's ``__call__`` is a slot)."""
+    for klass in type(fn).__mro__:
+        if "__call__" in vars(klass):
+            dunder = vars(klass)["__call__"]
+            return dunder if isinstance(dunder, FunctionType) else None
+    return None
+
+
+def called_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What ``fn(...)`` runs: its class's ``__call__`` for a callable object, else ``fn``."""
+    return _class_call(fn) or fn
+
