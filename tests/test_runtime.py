@@ -123,3 +123,51 @@ def test_an_item_does_not_wait_in_a_buffer_while_the_producer_blocks():
     p.consumer(sink)
     p.run()
     assert got == ["first", "second"]
+
+
+class Tally:
+    """A stateful stage written as a callable object: doubles its items, counts its calls,
+    and refuses 13."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: int) -> int:
+        self.calls += 1
+        if x == 13:
+            raise ValueError("unlucky")
+        return 2 * x
+
+
+class InheritedTally(Tally):
+    """Its ``__call__`` comes from the base class."""
+
+
+class GeneratingTally(Tally):
+    """Its ``__call__`` is a generator: each item goes out twice."""
+
+    def __call__(self, x: int):  # type: ignore[override]
+        yield super().__call__(x)
+        yield 2 * x
+
+
+@pytest.mark.parametrize("strategy", ["inline", "threads", "spawn_thread"])
+@pytest.mark.parametrize("kind", [Tally, InheritedTally, GeneratingTally])
+def test_a_callable_object_stage_is_called_the_way_python_calls_it(strategy, kind):
+    """The runtime calls a callable object through its class's ``__call__`` bound to it
+    (cheaper than calling the object), which must mean what ``stage(x)`` means: the state
+    lands on the object the user passed, an instance attribute named ``__call__`` is not
+    what a call runs, and a failing item reaches on_error with the item."""
+    stage = kind()
+    stage.__call__ = lambda x: -1  # ignored by stage(x): Python looks __call__ up on the type
+    out, failed = [], []
+    p = mg.Pipeline("callable")
+    p.producer(lambda: range(100))
+    p.processor(stage, strategy=strategy, name="tally")
+    p.consumer(out.append)
+    p.on_error(ValueError)(lambda error, item, where: failed.append((item, where)))
+    p.run()
+    per_item = 2 if kind is GeneratingTally else 1
+    assert sorted(out) == sorted([2 * x for x in range(100) if x != 13] * per_item)
+    assert failed == [(13, "tally")]
+    assert stage.calls == 100

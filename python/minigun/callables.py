@@ -1,4 +1,5 @@
-"""A user's callable as minigun sees it: the function a call of it runs.
+"""A user's callable as minigun sees it: the function a call of it runs, and the cheapest
+way to make that call.
 
 A stage may be any callable: a function, a bound method, a ``functools.partial``, or an
 object of a class that defines ``__call__`` (a stateful stage). ``stage(x)`` runs
@@ -10,7 +11,7 @@ is for a function.
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import FunctionType
+from types import FunctionType, MethodType
 from typing import Any
 
 
@@ -28,3 +29,14 @@ def called_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What ``fn(...)`` runs: its class's ``__call__`` for a callable object, else ``fn``."""
     return _class_call(fn) or fn
 
+
+def direct_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, made cheaper to call per item where that changes nothing else.
+
+    CPython (3.11 to 3.13) calls an object of a Python class that defines ``__call__`` by
+    building a tuple of the arguments on every call; the same ``__call__`` bound to the
+    object takes the vectorcall path, with no tuple. Both run
+    ``type(fn).__call__(fn, ...)``: an instance attribute named ``__call__`` is ignored
+    either way. Anything else is returned as it is."""
+    dunder = _class_call(fn)
+    return fn if dunder is None else MethodType(dunder, fn)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+from .callables import direct_call
 from .graph import Graph, Node
 from .plan import StagePlan
 
@@ -110,7 +111,7 @@ class Executor(Protocol):
 def in_process(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
     """inline, threads and spawn_thread: the runtime's threads call the stage itself."""
     return Work(
-        call=code.call,
+        call=None if code.call is None else direct_call(code.call),
         mode=plan.call_mode,
         make_worker=code.start,
         threads=plan.workers,
