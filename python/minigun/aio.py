@@ -63,9 +63,15 @@ def is_async(fn: Callable[..., Any] | None) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
 
 
-async def _body(fn: Callable[..., Any], item: Any) -> None:
-    """Run the stage function on one item and emit what it produces (processor rules)."""
-    if inspect.isasyncgenfunction(called_function(inspect.unwrap(fn))):
+def _is_async_generator(fn: Callable[..., Any]) -> bool:
+    """Whether a call of ``fn`` makes an async generator (rather than a coroutine)."""
+    return inspect.isasyncgenfunction(called_function(inspect.unwrap(fn)))
+
+
+async def _body(fn: Callable[..., Any], generates: bool, item: Any) -> None:
+    """Run the stage function on one item and emit what it produces (processor rules);
+    ``generates``: ``fn`` is an async generator (``_is_async_generator``, asked once)."""
+    if generates:
         async for value in fn(item):
             context.emit(value)
         return
@@ -98,6 +104,7 @@ class _AsyncWorker:
         input_waiting: Callable[[], bool],
     ) -> None:
         self.fn = fn
+        self.generates = _is_async_generator(fn)
         self.concurrency = concurrency
         self.policy = policy
         self.stopping = stopping
@@ -171,7 +178,7 @@ class _AsyncWorker:
             # Every attempt's emits wait for its outcome, retried or not.
             held = context.hold_emits()
             try:
-                await _body(self.fn, item)
+                await _body(self.fn, self.generates, item)
             except Exception as exc:  # noqa: BLE001 - reported to the runtime
                 context.release_emits(held, keep=False)
                 if attempt < self.policy.retries and isinstance(exc, self.policy.retry_on):
@@ -219,7 +226,7 @@ def drive_producer(fn: Callable[[], Any]) -> Callable[[], Any]:
     def produce() -> Any:
         loop = asyncio.new_event_loop()
         try:
-            if inspect.isasyncgenfunction(called_function(inspect.unwrap(fn))):
+            if _is_async_generator(fn):
                 agen = fn()
                 while True:
                     try:
@@ -238,7 +245,9 @@ def drive_producer(fn: Callable[[], Any]) -> Callable[[], Any]:
 def drive_body(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A synchronous accumulator body that runs an async one (emits what it produces)."""
 
+    generates = _is_async_generator(fn)
+
     def body(batch: Any) -> None:
-        asyncio.run(_body(fn, batch))
+        asyncio.run(_body(fn, generates, batch))
 
     return body
