@@ -610,104 +610,85 @@ fn run_accumulator(stage: &StageShared) {
             }
             Ok(())
         };
+        // The slots and key function of a keyed accumulator.
+        let keyed = slots.as_ref().zip(spec.key.as_ref());
         // Batches handed to the emitter since it was last flushed.
         let mut unflushed = false;
         loop {
-            let got = input.recv(&stage.run.shutdown, batcher.next_deadline());
-            let got = match (got, &slots) {
-                // Unkeyed items are batched without the GIL: a push only moves a reference.
-                // The GIL is taken once a batch is due (once per `max_size` items), not
-                // per chunk, and the stage batches while the threads feeding it run Python.
-                (Recv::Chunk(items), None) => {
+            let step = match input.recv(&stage.run.shutdown, batcher.next_deadline()) {
+                Recv::Chunk(items) => {
                     let (n, started) = (items.len(), Instant::now());
                     stage.stats.started();
                     stage.stats.add_in(n as u64);
-                    let mut due = Vec::new();
-                    for item in items {
-                        due.extend(batcher.push(0, || None, item, started));
-                    }
-                    let idle = input.is_empty();
-                    if !due.is_empty() || (unflushed && idle) {
-                        let handed = Python::attach(|py| -> Result<(), Stop> {
-                            unflushed |= !due.is_empty();
-                            flush(py, due)?;
+                    // The chunk's arrival time opens its batches: one clock read per chunk
+                    // (a read per item costs as much as the push), and a batch that waits
+                    // is flushed at most a chunk's time early.
+                    let batched = match keyed {
+                        // Unkeyed items are batched without the GIL: a push only moves a
+                        // reference. The GIL is taken once a batch is due (once per
+                        // `max_size` items), not per chunk, and the stage batches while the
+                        // threads feeding it run Python.
+                        None => {
+                            let mut due = Vec::new();
+                            for item in items {
+                                due.extend(batcher.push(0, || None, item, started));
+                            }
+                            if due.is_empty() && !(unflushed && input.is_empty()) {
+                                Ok(())
+                            } else {
+                                Python::attach(|py| {
+                                    unflushed |= !due.is_empty();
+                                    flush(py, due)?;
+                                    stage.run.tick(py);
+                                    if input.is_empty() {
+                                        emitter.flush(py);
+                                        unflushed = false;
+                                    }
+                                    Ok(())
+                                })
+                            }
+                        }
+                        Some((slots, key_fn)) => Python::attach(|py| {
+                            let (slots, key_fn) = (slots.bind(py), key_fn.bind(py));
+                            for item in items {
+                                if stage.run.shutdown.is_set() {
+                                    return Err(Stop);
+                                }
+                                let found = key_slot(slots, key_fn, item.bind(py), &mut next_slot);
+                                let (slot, key) = match found {
+                                    Ok(found) => found,
+                                    Err(error) => {
+                                        stage.stats.add_error();
+                                        handle_failure(py, stage, error, Some(item.bind(py)))?;
+                                        continue;
+                                    }
+                                };
+                                flush(py, batcher.push(slot, || Some(key), item, started))?;
+                            }
                             stage.run.tick(py);
                             if input.is_empty() {
                                 emitter.flush(py);
-                                unflushed = false;
                             }
                             Ok(())
-                        });
-                        if handed.is_err() {
-                            break;
-                        }
-                    }
+                        }),
+                    };
                     let spent = started.elapsed();
                     stage.stats.add_busy(spent);
                     input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
-                    continue;
+                    batched.map(|()| false)
                 }
-                (got, _) => got,
+                Recv::Timeout => Python::attach(|py| {
+                    let started = Instant::now();
+                    flush(py, batcher.expired(Instant::now()))?;
+                    stage.stats.add_busy(started.elapsed());
+                    emitter.flush(py);
+                    unflushed = false;
+                    Ok(false)
+                }),
+                Recv::Closed => Python::attach(|py| flush(py, batcher.drain()).map(|()| true)),
+                Recv::Shutdown => Ok(true),
             };
-            let stop = Python::attach(|py| -> Result<bool, Stop> {
-                match got {
-                    Recv::Chunk(items) => {
-                        stage.stats.started();
-                        let (n, started) = (items.len(), Instant::now());
-                        stage.stats.add_in(n as u64);
-                        for item in items {
-                            if stage.run.shutdown.is_set() {
-                                return Err(Stop);
-                            }
-                            let (slot, key) = match (&slots, &spec.key) {
-                                (Some(slots), Some(key_fn)) => {
-                                    match key_slot(
-                                        slots.bind(py),
-                                        key_fn.bind(py),
-                                        item.bind(py),
-                                        &mut next_slot,
-                                    ) {
-                                        Ok((slot, key)) => (slot, Some(key)),
-                                        Err(error) => {
-                                            stage.stats.add_error();
-                                            handle_failure(py, stage, error, Some(item.bind(py)))?;
-                                            continue;
-                                        }
-                                    }
-                                }
-                                _ => (0, None),
-                            };
-                            // The chunk's arrival time opens its batches: one clock read
-                            // per chunk (a read per item costs as much as the push), and a
-                            // batch that waits is flushed at most a chunk's time early.
-                            let due = batcher.push(slot, || key, item, started);
-                            flush(py, due)?;
-                        }
-                        let spent = started.elapsed();
-                        stage.stats.add_busy(spent);
-                        input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
-                        stage.run.tick(py);
-                        if input.is_empty() {
-                            emitter.flush(py);
-                        }
-                        Ok(false)
-                    }
-                    Recv::Timeout => {
-                        let started = Instant::now();
-                        flush(py, batcher.expired(Instant::now()))?;
-                        stage.stats.add_busy(started.elapsed());
-                        emitter.flush(py);
-                        unflushed = false;
-                        Ok(false)
-                    }
-                    Recv::Closed => {
-                        flush(py, batcher.drain())?;
-                        Ok(true)
-                    }
-                    Recv::Shutdown => Ok(true),
-                }
-            });
-            if !matches!(stop, Ok(false)) {
+            if !matches!(step, Ok(false)) {
                 break;
             }
         }
