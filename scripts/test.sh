@@ -29,7 +29,23 @@ pytest_in() {  # pytest_in DIR [ARGS...]
 }
 
 ray_in() {  # ray_in DIR: the Ray tests, in a session of their own (one local Ray for all)
-  "$1/bin/python" -m pytest -q -p no:cacheprovider -m ray
+  # -v names each test as it starts, so a session that dies says in which test.
+  local status=0
+  "$1/bin/python" -m pytest -v -p no:cacheprovider -m ray || status=$?
+  if [ "$status" -ne 0 ]; then
+    ray_logs
+    return "$status"
+  fi
+}
+
+ray_logs() {  # the warnings and errors of the last local Ray's own processes
+  local logs=/tmp/ray/session_latest/logs file
+  [ -d "$logs" ] || return 0
+  for file in "$logs"/raylet.out "$logs"/gcs_server.out "$logs"/python-core-driver-*.log; do
+    [ -f "$file" ] || continue
+    printf '\n-- %s: its last warnings and errors\n' "$file"
+    grep -E '^\[[^]]* [WEF] ' "$file" | tail -n 30 || true
+  done
 }
 
 stress_in() {  # stress_in DIR: the fork stress tests, bounded by MINIGUN_STRESS_SECONDS
