@@ -25,6 +25,7 @@ import pytest
 from _mg_helpers import minigun_ray_actors, subprocess_env, wait_until
 
 import minigun as mg
+from minigun.ray_executor import SETTLE
 
 try:
     import ray_jobs as jobs
@@ -128,18 +129,19 @@ class TestOnRay:
         p.producer(lambda: itertools.count(), name="source")
         p.add(jobs.SlowToOpenAndClose("work", folder=str(tmp_path), strategy="spawn_ray"))
         p.consumer(lambda item: None, name="sink")
-        # After the first open() began: in open() (0.3 s), in the item (0.3 to 0.35 s), in
-        # close() (0.35 to 0.65 s); tasks started later are elsewhere in theirs.
-        for pause in (0.1, 0.32, 0.5):
+        # The cancel lands, after the first open() began: in open() (0.3 s), in the item
+        # (0.3 to 0.35 s), in close() (0.35 to 0.65 s); tasks started later are elsewhere
+        # in theirs. A stopping run waits SETTLE before it cancels a task.
+        for lands_at in (0.1, 0.32, 0.5):
             run = p.start()
             assert wait_until(lambda: (tmp_path / "opens").exists(), timeout=20)
-            time.sleep(pause)
+            time.sleep(max(0.0, lands_at - SETTLE))
             run.cancel()
             assert run.wait(timeout=10).status == "cancelled"
             opens = (tmp_path / "opens").read_text().split()
             closes_file = tmp_path / "closes"
             closes = closes_file.read_text().split() if closes_file.exists() else []
-            assert sorted(closes) == sorted(opens), f"cancelled after {pause} s"
+            assert sorted(closes) == sorted(opens), f"cancelled at {lands_at} s"
             (tmp_path / "opens").unlink()
             closes_file.unlink(missing_ok=True)
 

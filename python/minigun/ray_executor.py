@@ -46,6 +46,12 @@ GRACE = 1.0
 #: The same for an actor that never replied: it may still be waiting for a process of its
 #: own, and an actor that has not started its worker has nothing to close.
 GRACE_UNSTARTED = 0.25
+#: Seconds a stopping run's spawn_ray task gets to end on its own before it is cancelled.
+#: A cancel that lands while Ray takes in the task's reply aborts Ray's driver (Ray 2.60:
+#: "Check failed: ... Tried to complete task that was not pending"); without this wait, a
+#: run stopping among short tasks cancels many of them at about their end. Now most of
+#: those end within it, and are not cancelled.
+SETTLE = 0.1
 
 #: ``max_ray_tasks`` per scope, shared by the spawn_ray stages in it (no actor counts).
 RAY_TASKS = WorkerKind("max_ray_tasks", "", "spawn_ray", "Ray tasks", "spawn_ray")
@@ -325,11 +331,13 @@ def spawn_ray_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -
         try:
             item_frames, close_frames = calls.wait(ref)
         except ext.RunStopping:
-            # Interrupts the item (KeyboardInterrupt in the task); its worker still
-            # closes, and the run ends only once it has (or GRACE is spent).
+            # A task still running after SETTLE is interrupted (KeyboardInterrupt in the
+            # task); its worker still closes, and the run ends only once it has (or GRACE
+            # is spent).
             ray = _ray()
-            ray.cancel(ref)
-            ray.wait([ref], timeout=GRACE)
+            if not ray.wait([ref], timeout=SETTLE)[0]:
+                ray.cancel(ref)
+                ray.wait([ref], timeout=GRACE)
             raise
         except Exception as exc:  # noqa: BLE001 - the task's worker died
             return 0, [(item, calls.lost(exc, "Ray task"))]
