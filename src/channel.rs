@@ -150,6 +150,9 @@ pub struct ItemChannel<T> {
     min_chunk: usize,
     max_chunk: usize,
     queued_items: AtomicUsize,
+    /// References the receiver is done with, kept for an upstream worker to release
+    /// (`hand_back`); `None` where the receiver releases them itself.
+    handed_back: Option<Mutex<Vec<T>>>,
 }
 
 /// Work worth about this long per chunk: long enough to amortise the GIL hand-off, short
@@ -165,7 +168,7 @@ pub const MAX_CHUNK: usize = 512;
 impl<T> ItemChannel<T> {
     /// `capacity` in items (`None`: unbounded); `upstreams` is the number of upstream stages.
     pub fn new(capacity: Option<usize>, upstreams: usize) -> Self {
-        Self::for_receiver(capacity, upstreams, 1, 1)
+        Self::for_receiver(capacity, upstreams, 1, 1, false)
     }
 
     /// Like `new`, for a receiving stage of `workers` threads that wants chunks of at least
@@ -175,11 +178,15 @@ impl<T> ItemChannel<T> {
     /// sender fills the next. Bigger chunks than that would leave workers without input,
     /// smaller ones cost more hand-offs (a chunk of 500 instead of 250 made W1 5 to 8%
     /// faster with the default capacity of 1000).
+    ///
+    /// With `hand_back`, the receiver hands the items it is done with back to the senders
+    /// to release (see [`Self::hand_back`]).
     pub fn for_receiver(
         capacity: Option<usize>,
         upstreams: usize,
         workers: usize,
         min_chunk: usize,
+        hand_back: bool,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let max_chunk = match capacity {
@@ -195,6 +202,7 @@ impl<T> ItemChannel<T> {
             min_chunk: min_chunk.clamp(1, max_chunk),
             max_chunk,
             queued_items: AtomicUsize::new(0),
+            handed_back: hand_back.then(|| Mutex::new(Vec::new())),
         }
     }
 
@@ -302,6 +310,43 @@ impl<T> ItemChannel<T> {
         chunk.items
     }
 
+    /// Whether the receiver hands the items it is done with back to the senders.
+    pub fn hands_back(&self) -> bool {
+        self.handed_back.is_some()
+    }
+
+    /// The receiver is done with `items`: they are kept for a sender to release (see
+    /// [`Self::take_handed_back`]), or returned for the caller to release once no upstream
+    /// stage is left to do it, or where this channel does not hand back.
+    ///
+    /// This is for free-threaded CPython, where an object's reference count belongs to
+    /// the thread that made it: a release by any other thread goes through the owner's
+    /// queue of shared decrements (a mutex and a later merge). The items of a chunk were
+    /// mostly made by the worker that sent it; W1 there ran 2x faster once they were
+    /// released by it (docs/performance.md).
+    pub fn hand_back(&self, items: Vec<T>) -> Option<Vec<T>> {
+        match &self.handed_back {
+            Some(kept) if self.upstreams_left.load(Ordering::Acquire) > 0 => {
+                let mut kept = kept.lock().unwrap();
+                if kept.is_empty() {
+                    *kept = items;
+                } else {
+                    kept.extend(items);
+                }
+                None
+            }
+            _ => Some(items),
+        }
+    }
+
+    /// What the receiver handed back since the last call, for a sender to release.
+    pub fn take_handed_back(&self) -> Vec<T> {
+        match &self.handed_back {
+            Some(kept) => std::mem::take(&mut *kept.lock().unwrap()),
+            None => Vec::new(),
+        }
+    }
+
     /// Wake every sender waiting for room so it can notice the shutdown.
     pub fn wake_senders(&self) {
         self.permits.wake_all();
@@ -309,7 +354,7 @@ impl<T> ItemChannel<T> {
 
     /// Everything still queued, for dropping under the GIL at teardown.
     pub fn drain(&self) -> Vec<T> {
-        let mut out = Vec::new();
+        let mut out = self.take_handed_back();
         while let Ok(chunk) = self.rx.try_recv() {
             out.extend(self.take(chunk));
         }
@@ -517,7 +562,7 @@ mod tests {
             500,
             "half the capacity for one worker"
         );
-        let shared = ItemChannel::<u32>::for_receiver(Some(1000), 1, 4, 1);
+        let shared = ItemChannel::<u32>::for_receiver(Some(1000), 1, 4, 1, false);
         shared.observe_cost(1000, 1000 * 100, TARGET_CHUNK_NANOS);
         assert_eq!(shared.preferred_chunk(), 125, "two chunks per worker");
         let unbounded = ItemChannel::<u32>::new(None, 1);
@@ -527,9 +572,36 @@ mod tests {
 
     #[test]
     fn min_chunk_holds_for_slow_items() {
-        let ch = ItemChannel::<u32>::for_receiver(Some(1000), 1, 2, 8);
+        let ch = ItemChannel::<u32>::for_receiver(Some(1000), 1, 2, 8, false);
         assert_eq!(ch.preferred_chunk(), 8);
         ch.observe_cost(8, 8 * 10_000_000, TARGET_CHUNK_NANOS);
         assert_eq!(ch.preferred_chunk(), 8);
+    }
+
+    #[test]
+    fn handed_back_items_wait_for_a_sender_while_an_upstream_is_left() {
+        let ch = ItemChannel::<u32>::for_receiver(Some(10), 1, 1, 1, true);
+        assert!(ch.hands_back());
+        assert_eq!(ch.hand_back(vec![1, 2]), None, "kept for the sender");
+        assert_eq!(ch.hand_back(vec![3]), None);
+        assert_eq!(ch.take_handed_back(), vec![1, 2, 3]);
+        assert_eq!(ch.take_handed_back(), Vec::<u32>::new(), "taken once");
+
+        assert_eq!(ch.hand_back(vec![4]), None);
+        ch.upstream_finished();
+        assert_eq!(
+            ch.hand_back(vec![5]),
+            Some(vec![5]),
+            "no sender is left to take them: the receiver releases them itself"
+        );
+        assert_eq!(ch.drain(), vec![4], "teardown drains what was kept");
+    }
+
+    #[test]
+    fn a_channel_without_hand_back_returns_the_items_at_once() {
+        let ch = ItemChannel::<u32>::new(Some(10), 1);
+        assert!(!ch.hands_back());
+        assert_eq!(ch.hand_back(vec![1, 2]), Some(vec![1, 2]));
+        assert_eq!(ch.take_handed_back(), Vec::<u32>::new());
     }
 }

@@ -90,8 +90,11 @@ impl Outbox {
         }
     }
 
-    /// Send whatever is buffered, waiting (without the GIL) for room if needed.
+    /// Send whatever is buffered, waiting (without the GIL) for room if needed. First,
+    /// release what the receiver handed back (`ItemChannel::hand_back`): on this thread,
+    /// which made most of it.
     pub fn flush(&self, py: Python<'_>, shutdown: &Shutdown) {
+        drop(self.target.take_handed_back());
         let (items, tx) = {
             let mut st = self.state.lock();
             if st.items.is_empty() {

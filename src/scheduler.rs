@@ -279,6 +279,7 @@ impl Runtime {
                         upstreams[i],
                         spec.thread_count(),
                         spec.min_chunk,
+                        free_threaded,
                     ))
                 })
             })

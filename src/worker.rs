@@ -366,7 +366,7 @@ fn run_processor(stage: &StageShared) {
                     let result = if stage.mode == CallMode::Chunk {
                         run_chunk(py, stage, call, items)
                     } else {
-                        run_items(py, stage, call, emitter, items)
+                        run_items(py, stage, call, emitter, &input, items)
                     };
                     let spent = started.elapsed();
                     stage.stats.add_busy(spent);
@@ -388,6 +388,8 @@ fn run_processor(stage: &StageShared) {
                 break;
             }
         }
+        // What no sender took back before the stream ended.
+        Python::attach(|_py| drop(input.take_handed_back()));
     });
 }
 
@@ -401,10 +403,13 @@ fn run_items(
     stage: &StageShared,
     call: &Bound<'_, PyAny>,
     emitter: &Emitter,
+    input: &Channel,
     items: Vec<Item>,
 ) -> Result<(), Stop> {
     let n = items.len();
     stage.stats.add_in(n as u64);
+    // Free-threaded builds: the items go back to the senders, which release them.
+    let mut spent = input.hands_back().then(|| Vec::with_capacity(n));
     let every = (n / 4).clamp(1, LATENCY_SAMPLE);
     // Counted down rather than `k % every`: without a division per item, W1 ran about
     // 1.5% faster.
@@ -420,11 +425,17 @@ fn run_items(
         until_timed -= 1;
         let item = item.into_bound(py);
         process_one(py, stage, call, emitter, &item)?;
+        if let Some(spent) = spent.as_mut() {
+            spent.push(item.unbind());
+        }
         if let Some(t) = timer {
             stage
                 .stats
                 .record_latency_n(t.elapsed(), every.min(n - k) as u64);
         }
+    }
+    if let Some(spent) = spent {
+        drop(input.hand_back(spent));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -87,6 +88,44 @@ def test_lead_is_bounded_by_the_queues_along_the_path(sizes):
     assert lead.consumed == 150
     bound = sum(size + slack(size) for size in sizes) + 1
     assert lead.max_lead <= bound, (lead.max_lead, bound)
+
+
+class Tracked:
+    """An item that counts how many of its kind are alive, and the most ever alive."""
+
+    lock = threading.Lock()
+    alive = 0
+    peak = 0
+
+    def __init__(self) -> None:
+        with Tracked.lock:
+            Tracked.alive += 1
+            Tracked.peak = max(Tracked.peak, Tracked.alive)
+
+    def __del__(self) -> None:
+        with Tracked.lock:
+            Tracked.alive -= 1
+
+
+@pytest.mark.parametrize("hop", ["passes the item on", "makes a new item"])
+def test_items_a_stage_is_done_with_are_released_as_the_run_goes(hop):
+    # On free-threaded builds a stage hands the items it is done with back to the worker
+    # that sent them, to be released there: they must not pile up until the run ends.
+    Tracked.alive = Tracked.peak = 0
+    n, size = 20_000, 50
+    p = mg.Pipeline("release")
+    p.producer(lambda: (Tracked() for _ in range(n)), name="make")
+    if hop == "passes the item on":
+        p.processor(lambda item: item, name="hop", queue_size=size)
+    else:
+        p.processor(lambda item: Tracked(), name="hop", queue_size=size)
+    seen = []
+    p.consumer(lambda item: seen.append(None), name="sink", queue_size=size)
+    assert p.run().status == "ok"
+    assert len(seen) == n
+    in_flight = 2 * (size + slack(size))
+    assert Tracked.peak <= 4 * in_flight, (Tracked.peak, in_flight)
+    assert Tracked.alive == 0, f"{Tracked.alive} items still alive after the run"
 
 
 MEMORY_JOB = textwrap.dedent(
