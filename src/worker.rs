@@ -389,7 +389,10 @@ fn run_processor(stage: &StageShared) {
             }
         }
         // What no sender took back before the stream ended.
-        Python::attach(|_py| drop(input.take_handed_back()));
+        let left = input.take_handed_back();
+        if !left.is_empty() {
+            Python::attach(|_py| drop(left));
+        }
     });
 }
 
