@@ -267,9 +267,12 @@ def test_nothing_is_left_running_after_a_run(strategy):
 
 
 _SCRIPT = """
+import sys
+
 import minigun as mg
 
-print("the script ran as", __name__)
+# One write per line: the workers run in parallel, and print() writes a line in pieces.
+sys.stdout.write(f"the script ran as {__name__}\\n")
 
 def square(x):
     return x * x
