@@ -25,6 +25,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyByteArray;
 
 use crate::fork;
+use crate::gil;
 use crate::ipc::{self, Interrupted, Wait};
 use crate::scheduler::Runtime;
 use crate::shutdown::Shutdown;
@@ -269,7 +270,7 @@ impl ChildTable {
     /// killed because the run stops frees room that no new child may take).
     fn acquire(&self, py: Python<'_>, stage: String, scopes: Vec<usize>) -> PyResult<()> {
         let table = self.table.clone();
-        let took = py.detach(|| table.acquire(&stage, &scopes));
+        let took = gil::detach(py, || table.acquire(&stage, &scopes));
         if took {
             Ok(())
         } else {
@@ -287,7 +288,7 @@ impl ChildTable {
     fn pause(&self, py: Python<'_>, stage: &str, seconds: f64) -> PyResult<()> {
         let pause = Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX);
         let shutdown = self.table.shutdown.get().cloned();
-        let stopped = py.detach(move || match shutdown {
+        let stopped = gil::detach(py, move || match shutdown {
             Some(shutdown) => shutdown.sleep(pause),
             None => {
                 std::thread::sleep(pause);
@@ -351,7 +352,7 @@ impl ChildTable {
     /// Close the table's own fd. Call once no thread can wait on the table any more.
     fn close(&self, py: Python<'_>) {
         let table = self.table.clone();
-        py.detach(move || table.close_wake(true));
+        gil::detach(py, move || table.close_wake(true));
     }
 }
 
@@ -670,8 +671,7 @@ impl Child {
     fn read_frame<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyByteArray>>> {
         let child = &*self.inner;
         let mut waiter = ChildWait::new(child);
-        let len = py
-            .detach(|| ipc::read_header(child.rfd, &mut waiter))
+        let len = gil::detach(py, || ipc::read_header(child.rfd, &mut waiter))
             .map_err(|e| interrupted_to_py(&child.stage, e))?;
         let Some(len) = len else { return Ok(None) };
         let len = usize::try_from(len)
@@ -681,14 +681,13 @@ impl Child {
         // it, so nothing can resize or read it while we fill it without the GIL.
         let target = unsafe { frame.as_bytes_mut() };
         let raw = RawSlice(target.as_mut_ptr(), target.len());
-        let got = py
-            .detach(|| {
-                let raw = raw;
-                // SAFETY: see RawSlice; the bytearray outlives this call.
-                let buf = unsafe { std::slice::from_raw_parts_mut(raw.0, raw.1) };
-                ipc::read_full(child.rfd, buf, &mut waiter)
-            })
-            .map_err(|e| interrupted_to_py(&child.stage, e))?;
+        let got = gil::detach(py, || {
+            let raw = raw;
+            // SAFETY: see RawSlice; the bytearray outlives this call.
+            let buf = unsafe { std::slice::from_raw_parts_mut(raw.0, raw.1) };
+            ipc::read_full(child.rfd, buf, &mut waiter)
+        })
+        .map_err(|e| interrupted_to_py(&child.stage, e))?;
         if got < len {
             return Err(PyEOFError::new_err(format!(
                 "the pipe closed inside a frame ({got} of {len} bytes)"
@@ -705,7 +704,7 @@ impl Child {
             return Err(PyValueError::new_err("this child has no input pipe"));
         };
         let mut waiter = ChildWait::new(child);
-        py.detach(|| ipc::write_frame_to(wfd, &data, &mut waiter))
+        gil::detach(py, || ipc::write_frame_to(wfd, &data, &mut waiter))
             .map_err(|e| interrupted_to_py(&child.stage, e))
     }
 
@@ -713,7 +712,7 @@ impl Child {
     /// the GIL); if the run stops first, terminate it. Its raw wait status.
     fn wait(&self, py: Python<'_>) -> PyResult<i32> {
         let child = self.inner.clone();
-        py.detach(move || child.wait()).map_err(io_to_py)
+        gil::detach(py, move || child.wait()).map_err(io_to_py)
     }
 
     /// `kill(grace=1.0) -> int`: SIGTERM, SIGKILL after `grace` seconds, reap (without
@@ -722,7 +721,7 @@ impl Child {
     fn kill(&self, py: Python<'_>, grace: f64) -> PyResult<i32> {
         let grace = Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(GRACE);
         let child = self.inner.clone();
-        py.detach(move || child.kill(grace)).map_err(io_to_py)
+        gil::detach(py, move || child.kill(grace)).map_err(io_to_py)
     }
 }
 

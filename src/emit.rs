@@ -117,7 +117,7 @@ impl Outbox {
         let target = self.target.clone();
         let shutdown = shutdown.clone();
         let waiting = Instant::now();
-        let unsent = py.detach(move || target.send(&tx, items, &shutdown).err());
+        let unsent = crate::gil::detach(py, move || target.send(&tx, items, &shutdown).err());
         self.state.lock().sending = false;
         drop(unsent); // dropped with the GIL held
         self.sender_stats.add_blocked(waiting.elapsed());

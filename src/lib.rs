@@ -6,7 +6,8 @@
 //! (keyed batching), `stats` (counters and latency), `spec` (the typed stage spec the
 //! Python layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal),
 //! `fork` (the fork gate, the parent's fds every child closes, reaping and terminating a
-//! process), `children` (a run's process budget and table of children, waiting on them)
+//! process), `gil` (workers taking and giving up the GIL, handing it on without a sleep),
+//! `children` (a run's process budget and table of children, waiting on them)
 //! and `ipc` (length-prefixed frames on pipes).
 
 pub mod accumulate;
@@ -15,6 +16,7 @@ pub mod channel;
 pub mod children;
 pub mod emit;
 pub mod fork;
+pub mod gil;
 pub mod ipc;
 pub mod pool;
 pub mod scheduler;

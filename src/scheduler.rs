@@ -12,6 +12,7 @@ use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
 use crate::emit::{Channel, FlusherBell, Item, Outbox, Routes};
+use crate::gil;
 use crate::pool::{join_all, refused_error, spawn_named};
 use crate::shutdown::Shutdown;
 pub use crate::spec::{CallMode, Kind, StageSpec};
@@ -253,6 +254,7 @@ impl Runtime {
             .import("sysconfig")?
             .call_method1("get_config_var", ("Py_GIL_DISABLED",))?
             .is_truthy()?;
+        gil::configure(free_threaded);
         let n = specs.len();
         let mut upstreams = vec![0usize; n];
         for spec in &specs {

@@ -17,6 +17,7 @@ use crate::accumulate::{Batcher, Limits};
 use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
+use crate::gil;
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 
@@ -170,7 +171,7 @@ fn process_one(
                     let base = spec.retry_backoff * f64::from(1u32 << (attempt - 1).min(20));
                     let pause = Duration::from_secs_f64((base * (0.5 + jitter())).min(60.0));
                     let shutdown = stage.run.shutdown.clone();
-                    if py.detach(move || shutdown.sleep(pause)) {
+                    if gil::detach(py, move || shutdown.sleep(pause)) {
                         return Err(Stop);
                     }
                     continue;
@@ -222,7 +223,7 @@ fn handle_failure(
 /// Set up a worker's emitter and per-worker call, run `body`, then close and flush.
 fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
     worker_session(stage, body);
-    Python::attach(|py| stage.worker_finished(py));
+    gil::attach(|py| stage.worker_finished(py));
 }
 
 /// One worker's life: open its call, run `body`, close it and flush its outboxes.
@@ -239,7 +240,7 @@ fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitte
         stage.run.shutdown.clone(),
     );
     let _bound = emit::bind(&emitter);
-    let opened = Python::attach(|py| WorkerCall::open(py, stage));
+    let opened = gil::attach(|py| WorkerCall::open(py, stage));
     match opened {
         Err(error) => stage.run.fail(Failure {
             stage: stage.name.clone(),
@@ -248,7 +249,7 @@ fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitte
         }),
         Ok(worker) => {
             body(&worker, &emitter);
-            Python::attach(|py| {
+            gil::attach(|py| {
                 let closed = worker.close(py);
                 if let Err(error) = closed {
                     if !stage.run.shutdown.is_set() {
@@ -263,19 +264,19 @@ fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitte
             });
         }
     }
-    Python::attach(|py| emitter.finish(py));
+    gil::attach(|py| emitter.finish(py));
 }
 
 fn run_producer(stage: &StageShared) {
     stage.stats.started();
     if !stage.wait_for_trigger() {
-        Python::attach(|py| stage.worker_finished(py));
+        gil::attach(|py| stage.worker_finished(py));
         return;
     }
     with_worker(stage, |worker, emitter| {
         // Busy time is added as the producer goes, so the live view sees it.
         let mut since = Instant::now();
-        Python::attach(|py| {
+        gil::attach(|py| {
             let Some(call) = worker.call.as_ref() else {
                 return;
             };
@@ -357,7 +358,7 @@ fn run_processor(stage: &StageShared) {
             // two context switches (more than a chunk of cheap items), and the interpreter
             // still hands it to the other threads every switch interval. It is given up
             // only to wait, after the buffered output is flushed.
-            let stop = Python::attach(|py| {
+            let stop = gil::attach(|py| {
                 let call = call.bind(py);
                 let mut items = items;
                 loop {
@@ -391,7 +392,7 @@ fn run_processor(stage: &StageShared) {
         // What no sender took back before the stream ended.
         let left = input.take_handed_back();
         if !left.is_empty() {
-            Python::attach(|_py| drop(left));
+            gil::attach(|_py| drop(left));
         }
     });
 }
@@ -522,7 +523,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
             stage.stats.add_in(items.len() as u64);
             for item in items {
                 if !slots.acquire(&stage.run.shutdown) {
-                    Python::attach(|_py| drop(item));
+                    gil::attach(|_py| drop(item));
                     continue;
                 }
                 let (worker_stage, worker_slots) = (stage.clone(), slots.clone());
@@ -556,14 +557,14 @@ fn run_spawning(stage: &Arc<StageShared>) {
         // before this stage reports the end of its stream downstream.
         join_all(children);
     }
-    Python::attach(|py| stage.worker_finished(py));
+    gil::attach(|py| stage.worker_finished(py));
 }
 
 /// One spawned thread: a worker with a single item (a custom Stage is opened and closed
 /// around it, in this thread).
 fn run_spawned(stage: &StageShared, item: Item) {
     worker_session(stage, |worker, emitter| {
-        Python::attach(|py| {
+        gil::attach(|py| {
             let item = item.into_bound(py);
             let Some(call) = worker.call.as_ref() else {
                 return;
@@ -607,7 +608,7 @@ fn run_accumulator(stage: &StageShared) {
     let slots: Option<Py<PyDict>> = spec
         .key
         .as_ref()
-        .map(|_| Python::attach(|py| PyDict::new(py).unbind()));
+        .map(|_| gil::attach(|py| PyDict::new(py).unbind()));
     with_worker(stage, |worker, emitter| {
         let body = worker.call.as_ref();
         let flush = |py: Python<'_>,
@@ -657,7 +658,7 @@ fn run_accumulator(stage: &StageShared) {
                             if due.is_empty() && !(unflushed && input.is_empty()) {
                                 Ok(())
                             } else {
-                                Python::attach(|py| {
+                                gil::attach(|py| {
                                     unflushed |= !due.is_empty();
                                     flush(py, due)?;
                                     stage.run.tick(py);
@@ -669,7 +670,7 @@ fn run_accumulator(stage: &StageShared) {
                                 })
                             }
                         }
-                        Some((slots, key_fn)) => Python::attach(|py| {
+                        Some((slots, key_fn)) => gil::attach(|py| {
                             let (slots, key_fn) = (slots.bind(py), key_fn.bind(py));
                             for item in items {
                                 if stage.run.shutdown.is_set() {
@@ -698,7 +699,7 @@ fn run_accumulator(stage: &StageShared) {
                     input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
                     batched.map(|()| false)
                 }
-                Recv::Timeout => Python::attach(|py| {
+                Recv::Timeout => gil::attach(|py| {
                     let started = Instant::now();
                     flush(py, batcher.expired(Instant::now()))?;
                     stage.stats.add_busy(started.elapsed());
@@ -706,16 +707,16 @@ fn run_accumulator(stage: &StageShared) {
                     unflushed = false;
                     Ok(false)
                 }),
-                Recv::Closed => Python::attach(|py| flush(py, batcher.drain()).map(|()| true)),
+                Recv::Closed => gil::attach(|py| flush(py, batcher.drain()).map(|()| true)),
                 Recv::Shutdown => Ok(true),
             };
             if !matches!(step, Ok(false)) {
                 break;
             }
         }
-        Python::attach(|_py| drop(batcher.drain()));
+        gil::attach(|_py| drop(batcher.drain()));
     });
     if let Some(slots) = slots {
-        Python::attach(|_py| drop(slots));
+        gil::attach(|_py| drop(slots));
     }
 }

@@ -125,6 +125,35 @@ def test_an_item_does_not_wait_in_a_buffer_while_the_producer_blocks():
     assert got == ["first", "second"]
 
 
+def _sleeps(x: int) -> int:
+    time.sleep(0.002)  # lets the GIL go inside user code, where the runtime cannot see
+    return x
+
+
+def _computes(x: int) -> int:
+    deadline = time.perf_counter() + 0.002
+    while time.perf_counter() < deadline:  # keeps the GIL
+        pass
+    return x
+
+
+@pytest.mark.parametrize("slow", [_sleeps, _computes])
+def test_workers_waiting_for_slow_user_code_do_not_busy_wait(slow):
+    """On a GIL build a worker that wants the GIL while another worker holds it waits
+    awake for a moment, so it can take the GIL the instant it is free. That wait is
+    bounded: around a stage whose items take long, the run costs about the CPU time its
+    user code takes, not an extra core polling all along."""
+    p = mg.Pipeline("slow")
+    p.producer(lambda: range(150), name="gen")
+    p.processor(slow, name="slow")
+    p.consumer(lambda x: None, name="sink")
+    cpu, wall = time.process_time(), time.perf_counter()
+    p.run()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    user_code = 0.0 if slow is _sleeps else 1.0  # cores the user code itself keeps busy
+    assert cpu < (user_code + 0.4) * wall, (cpu, wall)
+
+
 class Tally:
     """A stateful stage written as a callable object: doubles its items, counts its calls,
     and refuses 13."""
