@@ -14,13 +14,13 @@
 //! [`MAX_POLLERS`] workers wait this way at once, and a wait that runs out (the holder
 //! runs long user code, or let the GIL go inside it, which the count cannot see) turns
 //! polling off for [`QUIET_AFTER_TIMEOUT`]. Free-threaded builds have no GIL to hand
-//! over, and on a single core a poller would only take the holder's time: there the
-//! count is kept but nobody polls.
+//! over, and on a single core a poller would only take the holder's time: there nothing
+//! is counted and nobody polls.
 //!
 //! The count is a hint, never a lock: a wrong count costs a poll, not a result.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -81,12 +81,18 @@ impl Handoff {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// A worker took the GIL. Not counted where nobody polls: on a free-threaded build the
+    /// workers run at once, and a count they all touch would be a contended cache line.
     pub fn held(&self) {
-        self.holders.fetch_add(1, Ordering::Relaxed);
+        if self.polling.load(Ordering::Relaxed) {
+            self.holders.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn released(&self) {
-        self.holders.fetch_sub(1, Ordering::Relaxed);
+        if self.polling.load(Ordering::Relaxed) {
+            self.holders.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Before asking for the GIL: if exactly one worker holds it, wait awake (up to
@@ -140,10 +146,15 @@ fn handoff() -> &'static Handoff {
 }
 
 /// Turn polling on for this process where it helps: a build with a GIL, on more than one
-/// core. Called by every new run; the answer never changes within a process.
+/// core. Called by every new run, decided by the first: the answer never changes within a
+/// process, and counting the cores reads the cgroup files (W5, a run per call, was 10%
+/// slower when every run counted them).
 pub fn configure(free_threaded: bool) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    handoff().set_polling(!free_threaded && cores > 1);
+    static CONFIGURED: Once = Once::new();
+    CONFIGURED.call_once(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        handoff().set_polling(!free_threaded && cores > 1);
+    });
 }
 
 /// `Python::attach` for a worker: waits awake for another worker's hold to end first, and
@@ -219,10 +230,10 @@ mod tests {
     #[test]
     fn nobody_polls_when_polling_is_off_or_the_count_is_not_one() {
         let handoff = Arc::new(Handoff::new());
-        handoff.held();
+        handoff.held(); // not even counted while polling is off
         assert_eq!(handoff.await_release(LONG), Wait::Skipped);
         handoff.set_polling(true);
-        handoff.released();
+        assert_eq!(handoff.holders.load(Ordering::Relaxed), 0);
         assert_eq!(handoff.await_release(LONG), Wait::Skipped);
         // Two holders: one of them let the GIL go inside user code, which this cannot see.
         handoff.held();
