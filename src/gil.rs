@@ -14,8 +14,8 @@
 //! [`MAX_POLLERS`] workers wait this way at once, and a wait that runs out (the holder
 //! runs long user code, or let the GIL go inside it, which the count cannot see) turns
 //! polling off for [`QUIET_AFTER_TIMEOUT`]. Free-threaded builds have no GIL to hand
-//! over, and on a single core a poller would only take the holder's time: there nothing
-//! is counted and nobody polls.
+//! over, and on a single core a poller would only take the holder's time: there nobody
+//! polls.
 //!
 //! The count is a hint, never a lock: a wrong count costs a poll, not a result.
 
@@ -49,6 +49,9 @@ pub struct Handoff {
     /// No poll starts before this, in nanoseconds since `epoch` (0: none).
     quiet_until: AtomicU64,
     epoch: Instant,
+    /// The longest poll, and how long polling stays off after one ran out.
+    limit: Duration,
+    quiet_after_timeout: Duration,
 }
 
 /// How a wait for the GIL's release ended.
@@ -63,13 +66,16 @@ pub enum Wait {
 }
 
 impl Handoff {
-    pub fn new() -> Self {
+    /// Polling off until `set_polling(true)`.
+    pub fn new(limit: Duration, quiet_after_timeout: Duration) -> Self {
         Handoff {
             polling: AtomicBool::new(false),
             holders: AtomicIsize::new(0),
             pollers: AtomicUsize::new(0),
             quiet_until: AtomicU64::new(0),
             epoch: Instant::now(),
+            limit,
+            quiet_after_timeout,
         }
     }
 
@@ -81,23 +87,19 @@ impl Handoff {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// A worker took the GIL. Not counted where nobody polls: on a free-threaded build the
-    /// workers run at once, and a count they all touch would be a contended cache line.
+    /// Counted whether anybody polls or not, so the count stays right whenever polling is
+    /// turned on: it is one atomic add per chunk a worker takes, not per item.
     pub fn held(&self) {
-        if self.polling.load(Ordering::Relaxed) {
-            self.holders.fetch_add(1, Ordering::Relaxed);
-        }
+        self.holders.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn released(&self) {
-        if self.polling.load(Ordering::Relaxed) {
-            self.holders.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.holders.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Before asking for the GIL: if exactly one worker holds it, wait awake (up to
-    /// `limit`) until it lets go.
-    pub fn await_release(&self, limit: Duration) -> Wait {
+    /// Before asking for the GIL: if exactly one worker holds it, wait awake (up to the
+    /// limit) until it lets go.
+    pub fn await_release(&self) -> Wait {
         if !self.polling.load(Ordering::Relaxed) || self.holders.load(Ordering::Relaxed) != 1 {
             return Wait::Skipped;
         }
@@ -119,8 +121,8 @@ impl Handoff {
             if until_yield == 0 {
                 until_yield = SPINS_PER_YIELD;
                 std::thread::yield_now();
-                if started.elapsed() > limit {
-                    let quiet = self.now_nanos() + QUIET_AFTER_TIMEOUT.as_nanos() as u64;
+                if started.elapsed() > self.limit {
+                    let quiet = self.now_nanos() + self.quiet_after_timeout.as_nanos() as u64;
                     self.quiet_until.store(quiet, Ordering::Relaxed);
                     break Wait::TimedOut;
                 }
@@ -133,16 +135,10 @@ impl Handoff {
     }
 }
 
-impl Default for Handoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 static HANDOFF: OnceLock<Handoff> = OnceLock::new();
 
 fn handoff() -> &'static Handoff {
-    HANDOFF.get_or_init(Handoff::new)
+    HANDOFF.get_or_init(|| Handoff::new(POLL_LIMIT, QUIET_AFTER_TIMEOUT))
 }
 
 /// Turn polling on for this process where it helps: a build with a GIL, on more than one
@@ -161,7 +157,7 @@ pub fn configure(free_threaded: bool) {
 /// counts this hold.
 pub fn attach<R>(f: impl FnOnce(Python<'_>) -> R) -> R {
     let handoff = handoff();
-    handoff.await_release(POLL_LIMIT);
+    handoff.await_release();
     let result = Python::attach(|py| {
         handoff.held();
         f(py)
@@ -178,7 +174,7 @@ pub fn detach<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> R {
     py.detach(|| {
         handoff.released();
         let result = f();
-        handoff.await_release(POLL_LIMIT);
+        handoff.await_release();
         handoff.held();
         result
     })
@@ -192,15 +188,15 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(10);
 
-    fn polling() -> Arc<Handoff> {
-        let handoff = Arc::new(Handoff::new());
+    fn polling(limit: Duration) -> Arc<Handoff> {
+        let handoff = Arc::new(Handoff::new(limit, LONG));
         handoff.set_polling(true);
         handoff
     }
 
     #[test]
     fn a_waiter_goes_on_as_soon_as_the_holder_lets_go() {
-        let handoff = polling();
+        let handoff = polling(LONG);
         handoff.held();
         let holder = {
             let handoff = handoff.clone();
@@ -210,51 +206,51 @@ mod tests {
             })
         };
         let started = Instant::now();
-        assert_eq!(handoff.await_release(LONG), Wait::Released);
+        assert_eq!(handoff.await_release(), Wait::Released);
         assert!(started.elapsed() < LONG / 2);
         holder.join().unwrap();
     }
 
     #[test]
     fn a_wait_is_bounded_and_quiets_the_next_ones() {
-        let handoff = polling();
-        handoff.held();
         let limit = Duration::from_millis(5);
+        let handoff = polling(limit);
+        handoff.held();
         let started = Instant::now();
-        assert_eq!(handoff.await_release(limit), Wait::TimedOut);
+        assert_eq!(handoff.await_release(), Wait::TimedOut);
         let waited = started.elapsed();
         assert!(waited >= limit && waited < LONG / 2);
-        assert_eq!(handoff.await_release(limit), Wait::Skipped);
+        assert_eq!(handoff.await_release(), Wait::Skipped);
     }
 
     #[test]
     fn nobody_polls_when_polling_is_off_or_the_count_is_not_one() {
-        let handoff = Arc::new(Handoff::new());
-        handoff.held(); // not even counted while polling is off
-        assert_eq!(handoff.await_release(LONG), Wait::Skipped);
+        let handoff = Arc::new(Handoff::new(LONG, LONG));
+        handoff.held();
+        assert_eq!(handoff.await_release(), Wait::Skipped);
         handoff.set_polling(true);
-        assert_eq!(handoff.holders.load(Ordering::Relaxed), 0);
-        assert_eq!(handoff.await_release(LONG), Wait::Skipped);
+        handoff.released();
+        assert_eq!(handoff.await_release(), Wait::Skipped);
         // Two holders: one of them let the GIL go inside user code, which this cannot see.
         handoff.held();
         handoff.held();
-        assert_eq!(handoff.await_release(LONG), Wait::Skipped);
+        assert_eq!(handoff.await_release(), Wait::Skipped);
     }
 
     #[test]
     fn at_most_max_pollers_wait_at_once() {
-        let handoff = polling();
+        let handoff = polling(LONG);
         handoff.held();
         let waiters: Vec<_> = (0..MAX_POLLERS)
             .map(|_| {
                 let handoff = handoff.clone();
-                thread::spawn(move || handoff.await_release(LONG))
+                thread::spawn(move || handoff.await_release())
             })
             .collect();
         while handoff.pollers.load(Ordering::Relaxed) < MAX_POLLERS {
             thread::yield_now();
         }
-        assert_eq!(handoff.await_release(LONG), Wait::Skipped);
+        assert_eq!(handoff.await_release(), Wait::Skipped);
         handoff.released();
         for waiter in waiters {
             assert_eq!(waiter.join().unwrap(), Wait::Released);
