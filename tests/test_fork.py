@@ -1027,6 +1027,33 @@ def test_no_multithreaded_fork_warning_leaks():
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="the warning is new in 3.12")
+def test_the_fork_warning_stays_quiet_when_a_filter_is_put_in_front_of_minigun_s():
+    """A run installs minigun's filter; a later ``catch_warnings`` copies the filters and
+    puts "always" in front of it (pytest does so around every test). minigun's next fork
+    must still be quiet: once a run forked from a thread left its filter in the list
+    pytest restores, every fork of the later tests warned."""
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(4)
+
+        @mg.processor(threads=2)
+        def busy(self, x):
+            return x
+
+        @mg.processor(strategy="spawn_fork")
+        def forked(self, x):
+            return x
+
+    Job().run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Job().run()
+    assert not [w for w in caught if "fork" in str(w.message)]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the warning is new in 3.12")
 def test_the_fork_warning_is_only_silenced_for_minigun_forks():
     class Job(mg.Task):
         @mg.producer

@@ -107,22 +107,31 @@ T = TypeVar("T")
 
 _fork_lock = threading.Lock()
 _warning_filter: Any = None
+_warning_filter_lock = threading.Lock()
 
 
 def _quiet_fork_warning() -> None:
     """Filter 3.12+'s "multi-threaded, use of fork() may lead to deadlocks" warning for
     forks called from this module only (the warning is attributed to the caller of
-    os.fork). Re-installed when something (pytest, catch_warnings) reset the filters."""
+    os.fork).
+
+    The filter must come first: ``catch_warnings`` (pytest wraps every test in one) and
+    the user's own ``filterwarnings`` put theirs in front, and an "always" for
+    DeprecationWarning ahead of it shows the warning. So it is put back in front whenever
+    it is not there. Under a lock: the workers of several fork stages fork at once, and
+    ``filterwarnings`` removes an equal filter before it inserts."""
     global _warning_filter
-    if _warning_filter is not None and _warning_filter in warnings.filters:
-        return
-    warnings.filterwarnings(
-        "ignore",
-        message=r".*use of fork\(\) may lead to deadlocks",
-        category=DeprecationWarning,
-        module=r"minigun\.fork_safety\Z",
-    )
-    _warning_filter = warnings.filters[0]
+    with _warning_filter_lock:
+        filters = warnings.filters
+        if _warning_filter is not None and filters and filters[0] == _warning_filter:
+            return
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*use of fork\(\) may lead to deadlocks",
+            category=DeprecationWarning,
+            module=r"minigun\.fork_safety\Z",
+        )
+        _warning_filter = warnings.filters[0]
 
 
 def _grow_pipe(fd: int) -> None:
