@@ -160,9 +160,13 @@ class Tally:
 
     def __init__(self) -> None:
         self.calls = 0
+        # spawn_thread calls it from several threads at once, and on a free-threaded build
+        # an unguarded `self.calls += 1` loses counts (one run in a few hundred did).
+        self._lock = threading.Lock()
 
     def __call__(self, x: int) -> int:
-        self.calls += 1
+        with self._lock:
+            self.calls += 1
         if x == 13:
             raise ValueError("unlucky")
         return 2 * x
