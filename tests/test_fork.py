@@ -1006,23 +1006,26 @@ def test_a_child_writing_to_the_original_stdout_never_waits_for_a_lock_held_at_t
     ]
 
 
+class ThreadsThenFork(mg.Task):
+    """Forks while other threads run: what 3.12+ warns about."""
+
+    @mg.producer
+    def gen(self):
+        yield from range(4)
+
+    @mg.processor(threads=2)
+    def busy(self, x):
+        return x
+
+    @mg.processor(strategy="spawn_fork")
+    def forked(self, x):
+        return x
+
+
 def test_no_multithreaded_fork_warning_leaks():
-    class Job(mg.Task):
-        @mg.producer
-        def gen(self):
-            yield from range(4)
-
-        @mg.processor(threads=2)
-        def busy(self, x):
-            return x
-
-        @mg.processor(strategy="spawn_fork")
-        def forked(self, x):
-            return x
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Job().run()
+        ThreadsThenFork().run()
     assert not [w for w in caught if "fork" in str(w.message)]
 
 
@@ -1032,24 +1035,10 @@ def test_the_fork_warning_stays_quiet_when_a_filter_is_put_in_front_of_minigun_s
     puts "always" in front of it (pytest does so around every test). minigun's next fork
     must still be quiet: once a run forked from a thread left its filter in the list
     pytest restores, every fork of the later tests warned."""
-
-    class Job(mg.Task):
-        @mg.producer
-        def gen(self):
-            yield from range(4)
-
-        @mg.processor(threads=2)
-        def busy(self, x):
-            return x
-
-        @mg.processor(strategy="spawn_fork")
-        def forked(self, x):
-            return x
-
-    Job().run()
+    ThreadsThenFork().run()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Job().run()
+        ThreadsThenFork().run()
     assert not [w for w in caught if "fork" in str(w.message)]
 
 
