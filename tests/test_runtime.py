@@ -22,6 +22,13 @@ def test_importing_minigun_keeps_the_gil_off():
     assert sys._is_gil_enabled() is False
 
 
+def _compute_for(seconds: float) -> None:
+    """Run pure Python (no call that lets the GIL go) for ``seconds``."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
 @free_threaded
 def test_threaded_stage_runs_python_in_parallel_without_the_gil():
     """Two workers of one stage overlap in pure-Python code."""
@@ -34,9 +41,7 @@ def test_threaded_stage_runs_python_in_parallel_without_the_gil():
         with lock:
             inside += 1
             peak = max(peak, inside)
-        deadline = time.perf_counter() + 0.05
-        while time.perf_counter() < deadline:
-            pass
+        _compute_for(0.05)
         with lock:
             inside -= 1
 
@@ -131,9 +136,7 @@ def _sleeps(x: int) -> int:
 
 
 def _computes(x: int) -> int:
-    deadline = time.perf_counter() + 0.002
-    while time.perf_counter() < deadline:  # keeps the GIL
-        pass
+    _compute_for(0.002)  # keeps the GIL
     return x
 
 
