@@ -20,6 +20,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use crate::channel::{Chunk, ItemChannel};
+use crate::gil;
 use crate::shutdown::Shutdown;
 use crate::stats::{OutCounter, StageStats};
 
@@ -117,7 +118,7 @@ impl Outbox {
         let target = self.target.clone();
         let shutdown = shutdown.clone();
         let waiting = Instant::now();
-        let unsent = crate::gil::detach(py, move || target.send(&tx, items, &shutdown).err());
+        let unsent = gil::detach(py, move || target.send(&tx, items, &shutdown).err());
         self.state.lock().sending = false;
         drop(unsent); // dropped with the GIL held
         self.sender_stats.add_blocked(waiting.elapsed());
