@@ -218,6 +218,33 @@ def test_max_wait_applies_per_key():
     assert batches.items[2:] == [[2]]
 
 
+@pytest.mark.timeout(30)
+def test_full_batches_go_on_while_the_producer_waits_inside_its_function():
+    batches = Collector()
+    arrived_while_waiting = []
+
+    class Job(mg.Task):
+        @mg.producer
+        def gen(self):
+            yield from range(10)
+            # The producer is inside its function, waiting: the full batches must go on
+            # without waiting for the producer's next item or the end of the stream.
+            arrived_while_waiting.append(batches.wait_for(2, timeout=5))
+            yield 10
+
+        @mg.accumulator(max_size=5)
+        def batch(self, items):
+            return items
+
+        @mg.consumer
+        def sink(self, b):
+            batches.add(list(b))
+
+    Job().run()
+    assert arrived_while_waiting == [True]
+    assert batches.items == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+
+
 def test_without_max_wait_a_partial_batch_waits_for_the_end_of_stream():
     batches = Collector()
     seen_before_end = []
