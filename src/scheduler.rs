@@ -108,9 +108,9 @@ impl RunShared {
         self.wait_done(None);
     }
 
-    fn wait_done(&self, timeout: Option<Duration>) -> bool {
+    /// Wait until every stage has finished (true) or `deadline` passes (false).
+    fn wait_done(&self, deadline: Option<Instant>) -> bool {
         let mut left = self.stages_left.lock().unwrap();
-        let deadline = timeout.map(|t| Instant::now() + t);
         while *left > 0 {
             match deadline {
                 None => left = self.all_done.wait(left).unwrap(),
@@ -128,6 +128,27 @@ impl RunShared {
 
     fn is_done(&self) -> bool {
         *self.stages_left.lock().unwrap() == 0
+    }
+
+    /// Send on what waited in an outbox for over `FLUSH_MAX_AGE` (see [`flusher`]); whether
+    /// items are still buffered somewhere.
+    fn flush_stale(&self) -> bool {
+        let live: Vec<Arc<Outbox>> = {
+            let all = self.outboxes.lock().unwrap();
+            all.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut buffered = false;
+        for outbox in &live {
+            buffered |= outbox.flush_stale(FLUSH_MAX_AGE);
+        }
+        buffered
+    }
+
+    fn outboxes_empty(&self) -> bool {
+        let all = self.outboxes.lock().unwrap();
+        all.iter()
+            .filter_map(Weak::upgrade)
+            .all(|outbox| outbox.is_empty())
     }
 }
 
@@ -221,7 +242,10 @@ pub struct Runtime {
     run: Arc<RunShared>,
     stages: Vec<Arc<StageShared>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    started: Mutex<bool>,
+    /// When the run was started (None: not yet).
+    started: Mutex<Option<Instant>>,
+    /// Whether the run's flusher has a thread of its own yet (see `wait_until`).
+    flusher_thread: Mutex<bool>,
     owner_pid: u32,
 }
 
@@ -229,6 +253,59 @@ impl Runtime {
     /// The run's stop signal (the child table of a run with fork stages watches it).
     pub fn shutdown(&self) -> &Shutdown {
         &self.run.shutdown
+    }
+
+    /// Wait without the GIL until every stage has finished (true) or `deadline` passes
+    /// (false).
+    ///
+    /// For the run's first `FLUSHER_THREAD_AFTER`, the waiting thread is also its flusher,
+    /// looking at the outboxes every `FLUSH_TICK`. A run still going after that, or when
+    /// this returns early (the caller then runs Python code, hooks included, for as long
+    /// as it takes), gets a flusher thread of its own. Most one-item runs end before: a
+    /// thread started and joined per run made W5 15% slower.
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let Some(started) = *self.started.lock().unwrap() else {
+            return self.run.wait_done(deadline);
+        };
+        if !*self.flusher_thread.lock().unwrap() {
+            let thread_at = started + FLUSHER_THREAD_AFTER;
+            loop {
+                let now = Instant::now();
+                if now >= thread_at || deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                let tick = (now + FLUSH_TICK).min(thread_at);
+                if self
+                    .run
+                    .wait_done(Some(deadline.map_or(tick, |d| d.min(tick))))
+                {
+                    return true;
+                }
+                self.run.flush_stale();
+            }
+            self.start_flusher_thread();
+        }
+        self.run.wait_done(deadline)
+    }
+
+    /// Give the run's flusher a thread of its own, once, unless every stage has finished.
+    /// If the OS refuses the thread, the run fails with that error.
+    fn start_flusher_thread(&self) {
+        let mut threads = self.threads.lock().unwrap();
+        let mut flusher_thread = self.flusher_thread.lock().unwrap();
+        if *flusher_thread || self.run.is_done() {
+            return;
+        }
+        *flusher_thread = true;
+        let run = self.run.clone();
+        match spawn_named("minigun-flusher".into(), move || flusher(run)) {
+            Ok(handle) => threads.push(handle),
+            Err(error) => self.run.fail(Failure {
+                stage: "minigun-flusher".into(),
+                error: refused_error("minigun-flusher", &error),
+                item: None,
+            }),
+        }
     }
 
     fn check_process(&self) -> PyResult<()> {
@@ -340,7 +417,8 @@ impl Runtime {
             run,
             stages,
             threads: Mutex::new(Vec::new()),
-            started: Mutex::new(false),
+            started: Mutex::new(None),
+            flusher_thread: Mutex::new(false),
             owner_pid: std::process::id(),
         })
     }
@@ -356,16 +434,16 @@ impl Runtime {
         visit.call(&self.run.merge_tick)
     }
 
-    /// Start every worker thread and the flusher. If the OS refuses a thread, the run
-    /// fails with that error: the workers not started count as finished, so the threads
-    /// that did start see the shutdown and end.
+    /// Start every worker thread (the flusher starts with the first wait, `wait_until`).
+    /// If the OS refuses a thread, the run fails with that error: the workers not started
+    /// count as finished, so the threads that did start see the shutdown and end.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.check_process()?;
         let mut started = self.started.lock().unwrap();
-        if *started {
+        if started.is_some() {
             return Err(PyRuntimeError::new_err("this run was already started"));
         }
-        *started = true;
+        *started = Some(Instant::now());
         let mut threads = self.threads.lock().unwrap();
         if self.stages.is_empty() {
             return Ok(());
@@ -390,15 +468,6 @@ impl Runtime {
                 return Ok(());
             }
         }
-        let run = self.run.clone();
-        match spawn_named("minigun-flusher".into(), move || flusher(run)) {
-            Ok(handle) => threads.push(handle),
-            Err(error) => self.run.fail(Failure {
-                stage: "minigun-flusher".into(),
-                error: refused_error("minigun-flusher", &error),
-                item: None,
-            }),
-        }
         Ok(())
     }
 
@@ -407,24 +476,28 @@ impl Runtime {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         self.check_process()?;
-        let run = self.run.clone();
-        Ok(py.detach(move || run.wait_done(timeout.map(Duration::from_secs_f64))))
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+        Ok(py.detach(|| self.wait_until(deadline)))
     }
 
     /// Join the threads of a finished (or cancelled) run and drop what is still queued.
     fn join(&self, py: Python<'_>) -> PyResult<()> {
         self.check_process()?;
-        if !*self.started.lock().unwrap() {
+        if self.started.lock().unwrap().is_none() {
             // Never started (a before-hook failed): nothing runs, nothing to wait for.
             *self.run.stages_left.lock().unwrap() = 0;
             self.run.stop();
             return Ok(());
         }
-        let run = self.run.clone();
-        let handles = std::mem::take(&mut *self.threads.lock().unwrap());
-        py.detach(move || {
-            run.wait_done(None);
-            run.stop(); // ends the flusher
+        py.detach(|| {
+            // Normally every stage has finished by now; if not, nothing flushes but a
+            // flusher thread.
+            self.start_flusher_thread();
+            self.run.wait_done(None);
+            // Ends the flusher.
+            self.run.stop();
+            // Taken once every stage finished: no flusher thread can start after this.
+            let handles = std::mem::take(&mut *self.threads.lock().unwrap());
             join_all(handles);
         });
         for channel in self.run.channels.iter().flatten() {
@@ -532,28 +605,27 @@ impl Runtime {
     }
 }
 
+/// How often the flusher looks at the outboxes while items are buffered, and how long an
+/// item may wait in one before the flusher sends it on.
+const FLUSH_TICK: Duration = Duration::from_micros(500);
+const FLUSH_MAX_AGE: Duration = Duration::from_millis(1);
+/// How long a run's waiting thread is its flusher before the flusher gets a thread.
+const FLUSHER_THREAD_AFTER: Duration = Duration::from_millis(2);
+
 /// Ships items that waited in an outbox for over a millisecond, so slow user code between
-/// two emits never holds finished items back from the next stage.
+/// two emits never holds finished items back from the next stage. The thread waiting for
+/// the run does this for its first moments (`Runtime::wait_until`), then this thread.
 ///
 /// It looks every half millisecond while items are buffered somewhere. Once every outbox
 /// has been empty for `DOZE_AFTER` looks in a row, it dozes until an empty outbox takes an
 /// item (`FlusherBell`), the run stops, or `DOZE_LIMIT` passes: an idle pipeline, or one
 /// whose stages take long per item, then costs no wake-ups.
 fn flusher(run: Arc<RunShared>) {
-    const TICK: Duration = Duration::from_micros(500);
-    const MAX_AGE: Duration = Duration::from_millis(1);
     const DOZE_AFTER: u32 = 20;
     const DOZE_LIMIT: Duration = Duration::from_secs(1);
-    let live_outboxes = || -> Vec<Arc<Outbox>> {
-        let all = run.outboxes.lock().unwrap();
-        all.iter().filter_map(Weak::upgrade).collect()
-    };
     let mut empty_looks = 0;
-    while !run.shutdown.sleep(TICK) {
-        let mut buffered = false;
-        for outbox in live_outboxes() {
-            buffered |= outbox.flush_stale(MAX_AGE);
-        }
+    while !run.shutdown.sleep(FLUSH_TICK) {
+        let buffered = run.flush_stale();
         if run.is_done() {
             break;
         }
@@ -561,9 +633,7 @@ fn flusher(run: Arc<RunShared>) {
         if empty_looks >= DOZE_AFTER {
             // The outboxes are listed again once the bell knows it dozes: one made since
             // the last look is in the list before it can take an item.
-            run.flusher_bell.doze(DOZE_LIMIT, || {
-                live_outboxes().iter().all(|outbox| outbox.is_empty())
-            });
+            run.flusher_bell.doze(DOZE_LIMIT, || run.outboxes_empty());
             empty_looks = 0;
         }
     }
