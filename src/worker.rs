@@ -639,7 +639,9 @@ fn run_accumulator(stage: &StageShared) {
         loop {
             let step = match input.recv(&stage.run.shutdown, batcher.next_deadline()) {
                 Recv::Chunk(items) => {
-                    let (n, started) = (items.len(), Instant::now());
+                    let started = Instant::now();
+                    // Items taken in this step: the chunk, and what queued up behind it.
+                    let mut n = items.len();
                     stage.stats.started();
                     stage.stats.add_in(n as u64);
                     // The chunk's arrival time opens its batches: one clock read per chunk
@@ -659,6 +661,18 @@ fn run_accumulator(stage: &StageShared) {
                                 Ok(())
                             } else {
                                 gil::attach(|py| {
+                                    // What queued up while this waited for the GIL is taken
+                                    // first: that makes room for the senders, which then
+                                    // wake while this stage makes its batches, not after
+                                    // (W4 5.9x -> 6.2x the batching thread).
+                                    let mut due = due;
+                                    while let Some(more) = input.try_recv() {
+                                        n += more.len();
+                                        stage.stats.add_in(more.len() as u64);
+                                        for item in more {
+                                            due.extend(batcher.push(0, || None, item, started));
+                                        }
+                                    }
                                     unflushed |= !due.is_empty();
                                     flush(py, due)?;
                                     stage.run.tick(py);
