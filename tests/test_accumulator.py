@@ -218,21 +218,22 @@ def test_max_wait_applies_per_key():
     assert batches.items[2:] == [[2]]
 
 
-@pytest.mark.timeout(30)
-def test_full_batches_go_on_while_the_producer_waits_inside_its_function():
+def _run_with_a_producer_that_waits(first, max_size, batches_awaited, timeout):
+    """producer -> accumulator(max_size) -> consumer. The producer yields ``first``, then
+    waits inside its function (up to ``timeout`` seconds) for ``batches_awaited`` batches
+    to reach the consumer, then yields ``"last"``. Returns whether they did, and every
+    batch."""
     batches = Collector()
     arrived_while_waiting = []
 
     class Job(mg.Task):
         @mg.producer
         def gen(self):
-            yield from range(10)
-            # The producer is inside its function, waiting: the full batches must go on
-            # without waiting for the producer's next item or the end of the stream.
-            arrived_while_waiting.append(batches.wait_for(2, timeout=5))
-            yield 10
+            yield from first
+            arrived_while_waiting.append(batches.wait_for(batches_awaited, timeout=timeout))
+            yield "last"
 
-        @mg.accumulator(max_size=5)
+        @mg.accumulator(max_size=max_size)
         def batch(self, items):
             return items
 
@@ -241,33 +242,21 @@ def test_full_batches_go_on_while_the_producer_waits_inside_its_function():
             batches.add(list(b))
 
     Job().run()
-    assert arrived_while_waiting == [True]
-    assert batches.items == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+    return arrived_while_waiting, batches.items
+
+
+@pytest.mark.timeout(30)
+def test_full_batches_go_on_while_the_producer_waits_inside_its_function():
+    # Not at the producer's next item, nor at the end of the stream.
+    arrived, batches = _run_with_a_producer_that_waits(range(10), 5, 2, timeout=5)
+    assert arrived == [True]
+    assert batches == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], ["last"]]
 
 
 def test_without_max_wait_a_partial_batch_waits_for_the_end_of_stream():
-    batches = Collector()
-    seen_before_end = []
-
-    class Job(mg.Task):
-        @mg.producer
-        def gen(self):
-            yield 1
-            # With max_wait=None nothing is flushed early.
-            seen_before_end.append(batches.wait_for(1, timeout=0.5))
-            yield 2
-
-        @mg.accumulator(max_size=100)
-        def batch(self, items):
-            return items
-
-        @mg.consumer
-        def sink(self, b):
-            batches.add(list(b))
-
-    Job().run()
-    assert seen_before_end == [False]
-    assert batches.items == [[1, 2]]
+    arrived, batches = _run_with_a_producer_that_waits([1], 100, 1, timeout=0.5)
+    assert arrived == [False]
+    assert batches == [[1, "last"]]
 
 
 @pytest.mark.timeout(30)
