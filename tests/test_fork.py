@@ -397,13 +397,16 @@ def test_fork_hooks_run_in_the_right_process_in_the_right_order():
 def test_fork_ipc_runs_fork_hooks_once_per_worker_process():
     class Job(mg.Task):
         def __init__(self):
-            self.before = 0
+            # The two workers' threads fork, and run this hook, at the same time: counted
+            # by appending, since `+= 1` from two threads loses counts on a free-threaded
+            # build (a CI run counted 1 fork of 2).
+            self.before = []
             self.after = 0  # counted in each child's copy
             self.out = []
 
         @mg.before_fork
         def count_before(self):
-            self.before += 1
+            self.before.append(threading.get_ident())
 
         @mg.after_fork("work")
         def count_after(self):
@@ -424,7 +427,7 @@ def test_fork_ipc_runs_fork_hooks_once_per_worker_process():
     job = Job()
     job.run()
     pids = {pid for pid, _ in job.out}
-    assert job.before == len(pids) and job.after == 0
+    assert len(job.before) == len(pids) and job.after == 0
     assert all(after == 1 for _, after in job.out)
 
 
