@@ -130,25 +130,24 @@ impl RunShared {
         *self.stages_left.lock().unwrap() == 0
     }
 
+    /// The outboxes of workers still running (listed without holding the list's lock).
+    fn live_outboxes(&self) -> Vec<Arc<Outbox>> {
+        let all = self.outboxes.lock().unwrap();
+        all.iter().filter_map(Weak::upgrade).collect()
+    }
+
     /// Send on what waited in an outbox for over `FLUSH_MAX_AGE` (see [`flusher`]); whether
     /// items are still buffered somewhere.
     fn flush_stale(&self) -> bool {
-        let live: Vec<Arc<Outbox>> = {
-            let all = self.outboxes.lock().unwrap();
-            all.iter().filter_map(Weak::upgrade).collect()
-        };
         let mut buffered = false;
-        for outbox in &live {
+        for outbox in self.live_outboxes() {
             buffered |= outbox.flush_stale(FLUSH_MAX_AGE);
         }
         buffered
     }
 
     fn outboxes_empty(&self) -> bool {
-        let all = self.outboxes.lock().unwrap();
-        all.iter()
-            .filter_map(Weak::upgrade)
-            .all(|outbox| outbox.is_empty())
+        self.live_outboxes().iter().all(|outbox| outbox.is_empty())
     }
 }
 
