@@ -18,8 +18,9 @@ into a nested pipeline, and a bare name found in exactly one nested pipeline wor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import config as _config
 from .errors import DefinitionError, RoutingError
@@ -85,10 +86,10 @@ class Node:
     route_names: dict[str, list[int]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class MisroutedEmit:
+class MisroutedEmit(NamedTuple):
     """Builds the RoutingError for an ``emit(to=name)`` a stage may not make. Plain data,
-    so a worker in another process or interpreter raises the same error as a thread."""
+    so a worker in another process or interpreter raises the same error as a thread (its
+    bound :meth:`error` pickles as the record and the method's name)."""
 
     path: str
     local: str
@@ -96,7 +97,7 @@ class MisroutedEmit:
     declared: tuple[str, ...]
     known: frozenset[str]
 
-    def __call__(self, name: str) -> RoutingError:
+    def error(self, name: str) -> RoutingError:
         downstream = ", ".join(map(repr, self.downstream)) or "none"
         if name in self.known:
             declared = sorted({*self.declared, *self.downstream, name})
@@ -120,7 +121,7 @@ class Graph:
     def scopes(self) -> list[Scope]:
         return [self.root, *self.root.descendants()]
 
-    def route_error(self, node: Node) -> MisroutedEmit:
+    def route_error(self, node: Node) -> Callable[[str], RoutingError]:
         """What ``emit(to=name)`` from ``node`` raises for a name it may not send to."""
         return MisroutedEmit(
             path=node.path,
@@ -128,7 +129,7 @@ class Graph:
             downstream=tuple(self.nodes[d].path for d in node.downstream),
             declared=tuple(node.stage.to),
             known=frozenset(self.by_path) | {n.local for n in self.nodes},
-        )
+        ).error
 
     def nodes_in(self, scope: Scope) -> list[Node]:
         """The flat nodes of ``scope`` and of every pipeline nested in it."""

@@ -8,8 +8,7 @@ names register plain functions. Both end up as :class:`Hook` records in a :class
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast, overload
+from typing import Any, NamedTuple, Protocol, TypeVar, cast, overload
 
 from .errors import DefinitionError
 
@@ -28,8 +27,7 @@ AFTER_WORKER = "after_worker"
 MARK = "__minigun_hooks__"
 
 
-@dataclass(frozen=True)
-class Hook:
+class Hook(NamedTuple):
     kind: str
     fn: Callable[..., Any]
     stage: str | None = None

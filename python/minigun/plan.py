@@ -8,8 +8,7 @@ they cannot disagree and a capped option warns once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .config import CapWarnings
 from .graph import Graph, Node
@@ -21,8 +20,7 @@ from .strategies import canonical, check_available
 CallMode = Literal["value", "iterate"]
 
 
-@dataclass(frozen=True)
-class StagePlan:
+class StagePlan(NamedTuple):
     """How one stage runs."""
 
     #: The canonical strategy; "inline" for producers, accumulators and nested pipelines.

@@ -18,8 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from .stats import StageStats
 
@@ -30,8 +29,7 @@ PLAIN_FIRST = 0.5
 PLAIN_EVERY = 5.0
 
 
-@dataclass(frozen=True)
-class StageLine:
+class StageLine(NamedTuple):
     """What the view shows for one stage at one moment."""
 
     name: str
@@ -59,8 +57,7 @@ class StageLine:
 HEADER = ("stage", "in", "out", "rate", "errors", "busy", "queue")
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One look at the run: elapsed seconds, done fraction (None: totals unknown), the
     estimated seconds left (None: unknown) and one line per stage."""
 

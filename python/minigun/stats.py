@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .kinds import PRODUCER
 
@@ -71,8 +71,7 @@ class StageStats:
         return self.kind == PRODUCER
 
 
-@dataclass(frozen=True)
-class StageInfo:
+class StageInfo(NamedTuple):
     """What the plan of a run says about one stage (the runtime counts only items)."""
 
     kind: str

@@ -26,8 +26,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from .callables import direct_call
 from .graph import Graph, Node
@@ -44,8 +43,7 @@ Start = Callable[[], tuple[Call | None, Close]]
 WorkMode = Literal["value", "iterate", "chunk"]
 
 
-@dataclass(frozen=True)
-class StageCode:
+class StageCode(NamedTuple):
     """A stage's code before an executor places it: a function (``call``, bound to its
     Task) or a custom Stage (``start`` opens one worker's copy)."""
 
@@ -64,8 +62,7 @@ class StageCode:
         return start_function
 
 
-@dataclass(frozen=True)
-class Work:
+class Work(NamedTuple):
     """What the runtime's worker threads run for one stage."""
 
     #: Called per item by every worker thread; None when each worker gets its own from
