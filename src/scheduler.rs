@@ -103,11 +103,6 @@ impl RunShared {
         }
     }
 
-    /// Wait until every stage of the run has finished.
-    pub fn wait_all_finished(&self) {
-        self.wait_done(None);
-    }
-
     /// Wait until every stage has finished (true) or `deadline` passes (false).
     fn wait_done(&self, deadline: Option<Instant>) -> bool {
         let mut left = self.stages_left.lock().unwrap();

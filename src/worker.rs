@@ -40,8 +40,6 @@ pub fn start_stage(
             python_thread(|| {
                 s.run.worker_ready();
                 body(&s);
-                // Keep this thread's Python thread state until no stage can fork any more.
-                s.run.wait_all_finished();
             })
         });
         match started {
@@ -56,9 +54,13 @@ pub fn start_stage(
 /// state for its whole life, made and deleted inside the fork gate (`fork::python_thread`).
 ///
 /// Workers create their thread state once, wait until every worker of the run has one
-/// before any runs a stage, and keep it until every stage has finished: that is cheaper
+/// before any runs a stage, and keep it until their own work is done: that is cheaper
 /// than a thread state per attach (on free-threaded builds every new thread state brings a
 /// new allocator heap, and every deleted one abandons it for the other threads to sweep).
+/// A worker deletes its thread state as soon as it is done, not when the whole run is:
+/// each deletion takes the GIL, and 34 workers deleting theirs one after another once the
+/// last stage finished held `run()` back by 1.2 ms (docs/performance.md). The fork gate,
+/// not the thread's life, is what keeps a fork from meeting a half-deleted thread state.
 ///
 /// On free-threaded builds a thread also owns the reference counts of the objects it made;
 /// other threads hand their decrements back to it, and it merges them only when it runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 
 import pytest
 
@@ -94,6 +95,36 @@ def test_pipeline_wide_worker_hook_runs_in_every_worker_including_producers():
     # One call per worker: the producer, two work threads, the accumulator, the sink.
     assert len(hooked) == len(set(hooked)) == 5
     assert set().union(*worked.values()) <= set(hooked)
+
+
+def test_a_workers_thread_locals_are_released_when_it_ends_while_later_stages_run():
+    """A worker's thread ends once its own stage is done, not when the whole run is: what
+    it keeps per thread (a connection in a threading.local) is released then."""
+    per_thread = threading.local()
+    released = threading.Event()
+    seen_by_the_consumer: list[bool] = []
+
+    class Connection:
+        pass
+
+    p = mg.Pipeline("p")
+
+    @p.before_worker(stage="numbers")
+    def connect():
+        per_thread.connection = Connection()
+        weakref.finalize(per_thread.connection, released.set)
+
+    @p.producer
+    def numbers():
+        yield from range(3)
+
+    @p.consumer
+    def sink(n):
+        if n == 2:
+            seen_by_the_consumer.append(released.wait(timeout=5))
+
+    p.run()
+    assert seen_by_the_consumer == [True]
 
 
 class ForkedSqlite(mg.Task):
