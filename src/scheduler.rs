@@ -39,9 +39,6 @@ pub struct RunShared {
     /// Free-threaded builds only: a Python no-op each worker runs now and then, so its
     /// thread handles what the interpreter queued for it (see worker.rs).
     pub merge_tick: Option<Item>,
-    /// Worker threads that have their Python thread state, and how many will.
-    workers_ready: Mutex<(usize, usize)>,
-    all_ready: Condvar,
 }
 
 impl RunShared {
@@ -84,22 +81,6 @@ impl RunShared {
         *left -= 1;
         if *left == 0 {
             self.all_done.notify_all();
-        }
-    }
-
-    /// A worker thread has its Python thread state: wait until every worker has one.
-    pub fn worker_ready(&self) {
-        let mut ready = self.workers_ready.lock().unwrap();
-        ready.0 += 1;
-        if ready.0 >= ready.1 {
-            self.all_ready.notify_all();
-        }
-        while ready.0 < ready.1 && !self.shutdown.is_set() {
-            ready = self
-                .all_ready
-                .wait_timeout(ready, Duration::from_millis(50))
-                .unwrap()
-                .0;
         }
     }
 
@@ -374,8 +355,6 @@ impl Runtime {
             } else {
                 None
             },
-            workers_ready: Mutex::new((0, 0)),
-            all_ready: Condvar::new(),
         });
         let mut stages = Vec::with_capacity(n);
         for (index, spec) in specs.into_iter().enumerate() {
@@ -442,8 +421,6 @@ impl Runtime {
         if self.stages.is_empty() {
             return Ok(());
         }
-        self.run.workers_ready.lock().unwrap().1 =
-            self.stages.iter().map(|s| s.spec.thread_count()).sum();
         for (index, stage) in self.stages.iter().enumerate() {
             if let Err((missing, error)) = worker::start_stage(stage, &mut threads) {
                 self.run.fail(Failure {

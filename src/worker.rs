@@ -37,10 +37,7 @@ pub fn start_stage(
     for i in 0..count {
         let s = stage.clone();
         let started = spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
-            python_thread(|| {
-                s.run.worker_ready();
-                body(&s);
-            })
+            python_thread(|| body(&s))
         });
         match started {
             Ok(handle) => threads.push(handle),
@@ -53,14 +50,14 @@ pub fn start_stage(
 /// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python thread
 /// state for its whole life, made and deleted inside the fork gate (`fork::python_thread`).
 ///
-/// Workers create their thread state once, wait until every worker of the run has one
-/// before any runs a stage, and keep it until their own work is done: that is cheaper
-/// than a thread state per attach (on free-threaded builds every new thread state brings a
-/// new allocator heap, and every deleted one abandons it for the other threads to sweep).
-/// A worker deletes its thread state as soon as it is done, not when the whole run is:
-/// each deletion takes the GIL, and 34 workers deleting theirs one after another once the
-/// last stage finished held `run()` back by 1.2 ms (docs/performance.md). The fork gate,
-/// not the thread's life, is what keeps a fork from meeting a half-deleted thread state.
+/// A worker creates its thread state when it starts and deletes it when its own work is
+/// done: that is cheaper than a thread state per attach (on free-threaded builds every new
+/// thread state brings a new allocator heap, and every deleted one abandons it for the
+/// other threads to sweep). Workers neither wait for each other to have one before they
+/// begin nor keep theirs until the whole run is done: each creation and deletion takes
+/// the GIL, and workers taking turns at a barrier made a one-item run 5% slower and held
+/// W2's end back by 1.2 ms (docs/performance.md). The fork gate, not the threads' lives,
+/// is what keeps a fork from meeting a half-made thread state.
 ///
 /// On free-threaded builds a thread also owns the reference counts of the objects it made;
 /// other threads hand their decrements back to it, and it merges them only when it runs
