@@ -653,9 +653,7 @@ fn run_accumulator(stage: &StageShared) {
                         // threads feeding it run Python.
                         None => {
                             let mut due = Vec::new();
-                            for item in items {
-                                due.extend(batcher.push(0, || None, item, started));
-                            }
+                            batcher.push_all(0, || None, items, started, &mut due);
                             if due.is_empty() && !(unflushed && input.is_empty()) {
                                 Ok(())
                             } else {
@@ -677,9 +675,7 @@ fn run_accumulator(stage: &StageShared) {
                                         budget = budget.saturating_sub(more.len());
                                         n += more.len();
                                         stage.stats.add_in(more.len() as u64);
-                                        for item in more {
-                                            due.extend(batcher.push(0, || None, item, started));
-                                        }
+                                        batcher.push_all(0, || None, more, started, &mut due);
                                     }
                                     unflushed |= !due.is_empty();
                                     flush(py, due)?;
