@@ -97,7 +97,8 @@ def test_pipeline_wide_worker_hook_runs_in_every_worker_including_producers():
     assert set().union(*worked.values()) <= set(hooked)
 
 
-def test_a_workers_thread_locals_are_released_when_it_ends_while_later_stages_run():
+@pytest.mark.parametrize("api", ["builder", "task"])
+def test_a_workers_thread_locals_are_released_when_it_ends_while_later_stages_run(api):
     """A worker's thread ends once its own stage is done, not when the whole run is: what
     it keeps per thread (a connection in a threading.local) is released then."""
     per_thread = threading.local()
@@ -107,23 +108,36 @@ def test_a_workers_thread_locals_are_released_when_it_ends_while_later_stages_ru
     class Connection:
         pass
 
-    p = mg.Pipeline("p")
-
-    @p.before_worker(stage="numbers")
     def connect():
         per_thread.connection = Connection()
         weakref.finalize(per_thread.connection, released.set)
 
-    @p.producer
-    def numbers():
-        yield from range(3)
-
-    @p.consumer
     def sink(n):
         if n == 2:
             seen_by_the_consumer.append(released.wait(timeout=5))
 
-    p.run()
+    if api == "builder":
+        p = mg.Pipeline("p")
+        p.before_worker(connect, stage="numbers")
+        p.producer(lambda: iter(range(3)), name="numbers")
+        p.consumer(sink, name="sink")
+        p.run()
+    else:
+
+        class Job(mg.Task):
+            @mg.before_worker(stage="numbers")
+            def open_connection(self):
+                connect()
+
+            @mg.producer
+            def numbers(self):
+                yield from range(3)
+
+            @mg.consumer
+            def save(self, n):
+                sink(n)
+
+        Job().run()
     assert seen_by_the_consumer == [True]
 
 
