@@ -149,21 +149,6 @@ impl<K, T> Batcher<K, T> {
         out
     }
 
-    /// [`Self::push`] every item of `items` into `slot`'s batch, appending the batches
-    /// that must be flushed now to `due`, in flush order.
-    pub fn push_all(
-        &mut self,
-        slot: u64,
-        key: impl Fn() -> K,
-        items: impl IntoIterator<Item = T>,
-        now: Instant,
-        due: &mut Vec<Batch<K, T>>,
-    ) {
-        for item in items {
-            due.extend(self.push(slot, &key, item, now));
-        }
-    }
-
     /// When the oldest open batch reaches `max_wait`, if a wait is set.
     pub fn next_deadline(&self) -> Option<Instant> {
         let wait = self.limits.max_wait?;
@@ -217,19 +202,6 @@ mod tests {
         }
         assert_eq!(flushed.len(), 2);
         assert_eq!(flushed[0].items, vec![0, 1, 2]);
-        assert_eq!(b.drain()[0].items, vec![6]);
-    }
-
-    #[test]
-    fn push_all_appends_what_is_due_across_calls() {
-        let mut b = Batcher::new(limits(3, 100, 100));
-        let now = Instant::now();
-        let mut due = Vec::new();
-        b.push_all(0, || "k", 0..2u32, now, &mut due);
-        assert!(due.is_empty());
-        b.push_all(0, || "k", 2..7u32, now, &mut due);
-        let batches: Vec<Vec<u32>> = due.into_iter().map(|batch| batch.items).collect();
-        assert_eq!(batches, vec![vec![0, 1, 2], vec![3, 4, 5]]);
         assert_eq!(b.drain()[0].items, vec![6]);
     }
 

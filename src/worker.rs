@@ -653,7 +653,9 @@ fn run_accumulator(stage: &StageShared) {
                         // threads feeding it run Python.
                         None => {
                             let mut due = Vec::new();
-                            batcher.push_all(0, || None, items, started, &mut due);
+                            for item in items {
+                                due.extend(batcher.push(0, || None, item, started));
+                            }
                             if due.is_empty() && !(unflushed && input.is_empty()) {
                                 Ok(())
                             } else {
@@ -675,7 +677,9 @@ fn run_accumulator(stage: &StageShared) {
                                         budget = budget.saturating_sub(more.len());
                                         n += more.len();
                                         stage.stats.add_in(more.len() as u64);
-                                        batcher.push_all(0, || None, more, started, &mut due);
+                                        for item in more {
+                                            due.extend(batcher.push(0, || None, item, started));
+                                        }
                                     }
                                     unflushed |= !due.is_empty();
                                     flush(py, due)?;
