@@ -1,13 +1,16 @@
 """W2, I/O-bound on threads: N items that each sleep 2 ms, on 32 threads.
 
 The ideal wall time is N * 2 ms / 32 (125 ms for 2,000 items); "x ideal" is how far each
-implementation is from it. The "sleep floor" row shows how close the machine's own sleeps
-let anything come.
+implementation is from it. The "sleep floor" rows show how close the machine's own sleeps
+let anything come: with the kernel's default timer slack (50 µs on Linux), and with the
+1 µs that minigun's threads ask for.
 """
 
 from __future__ import annotations
 
+import ctypes
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -90,12 +93,27 @@ def minigun(params: Params) -> int:
 def sleep_floor(params: Params) -> int:
     """Not a pipeline: each thread sleeps through its own share of the items, with no
     hand-off at all. Every sleep overshoots its 2 ms a little (timer slack, the wake-up,
-    taking the GIL back), so this is the floor any implementation stands on, and "x ideal"
-    can be no lower than this row's."""
+    taking the GIL back), so this is the floor any implementation on the kernel's default
+    timer slack stands on."""
+    return _sleep_shares(params, timer_slack_ns=None)
+
+
+def sleep_floor_tight(params: Params) -> int:
+    """The sleep floor with each thread's timer slack at 1 µs, as minigun sets it on its
+    own threads (Linux): the floor a minigun pipeline stands on."""
+    return _sleep_shares(params, timer_slack_ns=1_000)
+
+
+PR_SET_TIMERSLACK = 29
+
+
+def _sleep_shares(params: Params, timer_slack_ns: int | None) -> int:
     n, workers, io = params["n"], params["threads"], make_io(params["sleep"])
     totals = [0] * workers
 
     def share(k: int) -> None:
+        if timer_slack_ns is not None and sys.platform == "linux":
+            ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(timer_slack_ns), 0, 0, 0)
         totals[k] = sum(io(x) for x in range(k, n, workers))
 
     threads = [threading.Thread(target=share, args=(k,)) for k in range(workers)]
@@ -146,6 +164,7 @@ WORKLOADS = (
             Impl("queue.Queue + 32 threads", queue_threads),
             Impl("ThreadPoolExecutor(32).map", thread_pool_executor),
             Impl("sleep floor (no hand-off)", sleep_floor),
+            Impl("sleep floor, 1 us timer slack", sleep_floor_tight),
             Impl("pypeln thread", pypeln_threads, requires="pypeln"),
             Impl("mpire threading", mpire_threads, requires="mpire"),
             Impl("pyper", pyper_threads, requires="pyper"),

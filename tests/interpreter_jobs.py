@@ -4,6 +4,7 @@ pytest), so it loads quickly in a fresh interpreter."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -157,6 +158,11 @@ def in_interpreter(_item):
 def slow(item):
     time.sleep(0.02)
     return item
+
+
+def timer_slack(_item) -> int:
+    """This thread's timer slack in nanoseconds (Linux's PR_GET_TIMERSLACK)."""
+    return int(ctypes.CDLL(None).prctl(30, 0, 0, 0, 0))
 
 
 def _interpreter_id() -> int:

@@ -119,6 +119,15 @@ def test_a_custom_stage_opens_and_closes_in_each_worker(strategy):
         assert 1 <= len(totals) <= 2
 
 
+@needs_interpreters
+@pytest.mark.skipif(sys.platform != "linux", reason="timer slack is a Linux setting")
+@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
+def test_a_subinterpreter_worker_sleeps_with_the_runtimes_1_microsecond_timer_slack(strategy):
+    p, got = _pipeline(jobs.timer_slack, strategy)
+    p.run()
+    assert got == [1_000] * 10
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

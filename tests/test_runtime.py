@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import time
@@ -207,3 +208,48 @@ def test_a_callable_object_stage_is_called_the_way_python_calls_it(strategy, kin
     assert sorted(out) == sorted([2 * x for x in range(100) if x != 13] * per_item)
     assert failed == [(13, "tally")]
     assert stage.calls == 100
+
+
+# -- timer slack (Linux) -------------------------------------------------------------------
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="timer slack is a Linux setting")
+
+PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
+
+
+def _timer_slack_ns() -> int:
+    return int(ctypes.CDLL(None).prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0))
+
+
+def _slack_of_this_worker(_item: int) -> int:
+    return _timer_slack_ns()
+
+
+async def _slack_of_this_event_loop(_item: int) -> int:
+    return _timer_slack_ns()
+
+
+@linux
+@pytest.mark.parametrize(
+    "strategy", ["inline", "threads", "spawn_thread", "async", "fork_ipc", "spawn_fork"]
+)
+def test_stage_code_sleeps_with_a_1_microsecond_timer_slack_and_the_caller_keeps_its_own(
+    strategy,
+):
+    """A stage's `time.sleep(0.002)` wakes within a microsecond of its time, not Linux's
+    default 50: the runtime's threads, and the children they fork, ask for 1 µs. The
+    thread that calls `run()` is the user's and keeps what it had."""
+    fn = _slack_of_this_event_loop if strategy == "async" else _slack_of_this_worker
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(70_000), 0, 0, 0)
+    try:
+        seen: list[int] = []
+        p = mg.Pipeline("slack")
+        p.producer(lambda: range(4), name="source")
+        p.processor(fn, name="look", strategy=strategy)
+        p.consumer(seen.append, name="sink")
+        p.run()
+        assert seen == [1_000] * 4
+        assert _timer_slack_ns() == 70_000
+    finally:
+        libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(0), 0, 0, 0)  # 0: the default again
