@@ -276,16 +276,19 @@ fn close_listed(fds: &[RawFd]) {
 /// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python
 /// thread state for its whole life, created and deleted inside the fork gate.
 ///
-/// The gate is entered without the GIL and left once attached, and entered again while
-/// detached before the last detach: so a thread never waits for the gate while holding
-/// the GIL, and a fork (which closes the gate without the GIL, then attaches) never
-/// waits for a thread that waits for it.
+/// The gate is entered without the GIL and left once attached. At the end it is entered
+/// in the same hold of the GIL that deletes the thread state if it is open, and otherwise
+/// (a fork is under way) waited for detached: so a thread never waits for the gate while
+/// holding the GIL, and a fork (which closes the gate without the GIL, then attaches)
+/// never waits for a thread that waits for it.
 pub fn python_thread(f: impl FnOnce() + Send) {
     GATE.enter();
     Python::attach(|py| {
         GATE.leave();
         py.detach(f);
-        py.detach(|| GATE.enter());
+        if !GATE.try_enter() {
+            py.detach(|| GATE.enter());
+        }
     });
     GATE.leave();
 }

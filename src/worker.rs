@@ -219,10 +219,10 @@ fn handle_failure(
     }
 }
 
-/// Set up a worker's emitter and per-worker call, run `body`, then close and flush.
+/// Set up a worker's emitter and per-worker call, run `body`, then close, flush, and
+/// count the worker finished.
 fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
-    worker_session(stage, body);
-    gil::attach(|py| stage.worker_finished(py));
+    worker_session(stage, body, |py| stage.worker_finished(py));
 }
 
 /// One worker's life: open its call, run `body`, close it and flush its outboxes.
@@ -231,7 +231,14 @@ fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)
 /// worker releases what it opened (an async stage's event loop, a custom Stage's
 /// connection). What it emits then is dropped with the rest of the run's output, and a
 /// failure of it is not reported over the run's own failure or cancel.
-fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
+///
+/// Closing, the last flush and `last` share one hold of the GIL: with 32 workers ending
+/// at once, every hold is a turn the others wait through (docs/performance.md, W2).
+fn worker_session(
+    stage: &StageShared,
+    body: impl FnOnce(&WorkerCall, &Rc<Emitter>),
+    last: impl FnOnce(Python<'_>),
+) {
     let emitter = Emitter::new(
         stage.routes.clone(),
         stage.stats.clone(),
@@ -240,30 +247,35 @@ fn worker_session(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitte
     );
     let _bound = emit::bind(&emitter);
     let opened = gil::attach(|py| WorkerCall::open(py, stage));
-    match opened {
-        Err(error) => stage.run.fail(Failure {
-            stage: stage.name.clone(),
-            error,
-            item: None,
-        }),
+    let worker = match opened {
+        Err(error) => {
+            stage.run.fail(Failure {
+                stage: stage.name.clone(),
+                error,
+                item: None,
+            });
+            None
+        }
         Ok(worker) => {
             body(&worker, &emitter);
-            gil::attach(|py| {
-                let closed = worker.close(py);
-                if let Err(error) = closed {
-                    if !stage.run.shutdown.is_set() {
-                        stage.run.fail(Failure {
-                            stage: stage.name.clone(),
-                            error,
-                            item: None,
-                        });
-                    }
-                }
-                drop(worker);
-            });
+            Some(worker)
         }
-    }
-    gil::attach(|py| emitter.finish(py));
+    };
+    gil::attach(|py| {
+        if let Some(worker) = worker {
+            if let Err(error) = worker.close(py) {
+                if !stage.run.shutdown.is_set() {
+                    stage.run.fail(Failure {
+                        stage: stage.name.clone(),
+                        error,
+                        item: None,
+                    });
+                }
+            }
+        }
+        emitter.finish(py);
+        last(py);
+    });
 }
 
 fn run_producer(stage: &StageShared) {
@@ -562,7 +574,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
 /// One spawned thread: a worker with a single item (a custom Stage is opened and closed
 /// around it, in this thread).
 fn run_spawned(stage: &StageShared, item: Item) {
-    worker_session(stage, |worker, emitter| {
+    let serve = |worker: &WorkerCall, emitter: &Rc<Emitter>| {
         gil::attach(|py| {
             let item = item.into_bound(py);
             let Some(call) = worker.call.as_ref() else {
@@ -574,7 +586,8 @@ fn run_spawned(stage: &StageShared, item: Item) {
             }
             stage.stats.add_busy(t.elapsed());
         });
-    });
+    };
+    worker_session(stage, serve, |_py| {});
 }
 
 /// The batch slot of an item's key. Keys live in a Python dict, so Python's hash and
