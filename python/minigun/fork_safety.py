@@ -49,7 +49,6 @@ import io
 import os
 import signal
 import sys
-import sysconfig
 import threading
 import warnings
 from collections.abc import Callable
@@ -301,7 +300,7 @@ def _child_entry(
 #: ``gc.freeze()`` in a forked child deadlocks on free-threaded CPython 3.13.5 (observed:
 #: its stop-the-world waits forever on the runtime's stop-the-world mutex, while
 #: ``gc.collect()`` in the same child works). There the child goes without it.
-_FREEZE_IN_CHILD = not sysconfig.get_config_var("Py_GIL_DISABLED")
+_FREEZE_IN_CHILD = "t" not in getattr(sys, "abiflags", "")  # "t": free-threaded
 
 
 def _child_setup(
