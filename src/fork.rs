@@ -151,7 +151,7 @@ pub fn terminate_child(pid: i32, grace: Duration) -> io::Result<i32> {
 /// before the thread takes the GIL. CPython 3.11 and 3.12 do not hold `HEAD_LOCK` across
 /// `fork()`, so a child forked at that instant deadlocks in `PyOS_AfterFork_Child`. Every
 /// thread minigun starts therefore creates and deletes its thread state inside the gate
-/// ([`python_thread`]), and every fork happens with the gate closed
+/// (`thread_state.rs`), and every fork happens with the gate closed
 /// ([`fork_gate_close`] / [`fork_gate_open`]): no fork can meet a half-made thread state,
 /// whatever the timing. A waiting fork has priority over threads about to pass, so a
 /// stream of new threads (spawn_thread) cannot starve it.
@@ -273,23 +273,20 @@ fn close_listed(fds: &[RawFd]) {
     }
 }
 
-/// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python
-/// thread state for its whole life, created and deleted inside the fork gate.
-///
-/// The gate is entered without the GIL and left once attached. At the end it is entered
-/// in the same hold of the GIL that deletes the thread state if it is open, and otherwise
-/// (a fork is under way) waited for detached: so a thread never waits for the gate while
-/// holding the GIL, and a fork (which closes the gate without the GIL, then attaches)
-/// never waits for a thread that waits for it.
-pub fn python_thread(f: impl FnOnce() + Send) {
+/// Pass the gate to make or delete a thread state (`thread_state.rs`): waits while a fork
+/// holds or waits for it, so call it only detached.
+pub fn enter_gate() {
     GATE.enter();
-    Python::attach(|py| {
-        GATE.leave();
-        py.detach(f);
-        if !GATE.try_enter() {
-            py.detach(|| GATE.enter());
-        }
-    });
+}
+
+/// Pass the gate now if no fork holds or waits for it (false: not passed). For a thread
+/// that holds the GIL, which must not wait for the gate.
+pub fn try_enter_gate() -> bool {
+    GATE.try_enter()
+}
+
+/// Done making or deleting a thread state.
+pub fn leave_gate() {
     GATE.leave();
 }
 

@@ -23,6 +23,7 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod spec;
 pub mod stats;
+pub mod thread_state;
 pub mod worker;
 
 use pyo3::prelude::*;

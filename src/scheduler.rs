@@ -36,13 +36,16 @@ pub struct RunShared {
     flusher_bell: Arc<FlusherBell>,
     stages_left: Mutex<usize>,
     all_done: Condvar,
-    /// Free-threaded builds only: a Python no-op each worker runs now and then, so its
-    /// thread handles what the interpreter queued for it (see worker.rs).
+    /// Free-threaded builds only: a Python no-op each worker runs now and then. There a
+    /// thread owns the reference counts of the objects it made; other threads hand their
+    /// decrements back to it, and it merges them only when it runs bytecode. A worker that
+    /// runs none (a body-less accumulator, a C function as stage) would keep those objects
+    /// alive, so every worker loop ticks.
     pub merge_tick: Option<Item>,
 }
 
 impl RunShared {
-    /// Run the merge tick (free-threaded builds): see `worker::python_thread`.
+    /// Run the merge tick (free-threaded builds): see `merge_tick`.
     pub fn tick(&self, py: Python<'_>) {
         if let Some(tick) = &self.merge_tick {
             let _ = tick.bind(py).call0();

@@ -20,6 +20,7 @@ use crate::emit::{self, Channel, Emitter, Item};
 use crate::gil;
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
+use crate::thread_state::{self, python_thread};
 
 /// Start the threads of one stage into `threads`. On the OS's refusal, returns how many
 /// of the stage's threads did not start, with the error.
@@ -47,47 +48,40 @@ pub fn start_stage(
     Ok(())
 }
 
-/// Run `f` (which attaches to Python as it needs) on a thread that keeps one Python thread
-/// state for its whole life, made and deleted inside the fork gate (`fork::python_thread`).
-///
-/// A worker creates its thread state when it starts and deletes it when its own work is
-/// done: that is cheaper than a thread state per attach (on free-threaded builds every new
-/// thread state brings a new allocator heap, and every deleted one abandons it for the
-/// other threads to sweep). Workers neither wait for each other to have one before they
-/// begin nor keep theirs until the whole run is done: each creation and deletion takes
-/// the GIL, and workers taking turns at a barrier made a one-item run 5% slower and held
-/// W2's end back by 1.2 ms (docs/performance.md). The fork gate, not the threads' lives,
-/// is what keeps a fork from meeting a half-made thread state.
-///
-/// On free-threaded builds a thread also owns the reference counts of the objects it made;
-/// other threads hand their decrements back to it, and it merges them only when it runs
-/// bytecode. A worker that runs none (a body-less accumulator, a C function as stage)
-/// would keep those objects alive, so every loop calls `RunShared::tick` (a Python no-op)
-/// now and then.
-fn python_thread(f: impl FnOnce() + Send) {
-    crate::fork::python_thread(f);
-}
-
-/// What one worker calls: the stage function, or a custom Stage's per-worker copy.
-struct WorkerCall {
-    call: Option<Item>,
+/// What one worker calls: the stage function (shared by the stage's workers), or a custom
+/// Stage's per-worker copy.
+struct WorkerCall<'s> {
+    shared: Option<&'s Item>,
+    own: Option<Item>,
     close: Option<Item>,
 }
 
-impl WorkerCall {
-    fn open(py: Python<'_>, stage: &StageShared) -> PyResult<Self> {
+impl<'s> WorkerCall<'s> {
+    /// Open the worker: a custom Stage (or a stage with worker hooks) makes its copy and
+    /// opens it, under the GIL; a plain function needs neither, nor the GIL.
+    fn open(stage: &'s StageShared) -> PyResult<Self> {
         match &stage.spec.make_worker {
             None => Ok(WorkerCall {
-                call: stage.spec.call.as_ref().map(|c| c.clone_ref(py)),
+                shared: stage.spec.call.as_ref(),
+                own: None,
                 close: None,
             }),
-            Some(make) => {
+            Some(make) => thread_state::attach(|py| {
                 let made = make.bind(py).call0()?;
                 // A None call keeps a body-less accumulator body-less (worker hooks wrap it).
-                let (call, close): (Option<Item>, Option<Item>) = made.extract()?;
-                Ok(WorkerCall { call, close })
-            }
+                let (own, close): (Option<Item>, Option<Item>) = made.extract()?;
+                Ok(WorkerCall {
+                    shared: None,
+                    own,
+                    close,
+                })
+            }),
         }
+    }
+
+    /// The function to call per item (None: a body-less accumulator).
+    fn call(&self) -> Option<&Item> {
+        self.own.as_ref().or(self.shared)
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
@@ -232,8 +226,9 @@ fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)
 /// connection). What it emits then is dropped with the rest of the run's output, and a
 /// failure of it is not reported over the run's own failure or cancel.
 ///
-/// Closing, the last flush and `last` share one hold of the GIL: with 32 workers ending
-/// at once, every hold is a turn the others wait through (docs/performance.md, W2).
+/// Closing, the last flush and `last` share one hold of the GIL, the thread's last, which
+/// also deletes its thread state: with 32 workers ending at once, every hold is a turn the
+/// others wait through (docs/performance.md, W2).
 fn worker_session(
     stage: &StageShared,
     body: impl FnOnce(&WorkerCall, &Rc<Emitter>),
@@ -246,7 +241,7 @@ fn worker_session(
         stage.run.shutdown.clone(),
     );
     let _bound = emit::bind(&emitter);
-    let opened = gil::attach(|py| WorkerCall::open(py, stage));
+    let opened = WorkerCall::open(stage);
     let worker = match opened {
         Err(error) => {
             stage.run.fail(Failure {
@@ -261,7 +256,7 @@ fn worker_session(
             Some(worker)
         }
     };
-    gil::attach(|py| {
+    thread_state::attach_last(|py| {
         if let Some(worker) = worker {
             if let Err(error) = worker.close(py) {
                 if !stage.run.shutdown.is_set() {
@@ -281,14 +276,14 @@ fn worker_session(
 fn run_producer(stage: &StageShared) {
     stage.stats.started();
     if !stage.wait_for_trigger() {
-        gil::attach(|py| stage.worker_finished(py));
+        thread_state::attach_last(|py| stage.worker_finished(py));
         return;
     }
     with_worker(stage, |worker, emitter| {
         // Busy time is added as the producer goes, so the live view sees it.
         let mut since = Instant::now();
-        gil::attach(|py| {
-            let Some(call) = worker.call.as_ref() else {
+        thread_state::attach(|py| {
+            let Some(call) = worker.call() else {
                 return;
             };
             let produced = (|| -> PyResult<()> {
@@ -356,7 +351,7 @@ fn merge_queued(input: &Channel, mut items: Vec<Item>) -> Vec<Item> {
 fn run_processor(stage: &StageShared) {
     let input = stage.input().expect("processors have an input").clone();
     with_worker(stage, |worker, emitter| {
-        let Some(call) = worker.call.as_ref() else {
+        let Some(call) = worker.call() else {
             return;
         };
         let target = if stage.mode == CallMode::Chunk {
@@ -369,7 +364,7 @@ fn run_processor(stage: &StageShared) {
             // two context switches (more than a chunk of cheap items), and the interpreter
             // still hands it to the other threads every switch interval. It is given up
             // only to wait, after the buffered output is flushed.
-            let stop = gil::attach(|py| {
+            let stop = thread_state::attach(|py| {
                 let call = call.bind(py);
                 let mut items = items;
                 loop {
@@ -403,7 +398,7 @@ fn run_processor(stage: &StageShared) {
         // What no sender took back before the stream ended.
         let left = input.take_handed_back();
         if !left.is_empty() {
-            gil::attach(|_py| drop(left));
+            thread_state::attach(|_py| drop(left));
         }
     });
 }
@@ -534,7 +529,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
             stage.stats.add_in(items.len() as u64);
             for item in items {
                 if !slots.acquire(&stage.run.shutdown) {
-                    gil::attach(|_py| drop(item));
+                    thread_state::attach(|_py| drop(item));
                     continue;
                 }
                 let (worker_stage, worker_slots) = (stage.clone(), slots.clone());
@@ -568,16 +563,16 @@ fn run_spawning(stage: &Arc<StageShared>) {
         // before this stage reports the end of its stream downstream.
         join_all(children);
     }
-    gil::attach(|py| stage.worker_finished(py));
+    thread_state::attach_last(|py| stage.worker_finished(py));
 }
 
 /// One spawned thread: a worker with a single item (a custom Stage is opened and closed
 /// around it, in this thread).
 fn run_spawned(stage: &StageShared, item: Item) {
     let serve = |worker: &WorkerCall, emitter: &Rc<Emitter>| {
-        gil::attach(|py| {
+        thread_state::attach(|py| {
             let item = item.into_bound(py);
-            let Some(call) = worker.call.as_ref() else {
+            let Some(call) = worker.call() else {
                 return;
             };
             let t = Instant::now();
@@ -620,9 +615,9 @@ fn run_accumulator(stage: &StageShared) {
     let slots: Option<Py<PyDict>> = spec
         .key
         .as_ref()
-        .map(|_| gil::attach(|py| PyDict::new(py).unbind()));
+        .map(|_| thread_state::attach(|py| PyDict::new(py).unbind()));
     with_worker(stage, |worker, emitter| {
-        let body = worker.call.as_ref();
+        let body = worker.call();
         let flush = |py: Python<'_>,
                      batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>|
          -> Result<(), Stop> {
@@ -672,7 +667,7 @@ fn run_accumulator(stage: &StageShared) {
                             if due.is_empty() && !(unflushed && input.is_empty()) {
                                 Ok(())
                             } else {
-                                gil::attach(|py| {
+                                thread_state::attach(|py| {
                                     // What queued up while this waited for the GIL is taken
                                     // first: that makes room for the senders, which then
                                     // wake while this stage makes its batches, not after
@@ -705,7 +700,7 @@ fn run_accumulator(stage: &StageShared) {
                                 })
                             }
                         }
-                        Some((slots, key_fn)) => gil::attach(|py| {
+                        Some((slots, key_fn)) => thread_state::attach(|py| {
                             let (slots, key_fn) = (slots.bind(py), key_fn.bind(py));
                             for item in items {
                                 if stage.run.shutdown.is_set() {
@@ -734,7 +729,7 @@ fn run_accumulator(stage: &StageShared) {
                     input.observe_cost(n, spent.as_nanos() as u64, TARGET_CHUNK_NANOS);
                     batched.map(|()| false)
                 }
-                Recv::Timeout => gil::attach(|py| {
+                Recv::Timeout => thread_state::attach(|py| {
                     let started = Instant::now();
                     flush(py, batcher.expired(Instant::now()))?;
                     stage.stats.add_busy(started.elapsed());
@@ -742,16 +737,18 @@ fn run_accumulator(stage: &StageShared) {
                     unflushed = false;
                     Ok(false)
                 }),
-                Recv::Closed => gil::attach(|py| flush(py, batcher.drain()).map(|()| true)),
+                Recv::Closed => {
+                    thread_state::attach(|py| flush(py, batcher.drain()).map(|()| true))
+                }
                 Recv::Shutdown => Ok(true),
             };
             if !matches!(step, Ok(false)) {
                 break;
             }
         }
-        gil::attach(|_py| drop(batcher.drain()));
+        thread_state::attach(|_py| {
+            drop(batcher.drain());
+            drop(slots);
+        });
     });
-    if let Some(slots) = slots {
-        gil::attach(|_py| drop(slots));
-    }
 }
