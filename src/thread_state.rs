@@ -144,58 +144,101 @@ mod tests {
         })
     }
 
+    /// A worker thread that keeps an object in a thread-local in its first hold, then, at
+    /// each `step`, runs `holds` and reports it `done`, and ends.
+    struct Worker {
+        kept: Py<PyDict>,
+        step: mpsc::Sender<()>,
+        done: mpsc::Receiver<()>,
+        thread: thread::JoinHandle<()>,
+    }
+
+    impl Worker {
+        fn start(holds: fn()) -> Self {
+            Python::initialize();
+            let (made, got_made) = mpsc::channel();
+            let (step, wait_step) = mpsc::channel();
+            let (report_done, done) = mpsc::channel();
+            let thread = thread::spawn(move || {
+                python_thread(|| {
+                    made.send(attach(keep_thread_local)).unwrap();
+                    wait_step.recv().unwrap();
+                    holds();
+                    report_done.send(()).unwrap();
+                    wait_step.recv().unwrap();
+                });
+            });
+            let kept = got_made.recv().unwrap();
+            Worker {
+                kept,
+                step,
+                done,
+                thread,
+            }
+        }
+
+        /// Let it run its holds and wait for them.
+        fn run_holds(&self) {
+            self.step.send(()).unwrap();
+            self.done.recv().unwrap();
+        }
+
+        /// Let it end, join it, and give back what it kept.
+        fn end(self) -> Py<PyDict> {
+            self.step.send(()).unwrap();
+            self.thread.join().unwrap();
+            self.kept
+        }
+    }
+
+    /// The fork gate held closed, as a fork holds it, until dropped (also when a test
+    /// fails, so the next test does not wait for it).
+    struct ForkUnderWay;
+
+    impl ForkUnderWay {
+        fn start() -> Self {
+            gil::attach(crate::fork::fork_gate_close);
+            ForkUnderWay
+        }
+    }
+
+    impl Drop for ForkUnderWay {
+        fn drop(&mut self) {
+            crate::fork::fork_gate_open();
+        }
+    }
+
     #[test]
     fn a_thread_state_lives_from_the_first_hold_to_the_end_of_the_last() {
         let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        Python::initialize();
-        let (made, got_made) = mpsc::channel();
-        let (go_on, wait_go_on) = mpsc::channel::<()>();
-        let (ended, got_ended) = mpsc::channel();
-        let worker = thread::spawn(move || {
-            python_thread(|| {
-                made.send(attach(keep_thread_local)).unwrap();
-                wait_go_on.recv().unwrap();
-                attach(|_py| ()); // a hold between: the state is kept across it
-                attach_last(|_py| ());
-                ended.send(()).unwrap();
-                wait_go_on.recv().unwrap();
-            });
+        let worker = Worker::start(|| {
+            attach(|_py| ()); // a hold between: the state is kept across it
+            attach_last(|_py| ());
         });
-        let kept = got_made.recv().unwrap();
-        assert!(alive(&kept), "kept between holds");
-        go_on.send(()).unwrap();
-        got_ended.recv().unwrap();
+        assert!(alive(&worker.kept), "kept between holds");
+        worker.run_holds();
+        let deleted = !alive(&worker.kept);
         assert!(
-            !alive(&kept),
+            deleted,
             "deleted as the last hold ended, before the thread's end"
         );
-        go_on.send(()).unwrap();
-        worker.join().unwrap();
+        worker.end();
     }
 
     #[test]
     fn a_last_hold_that_meets_a_fork_leaves_the_deletion_to_the_threads_end() {
         let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        Python::initialize();
-        let (made, got_made) = mpsc::channel();
-        let (go_on, wait_go_on) = mpsc::channel::<()>();
-        let (ended, got_ended) = mpsc::channel();
-        let worker = thread::spawn(move || {
-            python_thread(|| {
-                made.send(attach(keep_thread_local)).unwrap();
-                wait_go_on.recv().unwrap();
-                attach_last(|_py| ());
-                ended.send(()).unwrap();
-            });
-        });
-        let kept = got_made.recv().unwrap();
+        let worker = Worker::start(|| attach_last(|_py| ()));
         // What a fork does first: it waits for the gate and holds it closed.
-        gil::attach(crate::fork::fork_gate_close);
-        go_on.send(()).unwrap();
-        got_ended.recv().unwrap();
-        assert!(alive(&kept), "not deleted while a fork holds the gate");
-        crate::fork::fork_gate_open();
-        worker.join().unwrap();
+        let fork = ForkUnderWay::start();
+        worker.run_holds();
+        let kept_during_the_fork = alive(&worker.kept);
+        drop(fork);
+        assert!(
+            kept_during_the_fork,
+            "not deleted while a fork holds the gate"
+        );
+        let kept = worker.end();
         assert!(
             !alive(&kept),
             "deleted at the thread's end, once the gate opened"
