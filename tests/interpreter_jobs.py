@@ -160,9 +160,12 @@ def slow(item):
     return item
 
 
+PR_GET_TIMERSLACK = 30  # Linux's prctl option
+
+
 def timer_slack(_item) -> int:
-    """This thread's timer slack in nanoseconds (Linux's PR_GET_TIMERSLACK)."""
-    return int(ctypes.CDLL(None).prctl(30, 0, 0, 0, 0))
+    """This thread's timer slack in nanoseconds."""
+    return int(ctypes.CDLL(None).prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0))
 
 
 def _interpreter_id() -> int:
