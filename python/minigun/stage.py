@@ -299,7 +299,8 @@ def _parameters(fn: Callable[..., Any]) -> _Parameters | None:
 
     A plain function's are read off its code object, as ``inspect.signature`` would report
     them, in a tenth of the time (a pipeline built per call, as a service does, checks its
-    stages on every call); anything else (a wrapper, a method, a callable object) asks
+    stages on every call); a builtin's are looked up by its text signature
+    (``_builtin_parameters``); anything else (a wrapper, a method, a callable object) asks
     ``inspect.signature``.
     """
     if type(fn) is types.FunctionType and not {"__wrapped__", "__signature__"} & fn.__dict__.keys():
@@ -313,6 +314,57 @@ def _parameters(fn: Callable[..., Any]) -> _Parameters | None:
             varargs=bool(code.co_flags & inspect.CO_VARARGS),
             kw_required=[name for name in keyword_only if name not in keyword_defaults],
         )
+    if type(fn) in _BUILTIN_KINDS or (isinstance(fn, type) and not fn.__flags__ & _HEAP_TYPE):
+        return _builtin_parameters(fn)
+    return _signature_parameters(fn)
+
+
+#: The callables whose signature ``inspect`` parses from their text signature, besides
+#: the builtin types (``float``): builtin functions and methods (``print``,
+#: ``results.append``), and the slots and methods of builtin types (``str.upper``).
+_BUILTIN_KINDS = (
+    types.BuiltinFunctionType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.ClassMethodDescriptorType,
+)
+#: ``Py_TPFLAGS_HEAPTYPE``: set on classes made at run time, clear on builtin types.
+_HEAP_TYPE = 1 << 9
+
+#: A builtin's parameters by what decides them. A builtin type's: the type (its own and
+#: its bases' text signatures; builtin types live as long as the process). Any other
+#: builtin's: its kind, its text signature, whether it is bound (``inspect`` drops a bound
+#: ``$self`` or ``$module``) and its module (which names in its defaults resolve against).
+_BUILTIN_PARAMETERS: dict[object, _Parameters | None] = {}
+
+
+def _builtin_parameters(fn: Callable[..., Any]) -> _Parameters | None:
+    """A builtin's parameters, parsed once per text signature. ``inspect.signature``
+    parses the text with ``ast`` on every call, which took longer than the rest of a
+    one-item run, and on free-threaded 3.13 each parse leaves the class it defines behind
+    for good: a pipeline built per call with ``results.append`` as its consumer grew by 16
+    objects a call. The keys are the builtins' text signatures, a fixed set."""
+    key: object = fn
+    if not isinstance(fn, type):
+        module = getattr(fn, "__module__", None) or getattr(
+            getattr(fn, "__objclass__", None), "__module__", None
+        )
+        key = (
+            type(fn),
+            getattr(fn, "__text_signature__", None),
+            getattr(fn, "__self__", None) is not None,
+            module,
+        )
+    try:
+        return _BUILTIN_PARAMETERS[key]
+    except KeyError:
+        parameters = _BUILTIN_PARAMETERS[key] = _signature_parameters(fn)
+        return parameters
+
+
+def _signature_parameters(fn: Callable[..., Any]) -> _Parameters | None:
+    """``fn``'s parameters as ``inspect.signature`` reports them."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
