@@ -4,8 +4,8 @@
 repository root (git-ignored; one per interpreter, so 3.11 and 3.13t do not share one),
 installs ``benchmarks/requirements.txt`` into it one requirement at a time (a peer that
 does not install on this interpreter is reported "not installed" by the suite, not a
-crash), builds minigun into it with ``maturin develop --release`` and runs the suite again
-with that environment's interpreter. The peers are never dependencies of the package.
+crash), builds minigun into it with ``maturin develop --release --extras interpreters``
+and runs the suite again with that environment's interpreter. The peers are never dependencies of the package.
 """
 
 from __future__ import annotations
@@ -68,10 +68,20 @@ def ensure(build: bool = True) -> Path:
         if missing:
             _log(f"not installed: {', '.join(missing)}")
     if build:
-        _log("building minigun into it (maturin develop --release)")
+        # The interpreters extra installs the subinterpreter backport where one is needed
+        # (CPython 3.13), so the suite measures that strategy there too; elsewhere it
+        # installs nothing.
+        _log("building minigun into it (maturin develop --release --extras interpreters)")
         env = {**os.environ, "VIRTUAL_ENV": str(venv)}
         subprocess.run(
-            [str(venv / "bin" / "maturin"), "develop", "--release", "-q"],
+            [
+                str(venv / "bin" / "maturin"),
+                "develop",
+                "--release",
+                "-q",
+                "--extras",
+                "interpreters",
+            ],
             cwd=ROOT,
             env=env,
             check=True,
