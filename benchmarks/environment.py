@@ -5,7 +5,8 @@ repository root (git-ignored; one per interpreter, so 3.11 and 3.13t do not shar
 installs ``benchmarks/requirements.txt`` into it one requirement at a time (a peer that
 does not install on this interpreter is reported "not installed" by the suite, not a
 crash), builds minigun into it with ``maturin develop --release --extras interpreters``
-and runs the suite again with that environment's interpreter. The peers are never dependencies of the package.
+and runs the suite again with that environment's interpreter. The peers are never
+dependencies of the package.
 """
 
 from __future__ import annotations
