@@ -263,16 +263,149 @@ def test_interpreters_caps_its_workers_at_max_interpreters(caplog):
     assert "max_interpreters=2" in caplog.text
 
 
-@needs_interpreters
-@pytest.mark.parametrize("strategy", ["interpreters", "spawn_interpreter"])
-def test_nothing_is_left_running_after_a_run(strategy):
-    before = LeftBehind()
-    p, got = _pipeline(jobs.slow, strategy, interpreters=2)
-    assert p.run().status == "ok" and sorted(got) == list(range(10))
-    before.assert_nothing_new(settle=1.0)
-    from backports import interpreters  # noqa: PLC0415 - 3.13 only
+def _subinterpreters() -> set[int]:
+    """The ids of this process's subinterpreters, the main interpreter left out."""
+    interpreters = __import__(BACKPORT, fromlist=["list_all"])
+    main = interpreters.get_main().id
+    return {i.id for i in interpreters.list_all() if i.id != main}
 
-    assert [i.id for i in interpreters.list_all()] == [interpreters.get_main().id]
+
+def _running(ids: set[int]) -> set[int]:
+    interpreters = __import__(BACKPORT, fromlist=["list_all"])
+    return {i.id for i in interpreters.list_all() if i.id in ids and i.is_running()}
+
+
+@needs_interpreters
+def test_spawn_interpreter_leaves_no_subinterpreter_after_a_run():
+    before, kept = LeftBehind(), _subinterpreters()
+    p, got = _pipeline(jobs.in_interpreter, "spawn_interpreter", interpreters=2)
+    assert p.run().status == "ok" and len(got) == 10
+    before.assert_nothing_new(settle=1.0)
+    assert _subinterpreters() == kept
+    assert not set(got) & kept, "spawn_interpreter takes a new subinterpreter for every item"
+
+
+@needs_interpreters
+def test_interpreters_leaves_its_subinterpreters_idle_and_the_next_run_reuses_them():
+    """Nothing runs after a run, and the closed workers' subinterpreters are kept idle for
+    the next run: CPython 3.13 does not give a destroyed one's memory back."""
+    before = LeftBehind()
+    p, first = _pipeline(jobs.in_interpreter, "interpreters", interpreters=2)
+    assert p.run().status == "ok" and len(first) == 10
+    before.assert_nothing_new(settle=1.0)
+    idle = _subinterpreters()
+    assert set(first) <= idle and not _running(idle)
+    p, second = _pipeline(jobs.in_interpreter, "interpreters", interpreters=2)
+    assert p.run().status == "ok" and len(second) == 10
+    assert set(second) <= idle, "the second run's workers took the idle subinterpreters"
+    assert _subinterpreters() == idle
+
+
+_AT_EXIT = """
+import atexit
+import sys
+
+import minigun as mg
+from backports import interpreters
+
+sys.path.insert(0, sys.argv[1])
+from interpreter_jobs import in_interpreter
+
+def left():
+    main = interpreters.get_main().id
+    print("left at exit:", [i.id for i in interpreters.list_all() if i.id != main], flush=True)
+
+atexit.register(left)  # registered before minigun's, so it runs after it
+
+if __name__ == "__main__":
+    got = []
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(4), name="source")
+    p.processor(in_interpreter, name="work", strategy="interpreters", interpreters=2)
+    p.consumer(got.append, name="sink")
+    p.run()
+    print("worked in", len(set(got)), "subinterpreter(s)", flush=True)
+"""
+
+
+@needs_interpreters
+def test_the_idle_subinterpreters_are_destroyed_at_exit(tmp_path):
+    script = tmp_path / "at_exit.py"
+    script.write_text(_AT_EXIT)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, str(script), tests],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "worked in" in done.stdout
+    assert "left at exit: []" in done.stdout, done.stdout + done.stderr
+    assert done.stderr == ""
+
+
+@needs_interpreters
+def test_a_fork_after_a_run_destroys_the_idle_subinterpreters_first():
+    """CPython crashes a child forked while the process has subinterpreters (CPython issue
+    101437): the idle ones a run left go before any fork, and the child's own run starts
+    new ones."""
+    p, got = _pipeline(jobs.in_interpreter, "interpreters", interpreters=1)
+    assert p.run().status == "ok" and len(got) == 10
+    assert _subinterpreters()
+    pid = os.fork()
+    if pid == 0:  # the child: one run, then out without running the parent's cleanup
+        code = 1
+        try:
+            p, got = _pipeline(jobs.in_interpreter, "interpreters", interpreters=1)
+            code = 0 if p.run().status == "ok" and len(got) == 10 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert not _subinterpreters()
+
+
+@needs_interpreters
+@pytest.mark.parametrize("fork_strategy", ["spawn_fork", "fork_ipc"])
+@pytest.mark.parametrize("sub_strategy", ["interpreters", "spawn_interpreter"])
+def test_a_run_with_fork_and_subinterpreter_stages_is_refused_up_front(fork_strategy, sub_strategy):
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(3), name="source")
+    p.processor(jobs.slow, name="sub", strategy=sub_strategy)
+    p.processor(jobs.slow, name="forked", strategy=fork_strategy)
+    p.consumer(lambda x: None, name="sink")
+    with pytest.raises(mg.DefinitionError) as refused:
+        p.run()
+    message = str(refused.value)
+    assert "'forked'" in message and "'sub'" in message and "101437" in message
+
+
+@needs_interpreters
+def test_a_fork_while_another_runs_subinterpreters_fails_its_items_with_the_reason():
+    """Two runs at once, one with subinterpreter workers: the other's forks are refused,
+    each item failing with why, instead of children that crash."""
+    started = threading.Event()
+    p = mg.Pipeline("p")
+    p.producer(lambda: range(1000), name="source")
+    p.processor(jobs.slow, name="work", strategy="interpreters", interpreters=1)
+    p.consumer(lambda x: started.set(), name="sink")  # noqa: ARG005
+    busy = p.start()
+    try:
+        assert started.wait(30)
+        errors = []
+        q = mg.Pipeline("q")
+        q.producer(lambda: range(2), name="source")
+        q.processor(jobs.slow, name="forked", strategy="spawn_fork")
+        q.consumer(lambda x: None, name="sink")
+        q.on_error(lambda error, item, stage: errors.append((item, str(error))))
+        assert q.run().status == "ok"
+        assert sorted(item for item, _ in errors) == [0, 1]
+        assert all("subinterpreter" in why and "101437" in why for _, why in errors), errors
+    finally:
+        busy.cancel()
+        busy.wait()
 
 
 _SCRIPT = """

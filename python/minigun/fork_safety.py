@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - no fork there either
     _F_SETPIPE_SZ = None
 
 from . import context
-from .errors import MinigunError
+from .errors import MinigunError, WorkerError
 from .native import ext
 
 CHILD_EXIT_OK, CHILD_EXIT_BROKEN = 0, 70
@@ -153,6 +153,7 @@ def fork_child(
     pipe ends (the child's result pipe, and for ``duplex`` its input pipe), still under
     the fork lock, and its result is returned."""
     _quiet_fork_warning()
+    _refuse_beside_running_subinterpreters()
     blocked = {signal.SIGINT, signal.SIGTERM}
     with _fork_lock:
         r, w = os.pipe()  # child -> parent
@@ -188,6 +189,25 @@ def fork_child(
         if duplex:
             os.close(cr)
         return adopt(pid, r, cw if duplex else None)
+
+
+def _refuse_beside_running_subinterpreters() -> None:
+    """Refuse to fork while subinterpreters run in this process (another run's
+    ``interpreters`` workers, say): CPython crashes a child forked then (CPython issue
+    101437), and its items would be lost. A run of its own never has both (``plan``
+    refuses it), and the idle subinterpreters minigun keeps are destroyed before any fork
+    (:mod:`minigun.interpreters`)."""
+    interpreters = sys.modules.get("_interpreters")
+    if interpreters is None:
+        return  # nothing in this process made a subinterpreter through the standard module
+    main = interpreters.get_main()[0]
+    running = [i for i, _ in interpreters.list_all() if i != main and interpreters.is_running(i)]
+    if running:
+        raise WorkerError(
+            f"cannot fork while {len(running)} subinterpreter(s) run in this process: CPython "
+            "crashes a child forked then (CPython issue 101437). Run the forking stage when no "
+            "run with subinterpreter stages is going on, or give it strategy 'threads'"
+        )
 
 
 # -- the child side: pure Python, never the extension ------------------------------------

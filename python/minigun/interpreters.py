@@ -16,10 +16,16 @@ leaves the rest of its chunk before the next item), closes its message pipe (it
 closes the stage's worker and returns), drains what it still sends, and joins its thread;
 then the subinterpreter is destroyed. So an item in progress runs to its end, as on a
 thread, and nothing is left running once the run's workers are closed.
+
+An ``interpreters`` worker that closed cleanly leaves its subinterpreter idle, kept by the
+process for the next ``interpreters`` worker of any run (:class:`_IdleInterpreters`):
+CPython 3.13 does not give a destroyed subinterpreter's memory back, and a new one pays
+for importing minigun and the stage's module again.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib
@@ -54,6 +60,57 @@ def _api() -> Any:
     imported at the first worker: it is an optional dependency and most runs never
     start a subinterpreter."""
     return importlib.import_module(INTERPRETERS_MODULE)
+
+
+class _IdleInterpreters:
+    """The subinterpreters whose ``interpreters`` worker closed cleanly, kept for the next
+    such worker of any run, at most one per CPU the process may use; the rest, and all of
+    them at exit, are destroyed.
+
+    Why keep them: CPython 3.13 does not give a destroyed subinterpreter's memory back
+    (about 1.8 MB, 4 MB more once it imported minigun and a stage module; CPython issues
+    110411 and 113055), so a process that ran an ``interpreters`` stage per request grew
+    by that much per worker per run, and every run paid again for starting its workers.
+    A kept one has minigun and the stage modules imported, and runs no code while idle.
+    ``spawn_interpreter`` promises a new subinterpreter per item and never takes one.
+
+    They are destroyed before any fork of the process (minigun's fork strategies, or the
+    user's ``os.fork``): CPython crashes a child forked while the process has
+    subinterpreters (CPython issue 101437). A child forgets any given back meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._keep = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        atexit.register(self.close_all)
+        os.register_at_fork(before=self.close_all, after_in_child=self._forget)
+
+    def take(self) -> Any | None:
+        """An idle subinterpreter, if one is kept."""
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give(self, interpreter: Any) -> None:
+        """Keep ``interpreter`` for the next worker, or destroy it when enough are kept."""
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(interpreter)
+                return
+        interpreter.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for interpreter in idle:
+            interpreter.close()
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = []
+
+
+_idle = _IdleInterpreters()
 
 
 def _main_module() -> tuple[str, str]:
@@ -114,14 +171,16 @@ class _Interpreter:
     (messages in, frames out), with a stop flag it reads before each item: one byte of a
     memfd both sides map, so the check costs a memory read, not a system call."""
 
-    def __init__(self, job: bytes, stage: str) -> None:
+    def __init__(self, job: bytes, stage: str, reuse: bool) -> None:
         self.stage = stage
+        #: Whether the subinterpreter may be an idle one, and kept idle once it is done.
+        self.reuse = reuse
         #: Why the worker's code ended early (it raised past the worker loop), if it did.
         self.failure: BaseException | None = None
         # What is made here is released here if a later step fails, by finish() once the
         # worker's thread runs.
         with contextlib.ExitStack() as undo:
-            self.interpreter = _api().create()
+            self.interpreter = (reuse and _idle.take()) or _api().create()
             undo.callback(self.interpreter.close)
             self.id: int = self.interpreter.id
             receive_fd, self._message_fd = _pipe(undo)
@@ -177,9 +236,10 @@ class _Interpreter:
         """Ask the worker to leave the rest of its chunk (before its next item)."""
         self._stop_flag[0] = 1
 
-    def finish(self, abandon: bool = False) -> None:
-        """End the worker (``abandon``: stop it first, mid-chunk) and destroy the
-        subinterpreter once its thread is done."""
+    def finish(self, abandon: bool = False, closed: bool = False) -> None:
+        """End the worker (``abandon``: stop it first, mid-chunk) and, once its thread is
+        done, destroy the subinterpreter, or keep it idle when the worker ``closed``
+        cleanly and ended without an error."""
         if abandon:
             self.stop()
         os.close(self._message_fd)  # the worker's next read ends: it closes and returns
@@ -188,17 +248,21 @@ class _Interpreter:
         self._thread.join()
         os.close(self.frames.fd)
         self._stop_flag.close()
-        self.interpreter.close()
+        if self.reuse and closed and not abandon and self.failure is None:
+            _idle.give(self.interpreter)
+        else:
+            self.interpreter.close()
 
 
 class _InterpreterWorker:
     """One Rust worker thread's subinterpreter, started at its first chunk (also the
-    worker of one item under spawn_interpreter)."""
+    worker of one item under spawn_interpreter, which never ``reuse``s one)."""
 
-    def __init__(self, run: Run, path: str, job: bytes) -> None:
+    def __init__(self, run: Run, path: str, job: bytes, reuse: bool) -> None:
         self.run = run
         self.path = path
         self.job = job
+        self.reuse = reuse
         self.interpreter: _Interpreter | None = None
 
     def _stopping(self) -> bool:
@@ -232,7 +296,7 @@ class _InterpreterWorker:
         if self.interpreter is None:
             if self.run.stopping:
                 raise ext.RunStopping(f"stage {self.path!r}: the run is stopping")
-            self.interpreter = _Interpreter(self.job, self.path)
+            self.interpreter = _Interpreter(self.job, self.path, self.reuse)
         interpreter = self.interpreter
         reply = ChunkReply(self.path, self._where, items, ext.emit)
         try:
@@ -254,14 +318,15 @@ class _InterpreterWorker:
             raise error
         return (reply.retries, failures) if reply.retries or failures else None
 
-    def _drop(self, abandon: bool = False) -> None:
+    def _drop(self, abandon: bool = False, closed: bool = False) -> None:
         interpreter, self.interpreter = self.interpreter, None
         if interpreter is not None:
-            interpreter.finish(abandon)
+            interpreter.finish(abandon, closed)
 
     def close(self) -> None:
         """Close the stage's worker in the subinterpreter (what its close() emits goes
-        downstream) and destroy the subinterpreter; when the run is stopping, abandon it."""
+        downstream) and destroy the subinterpreter, or keep it idle for the next worker;
+        when the run is stopping, abandon it."""
         interpreter = self.interpreter
         if interpreter is None:
             return
@@ -276,7 +341,7 @@ class _InterpreterWorker:
         except BaseException:
             self._drop(abandon=True)
             raise
-        self._drop()
+        self._drop(closed=error is None)
         if error is not None:
             raise error
         reply.deliver()  # what close() emitted
@@ -305,7 +370,7 @@ def interpreters_executor(run: Run, node: Node, plan: StagePlan, code: StageCode
     workers = _runs.of(run).plan.long_lived_workers.get(node.path, plan.workers)
 
     def make_worker() -> tuple[Callable[[list[Any]], Outcome], Callable[[], None]]:
-        worker = _InterpreterWorker(run, node.path, job)
+        worker = _InterpreterWorker(run, node.path, job, reuse=True)
         return worker.call, worker.close
 
     return Work(call=None, mode="chunk", make_worker=make_worker, threads=workers)
@@ -327,7 +392,7 @@ def spawn_interpreter_executor(run: Run, node: Node, plan: StagePlan, code: Stag
         return ext.RunStopping(f"stage {path!r}: the run is stopping")
 
     def one(item: Any) -> Outcome:
-        return _one_item(_InterpreterWorker(run, path, job), item)
+        return _one_item(_InterpreterWorker(run, path, job, reuse=False), item)
 
     def call(items: list[Any]) -> Outcome:
         return state.slots.each(path, scopes, items, one, stopping, stopped)

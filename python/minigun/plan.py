@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 from .config import CapWarnings
+from .errors import DefinitionError
 from .graph import Graph, Node
 from .kinds import ACCUMULATOR, PIPELINE, PRODUCER
-from .strategies import canonical, check_available
+from .strategies import FORKING, INTERPRETERS, canonical, check_available
 
 #: How the runtime calls a stage for one item: "value" emits the return value unless it is
 #: None, "iterate" emits each element of what it returns (producers and generators).
@@ -38,7 +39,26 @@ class StagePlan(NamedTuple):
 def plan_stages(graph: Graph, caps: CapWarnings | None = None) -> dict[str, StagePlan]:
     """The plan of every stage of ``graph``, by path. ``caps`` warns once per stage whose
     explicit request exceeds its pipeline's limit (None: hold it at the limit silently)."""
-    return {node.path: _plan(node, caps) for node in graph.nodes}
+    plans = {node.path: _plan(node, caps) for node in graph.nodes}
+    _check_no_fork_beside_subinterpreters(plans)
+    return plans
+
+
+def _check_no_fork_beside_subinterpreters(plans: dict[str, StagePlan]) -> None:
+    """Refuse a run that would fork while it has subinterpreters: CPython deletes a
+    process's subinterpreters in a forked child in a way that crashes the child (CPython
+    issue 101437, open), so every item of the forking stage would be lost."""
+    forking = [(path, plan.strategy) for path, plan in plans.items() if plan.strategy in FORKING]
+    sub = [(path, plan.strategy) for path, plan in plans.items() if plan.strategy in INTERPRETERS]
+    if forking and sub:
+        (fork_path, fork_strategy), (sub_path, sub_strategy) = forking[0], sub[0]
+        raise DefinitionError(
+            f"stage {fork_path!r} forks (strategy {fork_strategy!r}) in the same run as stage "
+            f"{sub_path!r} runs subinterpreters (strategy {sub_strategy!r}): CPython crashes a "
+            "child forked while the process has subinterpreters (CPython issue 101437), so "
+            "its items would be lost. Give one of them another strategy (threads, or the other "
+            "one's), or run them as separate pipelines, one after the other"
+        )
 
 
 def _plan(node: Node, caps: CapWarnings | None) -> StagePlan:
