@@ -22,6 +22,10 @@ plain function on the async strategy, a method of the matrix's Task classes, mad
 function and holding locks, for a strategy that pickles the Task into its workers) must be
 refused with ``mg.DefinitionError`` before anything runs.
 
+The seams between strategies: two consecutive stages on every ordered pair of strategies
+(Ray's aside) pass every item exactly once, or the pair is refused up front (a fork beside
+subinterpreters).
+
 The fork stress test (forks beside spawn_thread stages and beside a second run in another
 thread) is tests/test_fork_stress.py, behind the ``stress`` marker.
 """
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 import pytest
 from _mg_helpers import Collector, LeftBehind, assert_nothing_left_on_ray, wait_until
+from conformance import pairs
 from conformance.forms import (
     APIS,
     FORMS,
@@ -352,3 +357,41 @@ def test_every_scenario_has_cells_for_every_registered_strategy():
     for scenario in SCENARIOS:
         names = {p.values[0].name for p in _cells(scenario)}
         assert names == {case.name for case in REGISTRY}, scenario
+
+
+# -- the seams: two stages on any two strategies ------------------------------------------------
+
+#: Every strategy but Ray's (their cells need the Ray session): each is paired with each.
+PAIRED = [case for case in REGISTRY if not case.needs_ray]
+FORKING = {"spawn_fork", "fork_ipc"}
+SUBINTERPRETERS = {"interpreters", "spawn_interpreter"}
+PAIR_ITEMS = 12
+
+
+@pytest.mark.parametrize("second", PAIRED, ids=str)
+@pytest.mark.parametrize("first", PAIRED, ids=str)
+def test_two_stages_of_any_two_strategies_pass_every_item_once(first, second):
+    """Items cross from a stage on one strategy to a stage on another exactly once, for
+    every ordered pair; a pair that cannot run in one process (a fork beside
+    subinterpreters: CPython issue 101437) is refused before anything runs."""
+    for case in (first, second):
+        if why := case.unavailable():
+            pytest.skip(why)
+    got = Collector()
+    p = mg.Pipeline("pair")
+    p.producer(lambda: range(PAIR_ITEMS), name="source")
+    p.processor(
+        pairs.add_one_async if first.runs_async else pairs.add_one, name="first", **first.options
+    )
+    p.processor(
+        pairs.triple_async if second.runs_async else pairs.triple, name="second", **second.options
+    )
+    p.consumer(got.add, name="sink")
+    strategies = {first.options["strategy"], second.options["strategy"]}
+    if strategies & FORKING and strategies & SUBINTERPRETERS:
+        with pytest.raises(mg.DefinitionError, match="101437"):
+            p.run()
+        assert got.counter() == collections.Counter()
+        return
+    assert p.run().status == "ok"
+    assert got.counter() == collections.Counter((x + 1) * 3 for x in range(PAIR_ITEMS))
