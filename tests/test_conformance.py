@@ -23,7 +23,7 @@ function and holding locks, for a strategy that pickles the Task into its worker
 refused with ``mg.DefinitionError`` before anything runs.
 
 The seams between strategies: two consecutive stages on every ordered pair of strategies
-(Ray's aside) pass every item exactly once, or the pair is refused up front (a fork beside
+pass every item exactly once, or the pair is refused up front (a fork beside
 subinterpreters).
 
 The fork stress test (forks beside spawn_thread stages and beside a second run in another
@@ -38,7 +38,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from _mg_helpers import Collector, LeftBehind, assert_nothing_left_on_ray, wait_until
@@ -107,8 +109,9 @@ def matrix(scenario):
 def _ray_for_ray_cells(request):
     """The Ray cells run on the session's Ray (one start per test session)."""
     callspec = getattr(request.node, "callspec", None)
-    case = callspec.params.get("case") if callspec is not None else None
-    if case is not None and case.needs_ray:
+    params = callspec.params if callspec is not None else {}
+    cases = [params.get(name) for name in ("case", "first", "second")]
+    if any(case is not None and case.needs_ray for case in cases):
         request.getfixturevalue("ray_session")
 
 
@@ -361,15 +364,20 @@ def test_every_scenario_has_cells_for_every_registered_strategy():
 
 # -- the seams: two stages on any two strategies ------------------------------------------------
 
-#: Every strategy but Ray's (their cells need the Ray session): each is paired with each.
-PAIRED = [case for case in REGISTRY if not case.needs_ray]
 FORKING = {"spawn_fork", "fork_ipc"}
 SUBINTERPRETERS = {"interpreters", "spawn_interpreter"}
 PAIR_ITEMS = 12
 
 
-@pytest.mark.parametrize("second", PAIRED, ids=str)
-@pytest.mark.parametrize("first", PAIRED, ids=str)
+def _pairs() -> Iterator[Any]:
+    """Every ordered pair of strategies; a pair with a Ray strategy runs on the session's
+    Ray (marker ``ray``)."""
+    for first, second in itertools.product(REGISTRY, REGISTRY):
+        marks = [pytest.mark.ray] if first.needs_ray or second.needs_ray else []
+        yield pytest.param(first, second, id=f"{first}-{second}", marks=marks)
+
+
+@pytest.mark.parametrize(("first", "second"), list(_pairs()))
 def test_two_stages_of_any_two_strategies_pass_every_item_once(first, second):
     """Items cross from a stage on one strategy to a stage on another exactly once, for
     every ordered pair; a pair that cannot run in one process (a fork beside
