@@ -346,6 +346,38 @@ def test_the_idle_subinterpreters_are_destroyed_at_exit(tmp_path):
     assert done.stderr == ""
 
 
+def _failing_creations(monkeypatch, failures: int) -> list[int]:
+    """Make the next ``failures`` subinterpreter creations fail as CPython 3.13's do now
+    and then; returns the count of failures still to come."""
+    interpreters = __import__(BACKPORT, fromlist=["create"])
+    real, left = interpreters.create, [failures]
+
+    def create(*args, **kwargs):
+        if left[0]:
+            left[0] -= 1
+            raise interpreters.InterpreterError("interpreter creation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(interpreters, "create", create)
+    return left
+
+
+@needs_interpreters
+def test_a_subinterpreter_creation_that_fails_twice_is_tried_again(monkeypatch):
+    left = _failing_creations(monkeypatch, 2)
+    p, got = _pipeline(jobs.in_interpreter, "spawn_interpreter", interpreters=1)
+    assert p.run().status == "ok" and len(got) == 10
+    assert left == [0]
+
+
+@needs_interpreters
+def test_a_subinterpreter_creation_that_fails_three_times_fails_the_chunk(monkeypatch):
+    _failing_creations(monkeypatch, 3)
+    p, got = _pipeline(jobs.in_interpreter, "spawn_interpreter", interpreters=1)
+    with pytest.raises(mg.PipelineError, match="interpreter creation failed"):
+        p.run()
+
+
 @needs_interpreters
 def test_a_fork_after_a_run_destroys_the_idle_subinterpreters_first():
     """CPython crashes a child forked while the process has subinterpreters (CPython issue

@@ -62,6 +62,24 @@ def _api() -> Any:
     return importlib.import_module(INTERPRETERS_MODULE)
 
 
+#: Tries at creating a subinterpreter. CPython 3.13 fails a creation now and then while
+#: other subinterpreters are being created or are importing ("Failed to import encodings
+#: module", then ``InterpreterError``; python/cpython#128381 and #131485): minigun creates
+#: one at a time, and tries again after such a failure.
+_CREATE_TRIES = 3
+_create_lock = threading.Lock()
+
+
+def _create() -> Any:
+    """A new subinterpreter (``InterpreterError`` once every try failed)."""
+    api = _api()
+    for _ in range(_CREATE_TRIES - 1):
+        with _create_lock, contextlib.suppress(api.InterpreterError):
+            return api.create()
+    with _create_lock:
+        return api.create()
+
+
 class _IdleInterpreters:
     """The subinterpreters whose ``interpreters`` worker closed cleanly, kept for the next
     such worker of any run, at most one per CPU the process may use; the rest, and all of
@@ -180,7 +198,7 @@ class _Interpreter:
         # What is made here is released here if a later step fails, by finish() once the
         # worker's thread runs.
         with contextlib.ExitStack() as undo:
-            self.interpreter = (reuse and _idle.take()) or _api().create()
+            self.interpreter = (reuse and _idle.take()) or _create()
             undo.callback(self.interpreter.close)
             self.id: int = self.interpreter.id
             receive_fd, self._message_fd = _pipe(undo)
