@@ -257,7 +257,7 @@ class _Interpreter:
     def finish(self, abandon: bool = False, closed: bool = False) -> None:
         """End the worker (``abandon``: stop it first, mid-chunk) and, once its thread is
         done, destroy the subinterpreter, or keep it idle when the worker ``closed``
-        cleanly and ended without an error."""
+        cleanly (never abandoned, then) and ended without an error."""
         if abandon:
             self.stop()
         os.close(self._message_fd)  # the worker's next read ends: it closes and returns
@@ -266,7 +266,7 @@ class _Interpreter:
         self._thread.join()
         os.close(self.frames.fd)
         self._stop_flag.close()
-        if self.reuse and closed and not abandon and self.failure is None:
+        if self.reuse and closed and self.failure is None:
             _idle.give(self.interpreter)
         else:
             self.interpreter.close()
