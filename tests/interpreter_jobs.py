@@ -112,6 +112,26 @@ class Unpicklable(mg.Task):
         pass
 
 
+class ForkBesideSubinterpreters(mg.Task):
+    """A Task that forks in one stage and runs subinterpreters in the next: refused."""
+
+    @mg.producer
+    def source(self):
+        yield from range(3)
+
+    @mg.processor(strategy="spawn_fork")
+    def forked(self, x):
+        return x
+
+    @mg.processor(strategy="interpreters")
+    def sub(self, x):
+        return x
+
+    @mg.consumer
+    def sink(self, x):
+        pass
+
+
 class Totals(mg.Stage):
     """A custom Stage with per-worker state; close() emits the worker's total."""
 

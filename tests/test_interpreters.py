@@ -415,6 +415,14 @@ def test_a_run_with_fork_and_subinterpreter_stages_is_refused_up_front(fork_stra
 
 
 @needs_interpreters
+def test_a_task_with_fork_and_subinterpreter_stages_is_refused_up_front():
+    with pytest.raises(mg.DefinitionError) as refused:
+        jobs.ForkBesideSubinterpreters().run()
+    message = str(refused.value)
+    assert "'forked'" in message and "'sub'" in message and "101437" in message
+
+
+@needs_interpreters
 def test_a_fork_while_another_runs_subinterpreters_fails_its_items_with_the_reason():
     """Two runs at once, one with subinterpreter workers: the other's forks are refused,
     each item failing with why, instead of children that crash."""
