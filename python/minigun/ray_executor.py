@@ -23,6 +23,7 @@ import importlib
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -43,8 +44,8 @@ _POLL = 0.05
 #: Seconds a stopping run's actor gets to leave its chunk and close its worker (a custom
 #: Stage's close()) before it is killed.
 GRACE = 1.0
-#: The same for an actor that never replied: it may still be waiting for a process of its
-#: own, and an actor that has not started its worker has nothing to close.
+#: Seconds an actor gets to exist at all: one still waiting for a process of its own has
+#: not run its first call, so it opened no worker and is killed at once after these.
 GRACE_UNSTARTED = 0.25
 #: Seconds a stopping run's spawn_ray task gets to end on its own before it is cancelled.
 #: A cancel that lands while Ray takes in the task's reply aborts Ray's driver (Ray 2.60:
@@ -104,10 +105,11 @@ class _RaySession:
         self._lock = threading.Lock()
 
     def new_actor(self, job: WorkerJob) -> Any:
-        # Named, so the Ray dashboard (and ray.util.list_named_actors) shows whose it is. A
-        # second concurrent call is what lets abandon() reach it mid-chunk (ray_worker).
+        # Named, so the Ray dashboard (and ray.util.list_named_actors) shows whose it is.
+        # Three concurrent calls: the chunk, abandon() reaching it mid-chunk (ray_worker)
+        # and __ray_ready__ answering beside both (abandon above).
         name = f"minigun:{job.path}:{uuid.uuid4().hex[:12]}"
-        actor = self.actor_class.options(name=name, max_concurrency=2).remote(job)
+        actor = self.actor_class.options(name=name, max_concurrency=3).remote(job)
         with self._lock:
             self._actors.add(actor)
         return actor
@@ -120,12 +122,21 @@ class _RaySession:
         except Exception:  # noqa: BLE001 - gone already
             pass
 
-    def abandon(self, actor: Any, grace: float = GRACE) -> None:
+    def abandon(self, actor: Any) -> None:
         """End the actor of a stopping run: it leaves its chunk before the next item and
-        closes its worker, for up to ``grace`` seconds; then it is killed."""
+        closes its worker, for up to GRACE seconds; then it is killed.
+
+        Whether it runs is asked of the actor itself (``__ray_ready__``, answered once
+        its process is up), not guessed from whether it ever replied: an actor deep in
+        its first chunk has opened its worker without replying yet, and must get the
+        whole grace to close it."""
         ray = _ray()
+        began = time.monotonic()
         try:
-            ray.wait([actor.abandon.remote()], timeout=grace)
+            told = actor.abandon.remote()
+            alive = actor.__ray_ready__.remote()
+            if ray.wait([told, alive], num_returns=1, timeout=GRACE_UNSTARTED)[0]:
+                ray.wait([told], timeout=max(0.0, GRACE - (time.monotonic() - began)))
         except Exception:  # noqa: BLE001 - dead already: killing it is all there is
             pass
         self.kill(actor)
@@ -226,8 +237,6 @@ class _ActorWorker:
         self.calls = calls
         self.job = job
         self.actor: Any = None
-        #: The actor has answered a call (so it runs, and has started its worker).
-        self.replied = False
 
     def _where(self) -> str:
         return "Ray actor"
@@ -238,7 +247,6 @@ class _ActorWorker:
             if calls.run.stopping:
                 raise ext.RunStopping(f"stage {calls.path!r}: the run is stopping")
             self.actor = calls.session.new_actor(self.job)
-            self.replied = False
         ref, items, refused = calls.submit(self.actor.handle, items)
         if ref is None:
             return 0, refused
@@ -252,7 +260,6 @@ class _ActorWorker:
             self._drop()
             lost = calls.lost(exc, "Ray actor")
             return 0, [(item, lost) for item in items]
-        self.replied = True
         tag, broken = calls.read(frames, reply, self._where())
         failures = refused + reply.failures
         if broken is not None:  # the worker broke (a fatal reply): its chunk is lost
@@ -267,7 +274,7 @@ class _ActorWorker:
         if actor is None:
             return
         if stopping:
-            self.calls.session.abandon(actor, GRACE if self.replied else GRACE_UNSTARTED)
+            self.calls.session.abandon(actor)
         else:
             self.calls.session.kill(actor)
 
