@@ -9,6 +9,8 @@ import os
 import threading
 import time
 
+import flaky_job
+
 import minigun as mg
 
 try:  # CPython 3.13+: which interpreter runs the code
@@ -17,49 +19,18 @@ except ImportError:
     _interpreters = None
 
 
-class Refused(ValueError):
-    """The error a stage raises on purpose (a module-level class, so it pickles)."""
+Refused = flaky_job.Refused
 
 
-class Flaky(mg.Task):
+class Flaky(flaky_job.Flaky):
     """Items fail their first ``fails`` attempts (counted per worker copy), with emits
     before the failure that must never arrive; ``self.emit`` and ``emit(to=)`` in use."""
 
     max_interpreters = 2
 
-    def __init__(self, n: int, fails: int):
-        self.n, self.fails = n, fails
-        self.tried: dict[int, int] = {}
-        self.out: list[object] = []
-        self.odd: list[object] = []
-        self.errors: list[tuple[str, object, str]] = []
-
-    @mg.producer
-    def source(self):
-        yield from range(self.n)
-
     @mg.processor(strategy="interpreters", interpreters=2, retries=2, to=["sink", "odd_sink"])
     def work(self, x):
-        tried = self.tried[x] = self.tried.get(x, 0) + 1
-        if tried <= self.fails:
-            self.emit(("poison", x))
-            raise Refused(f"attempt {tried} at {x}")
-        if x % 2:
-            mg.emit(("odd", x, os.getpid()), to="odd_sink")
-        else:
-            self.emit(("even", x, os.getpid()), to="sink")
-
-    @mg.consumer(strategy="threads")
-    def sink(self, value):
-        self.out.append(value)
-
-    @mg.consumer(strategy="threads")
-    def odd_sink(self, value):
-        self.odd.append(value)
-
-    @mg.on_error(Refused)
-    def failed(self, error, item, stage):
-        self.errors.append((type(error).__name__, item, stage))
+        self.attempt(x)
 
 
 class Snapshot(mg.Task):
