@@ -323,7 +323,8 @@ impl<T> ItemChannel<T> {
     /// the thread that made it: a release by any other thread goes through the owner's
     /// queue of shared decrements (a mutex and a later merge). The items of a chunk were
     /// mostly made by the worker that sent it; W1 there ran 2x faster once they were
-    /// released by it (docs/performance.md).
+    /// released by it (docs/performance.md). With the GIL, only batches come back (see
+    /// `scheduler::hand_back_plan`).
     pub fn hand_back(&self, items: Vec<T>) -> Option<Vec<T>> {
         match &self.handed_back {
             Some(kept) if self.upstreams_left.load(Ordering::Acquire) > 0 => {

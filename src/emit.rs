@@ -45,6 +45,9 @@ type OutboxLock<T> = spin::mutex::SpinMutex<T, spin::relax::Yield>;
 
 pub struct Outbox {
     target: Arc<Channel>,
+    /// Where what the receiver hands back goes on to, rather than being released here: an
+    /// accumulator's input, whose senders made the records of its batches.
+    pass_back: Option<Arc<Channel>>,
     /// The sending stage's stats: time spent waiting for room is not busy time.
     sender_stats: Arc<StageStats>,
     /// Rung when the outbox takes an item while empty.
@@ -55,12 +58,14 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(
         target: Arc<Channel>,
+        pass_back: Option<Arc<Channel>>,
         sender_stats: Arc<StageStats>,
         flusher: Arc<FlusherBell>,
     ) -> Arc<Self> {
         let tx = target.sender();
         Arc::new(Outbox {
             target,
+            pass_back,
             sender_stats,
             flusher,
             state: OutboxLock::new(OutboxState {
@@ -93,9 +98,13 @@ impl Outbox {
 
     /// Send whatever is buffered, waiting (without the GIL) for room if needed. First,
     /// release what the receiver handed back (`ItemChannel::hand_back`): on this thread,
-    /// which made most of it.
+    /// which made most of it; or pass it on (`pass_back`).
     pub fn flush(&self, py: Python<'_>, shutdown: &Shutdown) {
-        drop(self.target.take_handed_back());
+        let spent = self.target.take_handed_back();
+        match &self.pass_back {
+            Some(input) if !spent.is_empty() => drop(input.hand_back(spent)),
+            _ => drop(spent),
+        }
         let (items, tx) = {
             let mut st = self.state.lock();
             if st.items.is_empty() {

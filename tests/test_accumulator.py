@@ -462,3 +462,43 @@ def test_accumulator_runs_on_a_thread_of_this_process():
     Job().run()
     assert set(where.items) == {os.getpid()}
     assert collections.Counter(where.items)[os.getpid()] == 2
+
+
+class _Record:
+    """Notes the thread that releases it."""
+
+    __slots__ = ("released_on",)
+
+    def __init__(self, released_on: list[int]) -> None:
+        self.released_on = released_on
+
+    def __del__(self) -> None:
+        self.released_on.append(threading.get_ident())
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["bodyless", "with a processor"])
+def test_the_records_of_spent_batches_are_released_by_the_thread_that_made_them(body):
+    # A batch's records were made by the producer; once the stage behind the accumulator
+    # is done with a batch, it goes back (through the accumulator) to the producer's
+    # thread, which releases the records just before it makes the next ones (W4's speed;
+    # docs/performance.md). A small queue keeps the producer running while batches come
+    # back; the last ones come back after it ended and are released elsewhere.
+    released_on: list[int] = []
+    producer_thread = []
+    seen = []
+
+    def records():
+        producer_thread.append(threading.get_ident())
+        for _ in range(5000):
+            yield _Record(released_on)
+
+    p = mg.Pipeline("p")
+    p.producer(records, name="records")
+    p.accumulator(name="batch", max_size=50, queue_size=100)
+    if body:
+        p.processor(lambda batch: batch, name="pass", queue_size=2)
+    p.consumer(lambda batch: seen.append(len(batch)), name="sink", queue_size=2)
+    assert p.run().status == "ok"
+    assert sum(seen) == 5000 and len(released_on) == 5000
+    by_producer = released_on.count(producer_thread[0])
+    assert by_producer >= 2500, f"{by_producer} of 5,000 released by the producer's thread"
