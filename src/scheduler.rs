@@ -331,7 +331,8 @@ fn free_threaded_build(py: Python<'_>) -> PyResult<bool> {
 ///   accumulator's own input: an accumulator passes on what its downstream hands back
 ///   (`Outbox::new`'s `pass_back`), so the records are released by the thread that made
 ///   them, from memory still in its core's cache, just before it makes the next ones (W4
-///   about 1.08x faster). Per item (W1) it costs more than it saves (docs/performance.md).
+///   went from 0.92x to 1.02x the plain loop). Per item (W1) it costs more than it saves
+///   (docs/performance.md).
 ///
 /// An accumulator makes its batch lists, so on a free-threaded build a list is released
 /// where it was made whoever drops it last: there nothing is passed on.
