@@ -20,3 +20,11 @@ async def add_one_async(x: int) -> int:
 
 async def triple_async(x: int) -> int:
     return x * 3
+
+
+def total(batch: list[int]) -> int:
+    return sum(batch)
+
+
+async def total_async(batch: list[int]) -> int:
+    return sum(batch)
