@@ -238,6 +238,34 @@ impl Default for FlusherBell {
     }
 }
 
+/// A stage that runs on the thread of the one stage feeding it (`inline.rs`): it takes each
+/// item as it is sent, with no queue between.
+pub trait InlineTarget {
+    /// Run the stage on `item`, now, on this thread.
+    fn take(&self, py: Python<'_>, item: Item);
+    /// Send on what the stage's own outboxes hold: its sender is about to wait.
+    fn flush(&self, py: Python<'_>);
+    /// Its sender's stream ended: close the stage's worker and finish the stage.
+    fn finish(&self, py: Python<'_>);
+}
+
+/// One downstream edge of a worker.
+pub enum Edge {
+    /// To a stage with an input queue of its own.
+    Queue(Arc<Outbox>),
+    /// To an `inline` stage that runs on this worker's thread.
+    Inline(Box<dyn InlineTarget>),
+}
+
+impl Edge {
+    fn send(&self, py: Python<'_>, item: Item, shutdown: &Shutdown) {
+        match self {
+            Edge::Queue(outbox) => outbox.push(py, item, shutdown),
+            Edge::Inline(stage) => stage.take(py, item),
+        }
+    }
+}
+
 /// How a stage sends an item that `emit` did not address to a stage by name.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
@@ -264,7 +292,7 @@ enum Target {
 pub struct Emitter {
     routes: Arc<Routes>,
     items_out: OutCounter,
-    outboxes: Vec<Arc<Outbox>>,
+    edges: Vec<Edge>,
     all_edges: Vec<usize>,
     shutdown: Shutdown,
     next_rr: Cell<usize>,
@@ -285,14 +313,14 @@ impl Emitter {
     pub fn new(
         routes: Arc<Routes>,
         stats: Arc<StageStats>,
-        outboxes: Vec<Arc<Outbox>>,
+        edges: Vec<Edge>,
         shutdown: Shutdown,
     ) -> Rc<Self> {
         Rc::new(Emitter {
             routes,
             items_out: stats.out_counter(),
-            all_edges: (0..outboxes.len()).collect(),
-            outboxes,
+            all_edges: (0..edges.len()).collect(),
+            edges,
             shutdown,
             next_rr: Cell::new(0),
             holding: Cell::new(false),
@@ -328,7 +356,7 @@ impl Emitter {
 
     fn dispatch(&self, py: Python<'_>, target: Target, value: Item) {
         self.items_out.add(1);
-        let n = self.outboxes.len();
+        let n = self.edges.len();
         if n == 0 {
             return; // a terminal stage: the value is dropped here, under the GIL
         }
@@ -336,7 +364,7 @@ impl Emitter {
             Target::Default if self.routes.routing == Routing::RoundRobin => {
                 let i = self.next_rr.get();
                 self.next_rr.set((i + 1) % n);
-                self.outboxes[i].push(py, value, &self.shutdown);
+                self.edges[i].send(py, value, &self.shutdown);
             }
             Target::Default => self.broadcast(py, &self.all_edges, value),
             Target::Edges(edges)
@@ -344,7 +372,7 @@ impl Emitter {
             {
                 let i = self.next_rr.get();
                 self.next_rr.set(i.wrapping_add(1));
-                self.outboxes[edges[i % edges.len()]].push(py, value, &self.shutdown);
+                self.edges[edges[i % edges.len()]].send(py, value, &self.shutdown);
             }
             Target::Edges(edges) => self.broadcast(py, &edges, value),
         }
@@ -353,9 +381,9 @@ impl Emitter {
     fn broadcast(&self, py: Python<'_>, edges: &[usize], value: Item) {
         if let Some((&last, rest)) = edges.split_last() {
             for &edge in rest {
-                self.outboxes[edge].push(py, value.clone_ref(py), &self.shutdown);
+                self.edges[edge].send(py, value.clone_ref(py), &self.shutdown);
             }
-            self.outboxes[last].push(py, value, &self.shutdown);
+            self.edges[last].send(py, value, &self.shutdown);
         }
     }
 
@@ -402,20 +430,35 @@ impl Emitter {
     }
 
     pub fn flush(&self, py: Python<'_>) {
-        for outbox in &self.outboxes {
-            outbox.flush(py, &self.shutdown);
+        for edge in &self.edges {
+            match edge {
+                Edge::Queue(outbox) => outbox.flush(py, &self.shutdown),
+                Edge::Inline(stage) => stage.flush(py),
+            }
         }
     }
 
-    /// Flush and let the receivers know this worker is done.
+    /// Flush and let the receivers with queues of their own know this worker is done.
     pub fn finish(&self, py: Python<'_>) {
         self.rollback(); // an attempt cut short delivers nothing
         if !self.shutdown.is_set() {
             self.flush(py);
         }
-        for outbox in &self.outboxes {
-            drop(outbox.take_all());
-            outbox.close();
+        for edge in &self.edges {
+            if let Edge::Queue(outbox) = edge {
+                drop(outbox.take_all());
+                outbox.close();
+            }
+        }
+    }
+
+    /// End the `inline` stages that ran on this thread behind this worker: after the
+    /// worker itself finished, as a stage with a thread of its own would see its input end.
+    pub fn finish_inline(&self, py: Python<'_>) {
+        for edge in &self.edges {
+            if let Edge::Inline(stage) = edge {
+                stage.finish(py);
+            }
         }
     }
 }
@@ -425,17 +468,23 @@ thread_local! {
     static CURRENT: RefCell<Option<Rc<Emitter>>> = const { RefCell::new(None) };
 }
 
-/// Make `emitter` the target of `emit()` on this thread until the guard drops.
+/// Make `emitter` the target of `emit()` on this thread until the guard drops, which
+/// gives it back to the emitter bound before (an `inline` stage runs inside its sender).
 pub fn bind(emitter: &Rc<Emitter>) -> BindGuard {
-    CURRENT.with(|c| *c.borrow_mut() = Some(emitter.clone()));
-    BindGuard
+    BindGuard {
+        outer: CURRENT.with(|c| c.replace(Some(emitter.clone()))),
+    }
 }
 
-pub struct BindGuard;
+pub struct BindGuard {
+    outer: Option<Rc<Emitter>>,
+}
 
 impl Drop for BindGuard {
     fn drop(&mut self) {
-        CURRENT.with(|c| c.borrow_mut().take());
+        let outer = self.outer.take();
+        // The inner emitter is dropped outside the borrow.
+        drop(CURRENT.with(|c| c.replace(outer)));
     }
 }
 

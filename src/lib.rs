@@ -1,8 +1,9 @@
 //! minigun's Rust runtime, exposed to Python as `minigun._minigun`.
 //!
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
-//! and the per-thread emitter), `pool` (threads and semaphores), `worker` (the loops that
-//! call user code), `call` (one-argument calls without an argument tuple), `accumulate`
+//! and the per-thread emitter), `pool` (threads and semaphores), `item` (the item contract
+//! every worker keeps), `worker` (the loops that call user code on runtime threads),
+//! `inline` (inline stages, run on their sender's thread), `call` (one-argument calls without an argument tuple), `accumulate`
 //! (keyed batching), `stats` (counters and latency), `spec` (the typed stage spec the
 //! Python layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal),
 //! `fork` (the fork gate, the parent's fds every child closes, reaping and terminating a
@@ -17,7 +18,9 @@ pub mod children;
 pub mod emit;
 pub mod fork;
 pub mod gil;
+pub mod inline;
 pub mod ipc;
+pub mod item;
 pub mod pool;
 pub mod scheduler;
 pub mod shutdown;

@@ -2,7 +2,7 @@
 //! every worker, tracks which stages finished, records the first failure and tears down.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,9 @@ use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
-use crate::emit::{Channel, FlusherBell, Item, Outbox, Routes};
+use crate::emit::{Channel, Edge, FlusherBell, Item, Outbox, Routes};
 use crate::gil;
+use crate::inline::InlineStage;
 use crate::pool::{join_all, refused_error, spawn_named};
 use crate::shutdown::Shutdown;
 pub use crate::spec::{CallMode, Kind, StageSpec};
@@ -147,6 +148,11 @@ pub struct StageShared {
     pub routes: Arc<Routes>,
     pub stats: Arc<StageStats>,
     pub run: Arc<RunShared>,
+    /// An `inline` stage that runs on its sender's thread (`inline.rs`): no input queue, no
+    /// thread of its own.
+    pub on_senders_thread: bool,
+    /// Per downstream edge, the receiving stage where it runs on this stage's thread.
+    inline_targets: OnceLock<Vec<Option<Arc<StageShared>>>>,
     workers_left: AtomicUsize,
     trigger: AtomicU8,
     trigger_lock: Mutex<()>,
@@ -158,29 +164,63 @@ impl StageShared {
         self.run.channels[self.index].as_ref()
     }
 
-    /// One outbox per downstream edge, for a new worker.
-    pub fn outboxes(&self) -> Vec<Arc<Outbox>> {
+    /// How many runtime threads the stage starts (none for an `inline` stage that runs on
+    /// its sender's).
+    pub fn threads(&self) -> usize {
+        if self.on_senders_thread {
+            0
+        } else {
+            self.spec.thread_count()
+        }
+    }
+
+    /// A new worker's downstream edges, one per edge: an outbox, or the receiving
+    /// `inline` stage itself, opened on this thread.
+    pub fn edges(&self) -> Vec<Edge> {
+        let inline_targets = self.inline_targets.get().expect("set when the run is made");
         self.spec
             .downstream
             .iter()
-            .map(|&target| {
-                let channel = self.run.channels[target]
-                    .clone()
-                    .expect("downstream stages have an input");
-                let pass_back = match self.kind {
-                    Kind::Accumulator if self.run.pass_back_batches => self.input().cloned(),
-                    _ => None,
-                };
-                let outbox = Outbox::new(
-                    channel,
-                    pass_back,
-                    self.stats.clone(),
-                    self.run.flusher_bell.clone(),
-                );
-                self.run.register_outbox(&outbox);
-                outbox
+            .zip(inline_targets)
+            .map(|(&target, inline)| match inline {
+                Some(stage) => Edge::Inline(InlineStage::open(stage.clone())),
+                None => Edge::Queue(self.outbox_to(target)),
             })
             .collect()
+    }
+
+    fn outbox_to(&self, target: usize) -> Arc<Outbox> {
+        let channel = self.run.channels[target]
+            .clone()
+            .expect("downstream stages have an input");
+        let pass_back = match self.kind {
+            Kind::Accumulator if self.run.pass_back_batches => self.input().cloned(),
+            _ => None,
+        };
+        let outbox = Outbox::new(
+            channel,
+            pass_back,
+            self.stats.clone(),
+            self.run.flusher_bell.clone(),
+        );
+        self.run.register_outbox(&outbox);
+        outbox
+    }
+
+    /// `n` workers of this stage end without having been opened (their thread was not
+    /// started, or a producer was never triggered): count them finished, and with the
+    /// last, the `inline` stages that would have run on its thread.
+    pub fn end_unopened_workers(&self, py: Python<'_>, n: usize) {
+        for _ in 0..n {
+            self.worker_finished(py);
+        }
+        if n == 0 {
+            return;
+        }
+        let inline_targets = self.inline_targets.get().expect("set when the run is made");
+        for stage in inline_targets.iter().flatten() {
+            stage.end_unopened_workers(py, 1);
+        }
     }
 
     /// Producers with `auto_start=False` wait here until triggered or the run stops.
@@ -321,6 +361,34 @@ fn free_threaded_build(py: Python<'_>) -> PyResult<bool> {
     }
 }
 
+/// Which stages run on their sender's thread (`inline.rs`): an `inline` processor whose
+/// only input is one edge from a stage with one runtime thread that calls its code per item
+/// (not a pool, not a thread per item, not a stage whose chunks go to processes, actors or
+/// an event loop).
+fn on_senders_thread_plan(specs: &[StageSpec]) -> Vec<bool> {
+    let one_thread = |spec: &StageSpec| {
+        spec.thread_count() == 1 && !spec.spawn_per_item && spec.mode != CallMode::Chunk
+    };
+    let mut senders: Vec<Vec<usize>> = vec![Vec::new(); specs.len()];
+    for (index, spec) in specs.iter().enumerate() {
+        for &target in &spec.downstream {
+            if let Some(edges_in) = senders.get_mut(target) {
+                edges_in.push(index);
+            }
+        }
+    }
+    specs
+        .iter()
+        .zip(&senders)
+        .map(|(spec, edges_in)| {
+            spec.inline
+                && spec.kind == Kind::Processor
+                && one_thread(spec)
+                && matches!(edges_in[..], [sender] if one_thread(&specs[sender]))
+        })
+        .collect()
+}
+
 /// Which stages' inputs hand the items their receiver is done with back to the senders, to
 /// be released by the thread that made them (see [`ItemChannel::hand_back`]).
 ///
@@ -379,11 +447,12 @@ impl Runtime {
             }
         }
         let hands_back = hand_back_plan(&specs, free_threaded);
+        let on_senders_thread = on_senders_thread_plan(&specs);
         let channels = specs
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                (spec.kind != Kind::Producer).then(|| {
+                (spec.kind != Kind::Producer && !on_senders_thread[i]).then(|| {
                     Arc::new(Channel::for_receiver(
                         spec.queue_size,
                         upstreams[i],
@@ -437,11 +506,22 @@ impl Runtime {
                 routes,
                 stats: Arc::new(StageStats::new()),
                 run: run.clone(),
+                on_senders_thread: on_senders_thread[index],
+                inline_targets: OnceLock::new(),
                 workers_left: AtomicUsize::new(workers),
                 trigger: AtomicU8::new(trigger),
                 trigger_lock: Mutex::new(()),
                 triggered: Condvar::new(),
             }));
+        }
+        for stage in &stages {
+            let inline_targets = stage
+                .spec
+                .downstream
+                .iter()
+                .map(|&target| on_senders_thread[target].then(|| stages[target].clone()))
+                .collect();
+            let _ = stage.inline_targets.set(inline_targets);
         }
         Ok(Runtime {
             run,
@@ -485,13 +565,10 @@ impl Runtime {
                     error: refused_error(&stage.name, &error),
                     item: None,
                 });
-                for _ in 0..missing {
-                    stage.worker_finished(py);
-                }
+                // An inline stage on a sender's thread ends with that sender's worker.
+                stage.end_unopened_workers(py, missing);
                 for later in &self.stages[index + 1..] {
-                    for _ in 0..later.spec.thread_count() {
-                        later.worker_finished(py);
-                    }
+                    later.end_unopened_workers(py, later.threads());
                 }
                 return Ok(());
             }

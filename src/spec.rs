@@ -86,6 +86,8 @@ pub struct StageSpec {
     pub workers: usize,
     /// A new thread per input item (`spawn_thread`), at most `workers` at once.
     pub spawn_per_item: bool,
+    /// The `inline` strategy: runs on its sender's thread where it can (`inline.rs`).
+    pub inline: bool,
     pub queue_size: Option<usize>,
     /// Items a chunk for this stage should carry at least, when there are that many.
     pub min_chunk: usize,
@@ -175,6 +177,7 @@ impl StageSpec {
             make_worker: f.get("make_worker")?,
             workers: f.get("workers")?,
             spawn_per_item: f.get("spawn_per_item")?,
+            inline: f.get("inline")?,
             queue_size: f.get("queue_size")?,
             min_chunk: f.get("min_chunk")?,
             downstream: f.get("downstream")?,

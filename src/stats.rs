@@ -88,8 +88,13 @@ impl StageStats {
 
     /// A chunk of `n` items arrived.
     pub fn add_in(&self, n: u64) {
-        self.items_in.fetch_add(n, Ordering::Relaxed);
-        self.chunks_in.fetch_add(1, Ordering::Relaxed);
+        self.add_items(n, 1);
+    }
+
+    /// `items` arrived in `chunks` chunks.
+    pub fn add_items(&self, items: u64, chunks: u64) {
+        self.items_in.fetch_add(items, Ordering::Relaxed);
+        self.chunks_in.fetch_add(chunks, Ordering::Relaxed);
     }
 
     /// A counter of emitted items for one worker thread.

@@ -5,7 +5,6 @@
 //! user's function for each item of the chunk.
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use crate::accumulate::{Batcher, Limits};
 use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, Item};
-use crate::gil;
+use crate::item::{end_worker, handle_failure, process_one, Stop, WorkerCall};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 use crate::thread_state::{self, python_thread};
@@ -34,7 +33,7 @@ pub fn start_stage(
         Kind::Processor if stage.spec.spawn_per_item => run_spawning,
         Kind::Processor => |s| run_processor(s),
     };
-    let count = stage.spec.thread_count();
+    let count = stage.threads();
     for i in 0..count {
         let s = stage.clone();
         let started = spawn_named(format!("minigun:{}:{}", stage.name, i), move || {
@@ -48,183 +47,14 @@ pub fn start_stage(
     Ok(())
 }
 
-/// What one worker calls: the stage function (shared by the stage's workers), or a custom
-/// Stage's per-worker copy.
-struct WorkerCall<'s> {
-    shared: Option<&'s Item>,
-    own: Option<Item>,
-    close: Option<Item>,
-}
-
-impl<'s> WorkerCall<'s> {
-    /// Open the worker: a custom Stage (or a stage with worker hooks) makes its copy and
-    /// opens it, under the GIL; a plain function needs neither, nor the GIL.
-    fn open(stage: &'s StageShared) -> PyResult<Self> {
-        match &stage.spec.make_worker {
-            None => Ok(WorkerCall {
-                shared: stage.spec.call.as_ref(),
-                own: None,
-                close: None,
-            }),
-            Some(make) => thread_state::attach(|py| {
-                let made = make.bind(py).call0()?;
-                // A None call keeps a body-less accumulator body-less (worker hooks wrap it).
-                let (own, close): (Option<Item>, Option<Item>) = made.extract()?;
-                Ok(WorkerCall {
-                    shared: None,
-                    own,
-                    close,
-                })
-            }),
-        }
-    }
-
-    /// The function to call per item (None: a body-less accumulator).
-    fn call(&self) -> Option<&Item> {
-        self.own.as_ref().or(self.shared)
-    }
-
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        match &self.close {
-            Some(close) => close.bind(py).call0().map(|_| ()),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A random factor in [0, 1) for retry jitter (a shared splitmix64 sequence).
-fn jitter() -> f64 {
-    static SEED: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-    let mut x = SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Call the function on one input (an attempt, whose emits the emitter holds). Value mode
-/// returns the function's value, to be emitted once the attempt succeeded; iterate mode
-/// holds each yielded value with the attempt's other emits, so a generator that raises
-/// after some yields has delivered none of them.
-fn invoke(
-    call: &Bound<'_, PyAny>,
-    mode: CallMode,
-    input: &Bound<'_, PyAny>,
-    emitter: &Emitter,
-) -> PyResult<Option<Item>> {
-    let result = call_one(call, input)?;
-    if result.is_none() {
-        return Ok(None);
-    }
-    match mode {
-        CallMode::Value => Ok(Some(result.unbind())),
-        CallMode::Iterate => {
-            for value in result.try_iter()? {
-                emitter.hold(value?.unbind());
-            }
-            Ok(None)
-        }
-        CallMode::Chunk => unreachable!("chunk-mode stages are called by run_chunk"),
-    }
-}
-
-/// Why a worker stops early.
-struct Stop;
-
-/// Run one input through the stage function with retries; failures go to `on_error`.
-fn process_one(
-    py: Python<'_>,
-    stage: &StageShared,
-    call: &Bound<'_, PyAny>,
-    emitter: &Emitter,
-    input: &Bound<'_, PyAny>,
-) -> Result<(), Stop> {
-    let spec = &stage.spec;
-    let mut attempt = 0u32;
-    loop {
-        // Every attempt's emits are held, retried or not: an item that fails delivers
-        // nothing of the attempt that failed.
-        emitter.begin_attempt();
-        match invoke(call, stage.mode, input, emitter) {
-            Ok(value) => {
-                emitter.commit(py);
-                if let Some(value) = value {
-                    emitter.emit_default(py, value);
-                }
-                return Ok(());
-            }
-            Err(error) => {
-                emitter.rollback();
-                if stage.run.shutdown.is_set() {
-                    return Err(Stop);
-                }
-                if attempt < spec.retries && error.is_instance(py, spec.retry_on.bind(py)) {
-                    attempt += 1;
-                    stage.stats.add_retry();
-                    let base = spec.retry_backoff * f64::from(1u32 << (attempt - 1).min(20));
-                    let pause = Duration::from_secs_f64((base * (0.5 + jitter())).min(60.0));
-                    let shutdown = stage.run.shutdown.clone();
-                    if gil::detach(py, move || shutdown.sleep(pause)) {
-                        return Err(Stop);
-                    }
-                    continue;
-                }
-                stage.stats.add_error();
-                return handle_failure(py, stage, error, Some(input));
-            }
-        }
-    }
-}
-
-/// Offer a failed item to the `on_error` handlers; stop the run if none takes it.
-fn handle_failure(
-    py: Python<'_>,
-    stage: &StageShared,
-    error: PyErr,
-    item: Option<&Bound<'_, PyAny>>,
-) -> Result<(), Stop> {
-    let item_obj = item
-        .map(|i| i.clone().unbind())
-        .unwrap_or_else(|| py.None());
-    let handled =
-        stage
-            .spec
-            .on_failure
-            .bind(py)
-            .call1((error.value(py), item_obj.bind(py), &stage.name));
-    match handled {
-        Ok(v) if v.is_truthy().unwrap_or(false) => Ok(()),
-        Ok(_) => {
-            stage.run.fail(Failure {
-                stage: stage.name.clone(),
-                error,
-                item: Some(item_obj),
-            });
-            Err(Stop)
-        }
-        Err(handler_error) => {
-            stage.run.fail(Failure {
-                stage: stage.name.clone(),
-                error: handler_error,
-                item: Some(item_obj),
-            });
-            Err(Stop)
-        }
-    }
-}
-
 /// Set up a worker's emitter and per-worker call, run `body`, then close, flush, and
 /// count the worker finished.
 fn with_worker(stage: &StageShared, body: impl FnOnce(&WorkerCall, &Rc<Emitter>)) {
     worker_session(stage, body, |py| stage.worker_finished(py));
 }
 
-/// One worker's life: open its call, run `body`, close it and flush its outboxes.
-///
-/// `close` runs whenever `open` succeeded, also when the run is stopping: it is where a
-/// worker releases what it opened (an async stage's event loop, a custom Stage's
-/// connection). What it emits then is dropped with the rest of the run's output, and a
-/// failure of it is not reported over the run's own failure or cancel.
+/// One worker's life: open its call, run `body`, then end it (`end_worker`: close it, flush
+/// its outboxes, `last`).
 ///
 /// Closing, the last flush and `last` share one hold of the GIL, the thread's last, which
 /// also deletes its thread state: with 32 workers ending at once, every hold is a turn the
@@ -237,7 +67,7 @@ fn worker_session(
     let emitter = Emitter::new(
         stage.routes.clone(),
         stage.stats.clone(),
-        stage.outboxes(),
+        stage.edges(),
         stage.run.shutdown.clone(),
     );
     let _bound = emit::bind(&emitter);
@@ -256,34 +86,20 @@ fn worker_session(
             Some(worker)
         }
     };
-    thread_state::attach_last(|py| {
-        if let Some(worker) = worker {
-            if let Err(error) = worker.close(py) {
-                if !stage.run.shutdown.is_set() {
-                    stage.run.fail(Failure {
-                        stage: stage.name.clone(),
-                        error,
-                        item: None,
-                    });
-                }
-            }
-        }
-        emitter.finish(py);
-        last(py);
-    });
+    thread_state::attach_last(|py| end_worker(py, stage, worker.as_ref(), &emitter, last));
 }
 
 fn run_producer(stage: &StageShared) {
     stage.stats.started();
     if !stage.wait_for_trigger() {
-        thread_state::attach_last(|py| stage.worker_finished(py));
+        thread_state::attach_last(|py| stage.end_unopened_workers(py, 1));
         return;
     }
     with_worker(stage, |worker, emitter| {
         // Busy time is added as the producer goes, so the live view sees it.
         let mut since = Instant::now();
         thread_state::attach(|py| {
-            let Some(call) = worker.call() else {
+            let Some(call) = worker.call(stage) else {
                 return;
             };
             let produced = (|| -> PyResult<()> {
@@ -351,7 +167,7 @@ fn merge_queued(input: &Channel, mut items: Vec<Item>) -> Vec<Item> {
 fn run_processor(stage: &StageShared) {
     let input = stage.input().expect("processors have an input").clone();
     with_worker(stage, |worker, emitter| {
-        let Some(call) = worker.call() else {
+        let Some(call) = worker.call(stage) else {
             return;
         };
         let target = if stage.mode == CallMode::Chunk {
@@ -572,7 +388,7 @@ fn run_spawned(stage: &StageShared, item: Item) {
     let serve = |worker: &WorkerCall, emitter: &Rc<Emitter>| {
         thread_state::attach(|py| {
             let item = item.into_bound(py);
-            let Some(call) = worker.call() else {
+            let Some(call) = worker.call(stage) else {
                 return;
             };
             let t = Instant::now();
@@ -617,7 +433,7 @@ fn run_accumulator(stage: &StageShared) {
         .as_ref()
         .map(|_| thread_state::attach(|py| PyDict::new(py).unbind()));
     with_worker(stage, |worker, emitter| {
-        let body = worker.call();
+        let body = worker.call(stage);
         let flush = |py: Python<'_>,
                      batches: Vec<crate::accumulate::Batch<Option<Item>, Item>>|
          -> Result<(), Stop> {

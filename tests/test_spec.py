@@ -26,6 +26,7 @@ def _spec(**changes: object) -> dict[str, object]:
         "make_worker": None,
         "workers": 1,
         "spawn_per_item": False,
+        "inline": False,
         "queue_size": 10,
         "min_chunk": 1,
         "downstream": [],

@@ -67,6 +67,9 @@ class StageSpec(TypedDict):
     make_worker: Callable[[], tuple[Callable[..., Any] | None, Callable[[], Any] | None]] | None
     workers: int
     spawn_per_item: bool
+    #: The ``inline`` strategy: the stage runs on the thread of the one stage feeding it
+    #: where that stage has one runtime thread (src/inline.rs), else on a thread of its own.
+    inline: bool
     queue_size: int | None
     min_chunk: int
     downstream: list[int]

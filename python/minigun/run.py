@@ -85,6 +85,7 @@ class Run:
             "make_worker": work.make_worker,
             "workers": work.threads,
             "spawn_per_item": work.per_item,
+            "inline": plan.strategy == "inline",
             "queue_size": stage.queue_size,
             "min_chunk": work.min_chunk,
             "downstream": list(node.downstream),
