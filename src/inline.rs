@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
-use crate::emit::{self, Emitter, InlineTarget, Item};
+use crate::emit::{Emitter, EmitterSlot, InlineTarget, Item};
 use crate::item::{end_worker, process_one, WorkerCall};
 use crate::scheduler::{Failure, StageShared};
 
@@ -35,6 +35,8 @@ const TIME_EVERY_ITEM_OVER: Duration = Duration::from_micros(20);
 pub struct InlineStage {
     stage: Arc<StageShared>,
     emitter: Rc<Emitter>,
+    /// Its sender's thread's emitter slot: `emit()` reaches this stage while it runs.
+    slot: EmitterSlot,
     /// None: opening it failed (the run is failing), and items are dropped.
     worker: Option<WorkerCall>,
     started: Cell<bool>,
@@ -48,15 +50,15 @@ pub struct InlineStage {
 
 impl InlineStage {
     /// Open `stage`'s one worker, on its sender's thread, as its sender's worker starts.
-    pub fn open(stage: Arc<StageShared>) -> Box<dyn InlineTarget> {
+    pub fn open(stage: Arc<StageShared>, slot: &EmitterSlot) -> Box<dyn InlineTarget> {
         let emitter = Emitter::new(
             stage.routes.clone(),
             stage.stats.clone(),
-            stage.edges(),
+            stage.edges(slot),
             stage.run.shutdown.clone(),
         );
         let worker = {
-            let _bound = emit::bind(&emitter);
+            let _bound = slot.bind(&emitter);
             match WorkerCall::open(&stage) {
                 Ok(worker) => Some(worker),
                 Err(error) => {
@@ -72,6 +74,7 @@ impl InlineStage {
         Box::new(InlineStage {
             stage,
             emitter,
+            slot: slot.clone(),
             worker,
             started: Cell::new(false),
             untold: Cell::new(0),
@@ -112,7 +115,7 @@ impl InlineTarget for InlineStage {
         let until_timed = self.until_timed.get();
         let timer = (until_timed == 0).then(Instant::now);
         self.until_timed.set(until_timed.saturating_sub(1));
-        let _bound = emit::bind(&self.emitter);
+        let _bound = self.slot.bind(&self.emitter);
         let item = item.into_bound(py);
         // A failure is recorded by the run (or taken by `on_error`): the sender sees the
         // run stopping before its next item.
@@ -138,7 +141,7 @@ impl InlineTarget for InlineStage {
     fn finish(&self, py: Python<'_>) {
         self.tell_stats();
         let stage = &*self.stage;
-        let _bound = emit::bind(&self.emitter);
+        let _bound = self.slot.bind(&self.emitter);
         end_worker(py, stage, self.worker.as_ref(), &self.emitter, |py| {
             stage.worker_finished(py)
         });

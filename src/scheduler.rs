@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyDict;
 
-use crate::emit::{Channel, Edge, FlusherBell, Item, Outbox, Routes};
+use crate::emit::{Channel, Edge, EmitterSlot, FlusherBell, Item, Outbox, Routes};
 use crate::gil;
 use crate::inline::InlineStage;
 use crate::pool::{join_all, refused_error, spawn_named};
@@ -175,15 +175,15 @@ impl StageShared {
     }
 
     /// A new worker's downstream edges, one per edge: an outbox, or the receiving
-    /// `inline` stage itself, opened on this thread.
-    pub fn edges(&self) -> Vec<Edge> {
+    /// `inline` stage itself, opened on this thread (whose emitter slot is `slot`).
+    pub fn edges(&self, slot: &EmitterSlot) -> Vec<Edge> {
         let inline_targets = self.inline_targets.get().expect("set when the run is made");
         self.spec
             .downstream
             .iter()
             .zip(inline_targets)
             .map(|(&target, inline)| match inline {
-                Some(stage) => Edge::Inline(InlineStage::open(stage.clone())),
+                Some(stage) => Edge::Inline(InlineStage::open(stage.clone(), slot)),
                 None => Edge::Queue(self.outbox_to(target)),
             })
             .collect()

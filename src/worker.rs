@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::accumulate::{Batcher, Limits};
 use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
-use crate::emit::{self, Channel, Emitter, Item};
+use crate::emit::{self, Channel, Emitter, EmitterSlot, Item};
 use crate::item::{end_worker, handle_failure, process_one, Stop, WorkerCall};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
@@ -64,13 +64,15 @@ fn worker_session(
     body: impl FnOnce(&WorkerCall, &Rc<Emitter>),
     last: impl FnOnce(Python<'_>),
 ) {
+    let slot = EmitterSlot::default();
+    let _slot = emit::use_slot(&slot);
     let emitter = Emitter::new(
         stage.routes.clone(),
         stage.stats.clone(),
-        stage.edges(),
+        stage.edges(&slot),
         stage.run.shutdown.clone(),
     );
-    let _bound = emit::bind(&emitter);
+    let bound = slot.bind(&emitter);
     let opened = WorkerCall::open(stage);
     let worker = match opened {
         Err(error) => {
@@ -86,7 +88,13 @@ fn worker_session(
             Some(worker)
         }
     };
-    thread_state::attach_last(|py| end_worker(py, stage, worker.as_ref(), &emitter, last));
+    thread_state::attach_last(|py| {
+        end_worker(py, stage, worker.as_ref(), &emitter, last);
+        // The worker's call, and the inline stages its emitter opened with theirs, are
+        // released here, under the GIL.
+        drop(bound);
+        drop((worker, emitter));
+    });
 }
 
 fn run_producer(stage: &StageShared) {
