@@ -79,18 +79,29 @@ def _three_threads(n: int, to_double: _Queue, to_sum: _Queue) -> int:
 
 
 def minigun(params: Params) -> int:
-    return _minigun(params, {})
+    return _minigun(params)
 
 
-def _minigun(params: Params, options: dict[str, object]) -> int:
+def minigun_inline(params: Params) -> int:
+    """Both stages ``inline``: they run on the producer's thread, one item at a time, as
+    streamable's inline ``.map`` runs its stages."""
+    inline = {"strategy": "inline"}
+    return _minigun(params, processor=inline, consumer=inline)
+
+
+def _minigun(
+    params: Params,
+    processor: dict[str, object] | None = None,
+    consumer: dict[str, object] | None = None,
+) -> int:
     import minigun as mg
 
     n = params["n"]
     total = Sum()
     p = mg.Pipeline("w1")
     p.producer(lambda: numbers(n), name="numbers")
-    p.processor(double, **options)
-    p.consumer(total, name="sum")
+    p.processor(double, **(processor or {}))
+    p.consumer(total, name="sum", **(consumer or {}))
     p.run()
     return total.total
 
@@ -99,7 +110,7 @@ def minigun_elsewhere(strategy: str) -> Impl:
     """The same stage in one worker process or subinterpreter: what crossing costs."""
 
     def run(params: Params) -> int:
-        return _minigun(params, {"strategy": strategy})
+        return _minigun(params, processor={"strategy": strategy})
 
     return minigun_impl(f"minigun {strategy}", run, processes=strategy == "fork_ipc")
 
@@ -172,6 +183,7 @@ WORKLOADS = (
         title="per-item overhead: N ints, producer -> x*2 -> summing consumer",
         impls=(
             minigun_impl("minigun", minigun),
+            minigun_impl("minigun inline", minigun_inline),
             minigun_elsewhere("fork_ipc"),
             minigun_elsewhere("interpreters"),
             Impl("plain loop", plain_loop),
@@ -187,7 +199,7 @@ WORKLOADS = (
                 imports=("bytewax.dataflow", "bytewax.operators", "bytewax.testing"),
             ),
         ),
-        subjects=("minigun",),
+        subjects=("minigun", "minigun inline"),
         full={"n": 1_000_000},
         quick={"n": 1_000},
         count=lambda params: params["n"],
