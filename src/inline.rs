@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 
 use crate::emit::{Emitter, EmitterSlot, InlineTarget, Item};
-use crate::item::{end_worker, process_one, WorkerCall};
-use crate::scheduler::{Failure, StageShared};
+use crate::item::{end_worker, open_worker, process_one, WorkerCall};
+use crate::scheduler::StageShared;
 
 /// A fast stage times one item in this many: a clock read costs about as much as a trivial
 /// stage function. A stage whose timed item took longer than `TIME_EVERY_ITEM_OVER` times
@@ -51,26 +51,7 @@ pub struct InlineStage {
 impl InlineStage {
     /// Open `stage`'s one worker, on its sender's thread, as its sender's worker starts.
     pub fn open(stage: Arc<StageShared>, slot: &EmitterSlot) -> Box<dyn InlineTarget> {
-        let emitter = Emitter::new(
-            stage.routes.clone(),
-            stage.stats.clone(),
-            stage.edges(slot),
-            stage.run.shutdown.clone(),
-        );
-        let worker = {
-            let _bound = slot.bind(&emitter);
-            match WorkerCall::open(&stage) {
-                Ok(worker) => Some(worker),
-                Err(error) => {
-                    stage.run.fail(Failure {
-                        stage: stage.name.clone(),
-                        error,
-                        item: None,
-                    });
-                    None
-                }
-            }
-        };
+        let (emitter, worker) = open_worker(&stage, slot);
         Box::new(InlineStage {
             stage,
             emitter,

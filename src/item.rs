@@ -3,13 +3,14 @@
 //! opened and closed, one item through it with retries whose failed attempts deliver
 //! nothing, `on_error` offered what still fails, and a worker's end.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 
 use crate::call::call_one;
-use crate::emit::{Emitter, Item};
+use crate::emit::{Emitter, EmitterSlot, Item};
 use crate::gil;
 use crate::scheduler::{CallMode, Failure, StageShared};
 use crate::thread_state;
@@ -61,6 +62,31 @@ impl WorkerCall {
             None => Ok(()),
         }
     }
+}
+
+/// A new worker of `stage` on this thread, whose emitter slot is `slot`: its emitter
+/// (with the inline stages behind it opened) and its call, opened with the emitter bound.
+/// The call is None where opening it failed, which fails the run.
+pub fn open_worker(stage: &StageShared, slot: &EmitterSlot) -> (Rc<Emitter>, Option<WorkerCall>) {
+    let emitter = Emitter::new(
+        stage.routes.clone(),
+        stage.stats.clone(),
+        stage.edges(slot),
+        stage.run.shutdown.clone(),
+    );
+    let _bound = slot.bind(&emitter);
+    let worker = match WorkerCall::open(stage) {
+        Ok(worker) => Some(worker),
+        Err(error) => {
+            stage.run.fail(Failure {
+                stage: stage.name.clone(),
+                error,
+                item: None,
+            });
+            None
+        }
+    };
+    (emitter, worker)
 }
 
 /// A random factor in [0, 1) for retry jitter (a shared splitmix64 sequence).

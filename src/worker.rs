@@ -16,7 +16,7 @@ use crate::accumulate::{Batcher, Limits};
 use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, EmitterSlot, Item};
-use crate::item::{end_worker, handle_failure, process_one, Stop, WorkerCall};
+use crate::item::{end_worker, handle_failure, open_worker, process_one, Stop, WorkerCall};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 use crate::thread_state::{self, python_thread};
@@ -66,28 +66,11 @@ fn worker_session(
 ) {
     let slot = EmitterSlot::default();
     let _slot = emit::use_slot(&slot);
-    let emitter = Emitter::new(
-        stage.routes.clone(),
-        stage.stats.clone(),
-        stage.edges(&slot),
-        stage.run.shutdown.clone(),
-    );
+    let (emitter, worker) = open_worker(stage, &slot);
     let bound = slot.bind(&emitter);
-    let opened = WorkerCall::open(stage);
-    let worker = match opened {
-        Err(error) => {
-            stage.run.fail(Failure {
-                stage: stage.name.clone(),
-                error,
-                item: None,
-            });
-            None
-        }
-        Ok(worker) => {
-            body(&worker, &emitter);
-            Some(worker)
-        }
-    };
+    if let Some(worker) = &worker {
+        body(worker, &emitter);
+    }
     thread_state::attach_last(|py| {
         end_worker(py, stage, worker.as_ref(), &emitter, last);
         // The worker's call, and the inline stages its emitter opened with theirs, are
