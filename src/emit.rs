@@ -330,7 +330,8 @@ impl Emitter {
 
     pub fn emit_default(&self, py: Python<'_>, value: Item) {
         // The common case, one downstream edge and no attempt holding what it emits, goes
-        // straight to the edge: per item, the general path cost an inline chain 5 to 9%.
+        // straight to the edge: the general path's four calls per item were 9% of an
+        // inline chain's samples in `perf`.
         if let [edge] = &self.edges[..] {
             if !self.holding.get() {
                 self.items_out.add(1);

@@ -211,9 +211,9 @@ pub fn handle_failure(
 }
 
 /// A worker's end, in its thread's last hold of the GIL: close its call (whenever it was
-/// opened, also when the run is stopping: it is where a worker releases what it opened), flush
-/// and close its outboxes, count it finished (`finished`), then end the `inline` stages
-/// that ran on this thread behind it, in the same order.
+/// opened, also when the run is stopping: it is where a worker releases what it opened),
+/// flush and close its outboxes, count it finished (`finished`), then end the `inline`
+/// stages that ran on this thread behind it, in the same order.
 ///
 /// What `close` emits while the run is stopping is dropped with the rest of the run's
 /// output, and a failure of it is not reported over the run's own failure or cancel.
