@@ -692,6 +692,8 @@ impl Runtime {
                 "chunk_size",
                 stage.input().map(|c| c.preferred_chunk()).unwrap_or(0),
             )?;
+            // False for producers, and for inline stages on their sender's thread.
+            d.set_item("has_input_queue", stage.input().is_some())?;
             out.set_item(&stage.name, d)?;
         }
         Ok(out)

@@ -54,8 +54,9 @@ def test_an_inline_chain_behind_a_producer_runs_on_the_producers_thread():
     for name in ("first", "second", "sink"):
         stats = result.stats[name]
         assert stats.items_in == 500, (name, stats)
-        # Taken one at a time: each item is its own chunk.
+        # Taken one at a time: each item is its own chunk, and there is no queue.
         assert stats.chunks_in == 500, (name, stats)
+        assert stats.queue_size is None, (name, stats)
         assert stats.latency_p99 > 0, (name, stats)
 
 

@@ -55,7 +55,8 @@ class StageStats:
                 kind=info.kind,
                 strategy=info.strategy,
                 workers=info.workers,
-                queue_size=info.queue_size,
+                # An inline stage on its sender's thread has none (src/inline.rs).
+                queue_size=info.queue_size if raw.get("has_input_queue", True) else None,
             )
             active, busy = raw.get("active_seconds", 0.0), raw.get("busy_seconds", 0.0)
             if not info.runs_code:
