@@ -77,7 +77,14 @@ def minigun(params: Params) -> int:
     return _minigun(params, {})
 
 
-def _minigun(params: Params, options: dict[str, object]) -> int:
+def minigun_inline(params: Params) -> int:
+    """Both stages ``inline``: the run starts one thread, the producer's, not three."""
+    return _minigun(params, {"strategy": "inline"}, {"strategy": "inline"})
+
+
+def _minigun(
+    params: Params, options: dict[str, object], consumer: dict[str, object] | None = None
+) -> int:
     import minigun as mg
 
     total = [0]
@@ -89,7 +96,7 @@ def _minigun(params: Params, options: dict[str, object]) -> int:
         p = mg.Pipeline("w5")
         p.producer(lambda run=run: one(run), name="one")
         p.processor(double, **options)
-        p.consumer(add)
+        p.consumer(add, **(consumer or {}))
         p.run()
     return total[0]
 
@@ -150,11 +157,12 @@ WORKLOADS = (
         title="one-item run (pipeline built and run per call), R calls",
         impls=(
             minigun_impl("minigun", minigun),
+            minigun_impl("minigun inline", minigun_inline),
             Impl("plain call", plain_call),
             Impl("queue.Queue + threads", queue_threads),
             Impl("ThreadPoolExecutor", thread_pool),
         ),
-        subjects=("minigun",),
+        subjects=("minigun", "minigun inline"),
         full={"runs": 1_000},
         quick={"runs": 10},
         count=lambda params: params["runs"],
