@@ -174,14 +174,18 @@ impl StageShared {
         }
     }
 
+    /// Per downstream edge, the receiving stage where it runs on this stage's thread.
+    fn inline_targets(&self) -> &[Option<Arc<StageShared>>] {
+        self.inline_targets.get().expect("set when the run is made")
+    }
+
     /// A new worker's downstream edges, one per edge: an outbox, or the receiving
     /// `inline` stage itself, opened on this thread (whose emitter slot is `slot`).
     pub fn edges(&self, slot: &EmitterSlot) -> Vec<Edge> {
-        let inline_targets = self.inline_targets.get().expect("set when the run is made");
         self.spec
             .downstream
             .iter()
-            .zip(inline_targets)
+            .zip(self.inline_targets())
             .map(|(&target, inline)| match inline {
                 Some(stage) => Edge::Inline(InlineStage::open(stage.clone(), slot)),
                 None => Edge::Queue(self.outbox_to(target)),
@@ -217,8 +221,7 @@ impl StageShared {
         if n == 0 {
             return;
         }
-        let inline_targets = self.inline_targets.get().expect("set when the run is made");
-        for stage in inline_targets.iter().flatten() {
+        for stage in self.inline_targets().iter().flatten() {
             stage.end_unopened_workers(py, 1);
         }
     }
@@ -364,22 +367,14 @@ fn free_threaded_build(py: Python<'_>) -> PyResult<bool> {
 /// Which stages run on their sender's thread (`inline.rs`): an `inline` processor whose
 /// only input is one edge from a stage with one runtime thread that calls its code per item
 /// (not a pool, not a thread per item, not a stage whose chunks go to processes, actors or
-/// an event loop).
-fn on_senders_thread_plan(specs: &[StageSpec]) -> Vec<bool> {
+/// an event loop). `senders` lists, per stage, the sender of each edge into it.
+fn on_senders_thread_plan(specs: &[StageSpec], senders: &[Vec<usize>]) -> Vec<bool> {
     let one_thread = |spec: &StageSpec| {
         spec.thread_count() == 1 && !spec.spawn_per_item && spec.mode != CallMode::Chunk
     };
-    let mut senders: Vec<Vec<usize>> = vec![Vec::new(); specs.len()];
-    for (index, spec) in specs.iter().enumerate() {
-        for &target in &spec.downstream {
-            if let Some(edges_in) = senders.get_mut(target) {
-                edges_in.push(index);
-            }
-        }
-    }
     specs
         .iter()
-        .zip(&senders)
+        .zip(senders)
         .map(|(spec, edges_in)| {
             spec.inline
                 && spec.kind == Kind::Processor
@@ -431,23 +426,30 @@ impl Runtime {
         let free_threaded = free_threaded_build(py)?;
         gil::configure(free_threaded);
         let n = specs.len();
-        let mut upstreams = vec![0usize; n];
-        for spec in &specs {
-            let mut targets = spec.downstream.clone();
-            targets.sort_unstable();
-            targets.dedup();
-            for t in targets {
-                if t >= n {
+        // Per stage, the sender of each edge into it, in the senders' order.
+        let mut senders: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (index, spec) in specs.iter().enumerate() {
+            for &t in &spec.downstream {
+                let Some(edges_in) = senders.get_mut(t) else {
                     return Err(PyValueError::new_err(format!(
                         "stage {:?} sends to unknown index {t}",
                         spec.name
                     )));
-                }
-                upstreams[t] += 1;
+                };
+                edges_in.push(index);
             }
         }
+        // A channel counts its upstream stages, not their edges to it.
+        let upstreams: Vec<usize> = senders
+            .iter()
+            .map(|edges_in| {
+                let mut stages = edges_in.clone();
+                stages.dedup();
+                stages.len()
+            })
+            .collect();
         let hands_back = hand_back_plan(&specs, free_threaded);
-        let on_senders_thread = on_senders_thread_plan(&specs);
+        let on_senders_thread = on_senders_thread_plan(&specs, &senders);
         let channels = specs
             .iter()
             .enumerate()
