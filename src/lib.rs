@@ -1,15 +1,16 @@
 //! minigun's Rust runtime, exposed to Python as `minigun._minigun`.
 //!
 //! One module per runtime concern: `channel` (bounded chunked queues), `emit` (outboxes
-//! and the per-thread emitter), `pool` (threads and semaphores), `item` (the item contract
-//! every worker keeps), `worker` (the loops that call user code on runtime threads),
-//! `inline` (inline stages, run on their sender's thread), `call` (one-argument calls
-//! without an argument tuple), `accumulate` (keyed batching), `stats` (counters and
-//! latency), `spec` (the typed stage spec the Python layer hands over), `scheduler` (a
-//! whole run), `shutdown` (the stop signal), `fork` (the fork gate, the parent's fds every
-//! child closes, reaping and terminating a process), `gil` (workers taking and giving up
-//! the GIL, handing it on without a sleep), `children` (a run's process budget and table
-//! of children, waiting on them) and `ipc` (length-prefixed frames on pipes).
+//! and the per-thread emitter), `pool` (runtime threads, parked between works, and a
+//! semaphore), `item` (the item contract every worker keeps), `worker` (the loops that
+//! call user code on runtime threads), `inline` (inline stages, run on their sender's
+//! thread), `call` (one-argument calls without an argument tuple), `accumulate` (keyed
+//! batching), `stats` (counters and latency), `spec` (the typed stage spec the Python
+//! layer hands over), `scheduler` (a whole run), `shutdown` (the stop signal), `fork`
+//! (the fork gate, the parent's fds every child closes, reaping and terminating a
+//! process), `gil` (workers taking and giving up the GIL, handing it on without a
+//! sleep), `children` (a run's process budget and table of children, waiting on them)
+//! and `ipc` (length-prefixed frames on pipes).
 
 pub mod accumulate;
 pub mod call;

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -14,7 +13,7 @@ use pyo3::types::PyDict;
 use crate::emit::{Channel, Edge, EmitterSlot, FlusherBell, Item, Outbox, Routes};
 use crate::gil;
 use crate::inline::InlineStage;
-use crate::pool::{join_all, refused_error, spawn_named};
+use crate::pool::{join_all, refused_error, spawn_named, WorkHandle};
 use crate::shutdown::Shutdown;
 pub use crate::spec::{CallMode, Kind, StageSpec};
 use crate::stats::StageStats;
@@ -273,7 +272,7 @@ impl StageShared {
 pub struct Runtime {
     run: Arc<RunShared>,
     stages: Vec<Arc<StageShared>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<WorkHandle>>,
     /// When the run was started (None: not yet).
     started: Mutex<Option<Instant>>,
     /// Whether the run's flusher has a thread of its own yet (see `wait_until`).

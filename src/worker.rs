@@ -6,7 +6,6 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -17,7 +16,7 @@ use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, EmitterSlot, Item};
 use crate::item::{end_worker, handle_failure, open_worker, process_one, Stop, WorkerCall};
-use crate::pool::{join_all, refused_error, spawn_named, Semaphore};
+use crate::pool::{join_all, refused_error, spawn_named, Semaphore, WorkHandle};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
 use crate::thread_state::{self, python_thread};
 
@@ -25,7 +24,7 @@ use crate::thread_state::{self, python_thread};
 /// of the stage's threads did not start, with the error.
 pub fn start_stage(
     stage: &Arc<StageShared>,
-    threads: &mut Vec<JoinHandle<()>>,
+    threads: &mut Vec<WorkHandle>,
 ) -> Result<(), (usize, std::io::Error)> {
     let body: fn(&Arc<StageShared>) = match stage.kind {
         Kind::Producer => |s| run_producer(s),
@@ -331,7 +330,7 @@ fn run_spawning(stage: &Arc<StageShared>) {
     let slots = Arc::new(Semaphore::new(limit));
     // This thread only hands items out: each spawned thread is a worker of its own.
     {
-        let mut children: Vec<JoinHandle<()>> = Vec::new();
+        let mut children: Vec<WorkHandle> = Vec::new();
         while let Some(items) = next_chunk(stage, &input) {
             stage.stats.add_in(items.len() as u64);
             for item in items {

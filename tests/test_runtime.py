@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from _mg_helpers import os_threads
 
 import minigun as mg
 
@@ -212,7 +213,7 @@ def test_a_callable_object_stage_is_called_the_way_python_calls_it(strategy, kin
 
 # -- timer slack (Linux) -------------------------------------------------------------------
 
-linux = pytest.mark.skipif(sys.platform != "linux", reason="timer slack is a Linux setting")
+linux = pytest.mark.skipif(sys.platform != "linux", reason="a Linux interface")
 
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 
@@ -253,3 +254,51 @@ def test_stage_code_sleeps_with_a_1_microsecond_timer_slack_and_the_caller_keeps
         assert _timer_slack_ns() == 70_000
     finally:
         libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(0), 0, 0, 0)  # 0: the default again
+
+
+_kept_by_the_worker = threading.local()
+
+
+def _run_recording_threads(seen: list[tuple[int, bool]]) -> None:
+    """One item through a producer and a consumer; each stage records its OS thread and
+    whether that thread's ``threading.local`` still held what an earlier worker kept."""
+
+    def record() -> None:
+        seen.append((threading.get_native_id(), hasattr(_kept_by_the_worker, "mark")))
+        _kept_by_the_worker.mark = True
+
+    def produce() -> list[int]:
+        record()
+        return [1]
+
+    p = mg.Pipeline("back to back")
+    p.producer(produce, name="source")
+    p.consumer(lambda _item: record(), name="sink")
+    p.run()
+
+
+def test_a_run_right_after_another_takes_its_threads_with_nothing_kept_from_it():
+    """A runtime thread whose work is done parks for a moment (20 ms), and the next run's
+    workers take the parked threads instead of starting new ones; what the earlier workers
+    kept in a ``threading.local`` was released with their work."""
+    first: list[tuple[int, bool]] = []
+    second: list[tuple[int, bool]] = []
+    _run_recording_threads(first)
+    _run_recording_threads(second)
+    assert {tid for tid, _ in second} == {tid for tid, _ in first}
+    assert [kept for _, kept in first + second] == [False] * 4
+
+
+@linux
+def test_the_threads_of_the_last_run_end_soon_after_it():
+    seen: list[int] = []
+    p = mg.Pipeline("last")
+    p.producer(lambda: range(40), name="source")
+    p.consumer(lambda _item: seen.append(threading.get_native_id()), threads=4, name="sink")
+    p.run()
+    workers = {str(tid) for tid in seen}
+    assert workers, "no item reached the sink"
+    deadline = time.monotonic() + 2
+    while workers & os_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not workers & os_threads(), "a runtime thread outlived its run by 2 s"
