@@ -5,8 +5,8 @@
 //!
 //! Why park them: on this project's VMs starting an OS thread and joining it costs about
 //! 20 µs of the starting thread's time and as much again of the thread's own, and a
-//! one-item run starts three (W5: a service that runs a pipeline per call paid 60 µs of
-//! its 0.5 ms per run for them). A thread whose work is done waits up to [`LINGER`] for
+//! one-item run starts three (W5, a service that runs a pipeline per call: 0.51 ms per
+//! run with a thread started per worker, 0.40 ms with parked threads). A thread whose work is done waits up to [`LINGER`] for
 //! more, then ends: a program that runs pipelines back to back starts its threads once,
 //! and a program whose last run has ended has no thread of minigun's a moment later.
 //!
@@ -22,8 +22,6 @@ use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-
-use crossbeam_channel::{Receiver, SendError, Sender};
 
 use crate::shutdown::Shutdown;
 
@@ -91,11 +89,19 @@ impl WorkHandle {
     }
 }
 
-/// The parked threads of one process, the latest parked last: each is the sending end of
-/// that thread's own work channel.
+/// Where a parked thread waits for its next work. Waiting on a condition variable puts
+/// the thread to sleep at once; a channel's receive first spins and yields, and a thread
+/// that parks on the core of the worker that woke it took turns with that worker.
+#[derive(Default)]
+struct Slot {
+    work: Mutex<Option<Work>>,
+    arrived: Condvar,
+}
+
+/// The parked threads of one process, the latest parked last.
 struct Parked {
     pid: u32,
-    threads: Mutex<Vec<Sender<Work>>>,
+    threads: Mutex<Vec<Arc<Slot>>>,
 }
 
 static PARKED: AtomicPtr<Parked> = AtomicPtr::new(ptr::null_mut());
@@ -134,31 +140,29 @@ fn parked() -> &'static Parked {
 /// the run's failure instead of a panic.
 pub fn spawn_named(name: String, f: impl FnOnce() + Send + 'static) -> std::io::Result<WorkHandle> {
     let done = Arc::new(Done::default());
-    let mut work = Work {
+    let work = Work {
         name,
         run: Box::new(f),
         done: done.clone(),
     };
     let taken = parked().threads.lock().unwrap().pop();
-    if let Some(thread) = taken {
-        match thread.send(work) {
-            Ok(()) => return Ok(WorkHandle { done }),
-            // That thread is gone (its work panicked): start one.
-            Err(SendError(returned)) => work = returned,
+    match taken {
+        Some(slot) => {
+            *slot.work.lock().unwrap() = Some(work);
+            slot.arrived.notify_one();
+        }
+        None => {
+            std::thread::Builder::new().spawn(move || serve(work))?;
         }
     }
-    let (inbox, me) = {
-        let (sender, receiver) = crossbeam_channel::bounded(1);
-        (receiver, sender)
-    };
-    std::thread::Builder::new().spawn(move || serve(work, &inbox, &me))?;
     Ok(WorkHandle { done })
 }
 
 /// A runtime thread's life: run its work, park, run the next work it is given, until
 /// none comes within [`LINGER`]. Work that panics ends the thread (its handle is set done).
-fn serve(first: Work, inbox: &Receiver<Work>, me: &Sender<Work>) {
+fn serve(first: Work) {
     tighten_timer_slack();
+    let slot = Arc::new(Slot::default());
     let mut work = first;
     loop {
         name_this_thread(&work.name);
@@ -166,9 +170,9 @@ fn serve(first: Work, inbox: &Receiver<Work>, me: &Sender<Work>) {
         (work.run)();
         // Parked before the work counts as done, so a run that starts right after the
         // one that waited for this work finds the thread parked.
-        let parked = park(me);
+        let parked = park(&slot);
         drop(done);
-        match parked.and_then(|()| next_work(inbox, me)) {
+        match parked.and_then(|()| next_work(&slot)) {
             Some(next) => work = next,
             None => return,
         }
@@ -176,25 +180,36 @@ fn serve(first: Work, inbox: &Receiver<Work>, me: &Sender<Work>) {
 }
 
 /// Offer this thread to the next `spawn_named`; None when enough threads wait already.
-fn park(me: &Sender<Work>) -> Option<()> {
+fn park(slot: &Arc<Slot>) -> Option<()> {
     let mut threads = parked().threads.lock().unwrap();
-    (threads.len() < MAX_PARKED).then(|| threads.push(me.clone()))
+    (threads.len() < MAX_PARKED).then(|| threads.push(slot.clone()))
 }
 
 /// The next work for this parked thread, or None when none came within [`LINGER`] (the
 /// thread is then no longer parked).
-fn next_work(inbox: &Receiver<Work>, me: &Sender<Work>) -> Option<Work> {
-    if let Ok(work) = inbox.recv_timeout(LINGER) {
+fn next_work(slot: &Arc<Slot>) -> Option<Work> {
+    let waited = slot.work.lock().unwrap();
+    let (mut work, _) = slot
+        .arrived
+        .wait_timeout_while(waited, LINGER, |work| work.is_none())
+        .unwrap();
+    if let Some(work) = work.take() {
         return Some(work);
     }
+    drop(work);
     let mut threads = parked().threads.lock().unwrap();
-    if let Some(i) = threads.iter().position(|thread| thread.same_channel(me)) {
+    if let Some(i) = threads.iter().position(|parked| Arc::ptr_eq(parked, slot)) {
         threads.remove(i);
         return None;
     }
     drop(threads);
     // Taken just as the wait ran out: its work is on the way.
-    inbox.recv().ok()
+    let waited = slot.work.lock().unwrap();
+    let mut work = slot
+        .arrived
+        .wait_while(waited, |work| work.is_none())
+        .unwrap();
+    work.take()
 }
 
 #[cfg(target_os = "linux")]
