@@ -895,3 +895,31 @@ def test_root_pipeline_is_a_pipeline():
             pass
 
     assert isinstance(Job.root_pipeline, mg.Pipeline)
+
+
+_FORMS = {
+    "plain": "def work(x):\n    return x * 2\n",
+    "generator": "def work(x):\n    yield x * 2\n",
+    "async": "async def work(x):\n    return x * 2\n",
+    "async generator": "async def work(x):\n    yield x * 2\n",
+}
+
+
+@pytest.mark.parametrize("dressing", ["bare", "with an attribute"])
+@pytest.mark.parametrize("form", _FORMS)
+def test_a_processor_runs_as_its_functions_form_says(form, dressing):
+    """A bare function's form is read off its code flags; one with attributes (which may
+    be a ``__wrapped__`` or a coroutine mark) is asked of ``inspect``: both run alike."""
+    scope: dict[str, object] = {}
+    exec(_FORMS[form], scope)
+    work = scope["work"]
+    if dressing == "with an attribute":
+        work.note = "kept"  # type: ignore[attr-defined]
+    out: list[int] = []
+    p = mg.Pipeline("forms")
+    p.producer(lambda: range(3), name="source")
+    p.processor(work, name="work")
+    p.consumer(out.append, name="sink")
+    result = p.run()
+    assert sorted(out) == [0, 2, 4]
+    assert result.stats["work"].strategy == ("async" if "async" in form else "threads")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context
-from .callables import called_function
+from .callables import ASYNC_FLAGS, called_function, plain_code_flags
 from .config import RetryPolicy
 from .graph import Node
 from .plan import StagePlan
@@ -59,6 +59,9 @@ _PEEK = 0.005
 
 
 def is_async(fn: Callable[..., Any] | None) -> bool:
+    flags = plain_code_flags(fn)
+    if flags is not None:
+        return bool(flags & ASYNC_FLAGS)
     fn = called_function(inspect.unwrap(fn)) if fn is not None else None
     return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
 

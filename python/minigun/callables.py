@@ -10,9 +10,13 @@ is for a function.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from types import FunctionType, MethodType
 from typing import Any
+
+#: The code flags that make a call of a function a coroutine or an async generator.
+ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def _class_call(fn: object) -> FunctionType | None:
@@ -40,3 +44,16 @@ def direct_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     either way. Anything else is returned as it is."""
     dunder = _class_call(fn)
     return fn if dunder is None else MethodType(dunder, fn)
+
+
+def plain_code_flags(fn: object) -> int | None:
+    """The code flags of ``fn`` where it is a plain function that nothing wraps or marks
+    (its ``__dict__`` is empty: no ``__wrapped__``, no coroutine mark), else None.
+
+    For such a function they say all that ``inspect.isgeneratorfunction``,
+    ``iscoroutinefunction`` and ``isasyncgenfunction`` would, after unwrapping it and
+    looking for a ``__call__``, in a tenth of the time: a pipeline built per call asks
+    for each of its stages."""
+    if type(fn) is FunctionType and not fn.__dict__:
+        return fn.__code__.co_flags
+    return None

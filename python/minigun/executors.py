@@ -9,6 +9,7 @@ A new strategy joins by writing its executor in a module of its own and naming i
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import cast
 
@@ -29,6 +30,7 @@ EXECUTORS: dict[str, tuple[str, str]] = {
 }
 
 
+@functools.cache
 def executor_for(strategy: str) -> Executor:
     """The executor of a canonical strategy name (``plan`` refused unavailable ones)."""
     module, name = EXECUTORS[strategy]

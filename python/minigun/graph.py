@@ -18,6 +18,7 @@ into a nested pipeline, and a bare name found in exactly one nested pipeline wor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -128,8 +129,13 @@ class Graph:
             local=node.local,
             downstream=tuple(self.nodes[d].path for d in node.downstream),
             declared=tuple(node.stage.to),
-            known=frozenset(self.by_path) | {n.local for n in self.nodes},
+            known=self._stage_names,
         ).error
+
+    @functools.cached_property
+    def _stage_names(self) -> frozenset[str]:
+        """Every name ``emit(to=...)`` could mean: each stage's path and local name."""
+        return frozenset(self.by_path) | {n.local for n in self.nodes}
 
     def nodes_in(self, scope: Scope) -> list[Node]:
         """The flat nodes of ``scope`` and of every pipeline nested in it."""

@@ -62,6 +62,9 @@ class HookSet:
         else:
             self._hooks.append(hook)
 
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
     def of(self, kind: str, stage: str | None = None) -> list[Hook]:
         return [h for h in self._hooks if h.kind == kind and h.stage == stage]
 
@@ -220,6 +223,8 @@ def for_node(node: Any, kind: str) -> list[Callable[..., Any]]:
     order they run: pipeline-wide hooks of every enclosing pipeline (outermost first),
     then those scoped to the stage or to a nested pipeline containing it."""
     lineage = node.scope.lineage()[::-1]
+    if not any(scope.hooks for scope in lineage):
+        return []  # the common case, checked for every stage of every run
     wide = [s.bind(h) for s in lineage for h in s.hooks.of(kind)]
     scoped = []
     for scope in lineage:

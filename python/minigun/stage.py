@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
 
 from . import strategies
-from .callables import called_function
+from .callables import ASYNC_FLAGS, called_function, plain_code_flags
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
 from .context import emit as _emit
 from .context import trigger as _trigger
@@ -137,7 +137,9 @@ class Stage:
         self.strategy = strategies.canonical(strategy, label) if strategy is not None else None
         if self.strategy is not None:
             strategies.check_available(self.strategy, label)
-        if self.is_async:
+        # A function stage's form is its function's (FunctionStage._set_body).
+        own_process = type(self).process is not Stage.process
+        if own_process and self.is_async:
             # ``async def process`` runs on the stage's event loop, as async functions do.
             if self.strategy not in (None, "async"):
                 raise DefinitionError(
@@ -146,7 +148,7 @@ class Stage:
                     "make process() a plain def"
                 )
             self.strategy = "async"
-        elif self.strategy == "async" and type(self).process is not Stage.process:
+        elif own_process and self.strategy == "async":
             raise DefinitionError(
                 f"stage {label!r} has strategy='async' but a plain def process(); define "
                 "process() with async def, or choose another strategy"
@@ -498,8 +500,13 @@ class FunctionStage(Stage):
         self.__dict__["__wrapped__"] = fn
         # The form is that of what a call runs: a callable object's __call__.
         called = called_function(fn)
-        asynchronous = inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called)
-        self._generator = inspect.isgeneratorfunction(inspect.unwrap(called))
+        flags = plain_code_flags(called)
+        if flags is not None:
+            asynchronous = bool(flags & ASYNC_FLAGS)
+            self._generator = bool(flags & inspect.CO_GENERATOR)
+        else:
+            asynchronous = inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called)
+            self._generator = inspect.isgeneratorfunction(inspect.unwrap(called))
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
                 raise DefinitionError(

@@ -49,7 +49,7 @@ class StageStats:
 
     @classmethod
     def from_runtime(cls, raw: dict[str, Any], info: StageInfo | None = None) -> StageStats:
-        values = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        values = {k: raw[k] for k in _FIELDS if k in raw}
         if info is not None:
             values.update(
                 kind=info.kind,
@@ -65,11 +65,20 @@ class StageStats:
                 values["busy_fraction"] = min(1.0, busy / (active * info.threads))
             else:
                 values["busy_fraction"] = 0.0
-        return cls(**values)
+        # What ``cls(**values)`` makes, without the frozen ``__init__`` setting each field
+        # through ``object.__setattr__`` (a third of the time here): a run's stats are made
+        # for every stage at its end, and a pipeline built per call pays for it each call.
+        stats = object.__new__(cls)
+        stats.__dict__.update(_DEFAULTS, **values)
+        return stats
 
     @property
     def is_producer(self) -> bool:
         return self.kind == PRODUCER
+
+
+_FIELDS = tuple(StageStats.__dataclass_fields__)
+_DEFAULTS = {name: f.default for name, f in StageStats.__dataclass_fields__.items()}
 
 
 class StageInfo(NamedTuple):
