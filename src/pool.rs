@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::shutdown::Shutdown;
 
 /// How long a thread whose work is done waits for more before it ends.
-pub const LINGER: Duration = Duration::from_millis(20);
+pub const LINGER: Duration = Duration::from_millis(5);
 /// The most threads parked at once: a thread done while this many wait ends at once
 /// (a `spawn_thread` stage may have run hundreds).
 const MAX_PARKED: usize = 64;

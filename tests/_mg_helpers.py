@@ -203,9 +203,11 @@ class LeftBehind:
         """Fail unless everything that appeared since the snapshot is gone within
         ``settle`` seconds (threads and children take a moment to end; fds are closed by
         then, by the run or by its ending threads, so they get no grace of their own)."""
+        # Polled often: a runtime thread parks for 5 ms after its work before it ends.
         wait_until(
             lambda: not (os_threads() - self.threads) and not (child_processes() - self.children),
             timeout=settle,
+            interval=0.002,
         )
         if wait_until(lambda: not self.new(), timeout=0.05):
             return

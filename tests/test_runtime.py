@@ -278,7 +278,7 @@ def _run_recording_threads(seen: list[tuple[int, bool]]) -> None:
 
 
 def test_a_run_right_after_another_takes_its_threads_with_nothing_kept_from_it():
-    """A runtime thread whose work is done parks for a moment (20 ms), and the next run's
+    """A runtime thread whose work is done parks for a moment (5 ms), and the next run's
     workers take the parked threads instead of starting new ones; what the earlier workers
     kept in a ``threading.local`` was released with their work."""
     first: list[tuple[int, bool]] = []
