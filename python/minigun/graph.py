@@ -282,30 +282,82 @@ def _member_edges(root: Scope) -> _Edges:
                     f"producer {label!r} declares from_=, but producers cannot receive items"
                 )
 
-    def takes_implicit_input(scope: Scope, name: str) -> bool:
-        # A producer never does; a nested pipeline does when one of its stages would take
-        # implicit input and nothing inside feeds it (its inner edges are known by then).
-        stage = scope.members[name]
-        if stage.kind == PRODUCER:
-            return False
-        if stage.kind != PIPELINE:
-            return True
-        child = scope.children[name]
-        return any(
-            takes_implicit_input(child, sub) and edges.key((child, sub)) not in edges.into
-            for sub in child.members
-        )
-
     # Innermost pipelines first, so a pipeline's own edges decide whether it takes input.
     for scope in reversed(scopes):
         names = list(scope.members)
         for i, name in enumerate(names):
             if scope.members[name].to:
                 continue
-            following = [n for n in names[i + 1 :] if takes_implicit_input(scope, n)]
+            following = [n for n in names[i + 1 :] if _takes_implicit_input(edges, scope, n)]
             if following and (id(scope), following[0]) not in explicitly_fed:
                 edges.add((scope, name), (scope, following[0]))
     return edges
+
+
+def _takes_implicit_input(edges: _Edges, scope: Scope, name: str) -> bool:
+    """Whether member ``name`` of ``scope`` takes the items of the member before it. A
+    producer never does; a nested pipeline does when one of its stages would and nothing
+    inside feeds it (its inner edges are known by then)."""
+    stage = scope.members[name]
+    if stage.kind == PRODUCER:
+        return False
+    if stage.kind != PIPELINE:
+        return True
+    child = scope.children[name]
+    return any(
+        _takes_implicit_input(edges, child, sub) and edges.key((child, sub)) not in edges.into
+        for sub in child.members
+    )
+
+
+class _FlatNodes:
+    """The stages of a scope tree as flat nodes, and which of them each member (a stage,
+    or a nested pipeline) receives items with and sends them from.
+
+    Methods, not functions nested in ``compile_graph``: a nested function that calls
+    itself is a reference cycle, left for the garbage collector with everything it
+    reaches (a pipeline built per call made the collector run every seventh call)."""
+
+    def __init__(self, root: Scope, edges: _Edges) -> None:
+        self.edges = edges
+        self.nodes: list[Node] = []
+        self._index: dict[tuple[int, str], int] = {}
+        self._add(root)
+
+    def _add(self, scope: Scope) -> None:
+        for name, stage in scope.members.items():
+            if stage.kind == PIPELINE:
+                self._add(scope.children[name])
+            else:
+                node = Node(len(self.nodes), scope.qualified(name), name, stage, scope)
+                self.nodes.append(node)
+                self._index[(id(scope), name)] = node.index
+
+    def entries(self, ref: Ref) -> list[int]:
+        """The nodes that take what is sent to member ``ref``."""
+        scope, name = ref
+        if scope.members[name].kind != PIPELINE:
+            return [self._index[(id(scope), name)]]
+        child = scope.children[name]
+        return [
+            i
+            for sub, stage in child.members.items()
+            if stage.kind != PRODUCER and (id(child), sub) not in self.edges.into
+            for i in self.entries((child, sub))
+        ]
+
+    def exits(self, ref: Ref) -> list[int]:
+        """The nodes whose items member ``ref`` sends on."""
+        scope, name = ref
+        if scope.members[name].kind != PIPELINE:
+            return [self._index[(id(scope), name)]]
+        child = scope.children[name]
+        return [
+            i
+            for sub in child.members
+            if (id(child), sub) not in self.edges.out
+            for i in self.exits((child, sub))
+        ]
 
 
 def compile_graph(pipeline: Any, owner: Any, overrides: dict[str, Any] | None = None) -> Graph:
@@ -313,54 +365,18 @@ def compile_graph(pipeline: Any, owner: Any, overrides: dict[str, Any] | None = 
     root = build_scope(pipeline, owner, None, "", overrides)
     edges = _member_edges(root)
 
-    nodes: list[Node] = []
-    flat: dict[tuple[int, str], list[int]] = {}
-
-    def add_nodes(scope: Scope) -> None:
-        for name, stage in scope.members.items():
-            if stage.kind == PIPELINE:
-                add_nodes(scope.children[name])
-            else:
-                node = Node(len(nodes), scope.qualified(name), name, stage, scope)
-                nodes.append(node)
-                flat[(id(scope), name)] = [node.index]
-
-    add_nodes(root)
-
-    def entries(ref: Ref) -> list[int]:
-        scope, name = ref
-        stage = scope.members[name]
-        if stage.kind != PIPELINE:
-            return flat[(id(scope), name)]
-        child = scope.children[name]
-        out = []
-        for sub, s in child.members.items():
-            if s.kind != PRODUCER and (id(child), sub) not in edges.into:
-                out.extend(entries((child, sub)))
-        return out
-
-    def exits(ref: Ref) -> list[int]:
-        scope, name = ref
-        stage = scope.members[name]
-        if stage.kind != PIPELINE:
-            return flat[(id(scope), name)]
-        child = scope.children[name]
-        return [
-            i
-            for sub in child.members
-            if (id(child), sub) not in edges.out
-            for i in exits((child, sub))
-        ]
+    flat = _FlatNodes(root, edges)
+    nodes = flat.nodes
 
     for src, dst in edges.pairs:
-        targets = entries(dst)
+        targets = flat.entries(dst)
         if not targets:
             raise DefinitionError(
                 f"{dst[0].qualified(dst[1])!r} receives items from "
                 f"{src[0].qualified(src[1])!r}, but none of its stages can take them"
             )
         accepted = {dst[1], dst[0].qualified(dst[1])}
-        for s in exits(src):
+        for s in flat.exits(src):
             node = nodes[s]
             for d in targets:
                 if d not in node.downstream:
@@ -380,27 +396,26 @@ def compile_graph(pipeline: Any, owner: Any, overrides: dict[str, Any] | None = 
 
 def _check_cycles(graph: Graph) -> None:
     state = [0] * len(graph.nodes)  # 0 new, 1 on the stack, 2 done
-
-    def visit(i: int, trail: list[int]) -> None:
-        state[i] = 1
-        trail.append(i)
-        for j in graph.nodes[i].downstream:
-            if state[j] == 1:
-                loop = [graph.nodes[k].path for k in trail[trail.index(j) :]] + [
-                    graph.nodes[j].path
-                ]
-                raise DefinitionError(
-                    f"the pipeline has a cycle: {' -> '.join(loop)}; items may only flow "
-                    "forward, so remove one of these edges"
-                )
-            if state[j] == 0:
-                visit(j, trail)
-        trail.pop()
-        state[i] = 2
-
     for i in range(len(graph.nodes)):
         if state[i] == 0:
-            visit(i, [])
+            _visit(graph, state, i, [])
+
+
+def _visit(graph: Graph, state: list[int], i: int, trail: list[int]) -> None:
+    """Depth first from node ``i``; DefinitionError at an edge back into ``trail``."""
+    state[i] = 1
+    trail.append(i)
+    for j in graph.nodes[i].downstream:
+        if state[j] == 1:
+            loop = [graph.nodes[k].path for k in trail[trail.index(j) :]] + [graph.nodes[j].path]
+            raise DefinitionError(
+                f"the pipeline has a cycle: {' -> '.join(loop)}; items may only flow "
+                "forward, so remove one of these edges"
+            )
+        if state[j] == 0:
+            _visit(graph, state, j, trail)
+    trail.pop()
+    state[i] = 2
 
 
 def _check_reachable(graph: Graph) -> None:

@@ -52,7 +52,7 @@ class Run:
         self._progress: ProgressView | None = None
         self._graph: Graph = compile_graph(pipeline, owner, options)
         self._plans = plan_stages(self._graph, CapWarnings())
-        self._hooks = RunHooks(self._graph, self)
+        self._hooks = RunHooks(self._graph)
         self._infos: dict[str, StageInfo] = {}
         self._specs = [self._spec(node) for node in self._graph.nodes]
         self._runtime = ext.Runtime(self._specs)
@@ -106,8 +106,10 @@ class Run:
         }
 
     def _failure_handler(self, node: Node) -> Callable[[BaseException, Any, str], bool]:
+        hooks = self._hooks  # not self: the runtime, which self keeps, keeps this handler
+
         def on_failure(error: BaseException, item: Any, _stage: str) -> bool:
-            return self._hooks.offer_failure(node, error, item)
+            return hooks.offer_failure(node, error, item)
 
         return on_failure
 
@@ -163,7 +165,7 @@ class Run:
         self._started_at = time.perf_counter()
         context.register_run(self)
         try:
-            self._hooks.before()
+            self._hooks.before(self)
         except Exception as exc:
             self._hooks.error = (None, exc)
             self._runtime.cancel()
@@ -179,7 +181,7 @@ class Run:
             self._progress = ProgressView(lambda: self.stats, lambda: self._totals, stream).start()
 
     def _after_finished_stages(self) -> None:
-        self._hooks.after_finished_stages(self._runtime.cancel)
+        self._hooks.after_finished_stages(self, self._runtime.cancel)
 
     def run(self) -> RunResult:
         if not self._hooks.can_start():
@@ -257,7 +259,7 @@ class Run:
             finish_run(self)
             self._after_finished_stages()
             failure = self._runtime.failure()
-            self._hooks.after_run(stage_failed=failure is not None)
+            self._hooks.after_run(self, stage_failed=failure is not None)
             stats = self.stats
             duration = time.perf_counter() - self._started_at
             if failure is not None:

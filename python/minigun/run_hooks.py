@@ -26,11 +26,15 @@ HookError = tuple[str | None, BaseException]
 
 
 class RunHooks:
-    """The parent-side hooks of one run of ``graph``."""
+    """The parent-side hooks of one run of ``graph``.
 
-    def __init__(self, graph: Graph, run: context.Run) -> None:
+    The run is passed to each method that runs hooks (they run marked as the run's, so
+    ``mg.trigger`` in them reaches it), not kept: the runtime keeps callbacks into this
+    object, and the run keeps the runtime, so keeping the run would make a reference
+    cycle, left for the garbage collector."""
+
+    def __init__(self, graph: Graph) -> None:
         self._graph = graph
-        self._run = run
         #: The first hook that failed; the run reports it unless a stage failed first.
         self.error: HookError | None = None
         self._scope_left = {id(s): len(graph.nodes_in(s)) for s in graph.scopes()}
@@ -58,15 +62,15 @@ class RunHooks:
             return True
         return any(s.hooks.of(_hooks.BEFORE_RUN) for s in graph.scopes())
 
-    def before(self) -> None:
+    def before(self, run: context.Run) -> None:
         """Every pipeline's ``before_run``, then its ``before("stage")`` hooks, outermost
         pipeline first. Raises what a hook raised."""
         for scope in self._graph.scopes():
             for hook in scope.hooks.of(_hooks.BEFORE_RUN):
-                self._call(scope, hook)
+                _call(run, scope, hook)
             for name in scope.members:
                 for hook in scope.hooks.of(_hooks.BEFORE, name):
-                    self._call(scope, hook)
+                    _call(run, scope, hook)
 
     # -- while it runs ----------------------------------------------------------------
 
@@ -86,7 +90,7 @@ class RunHooks:
         ``after`` hooks for the thread that drives the run."""
         self._finished_stages.put(node)
 
-    def after_finished_stages(self, stop: Callable[[], None]) -> None:
+    def after_finished_stages(self, run: context.Run, stop: Callable[[], None]) -> None:
         """Run the ``after`` hooks of the stages that finished since the last call; a
         failing hook is recorded and ``stop`` stops the run."""
         while True:
@@ -95,27 +99,27 @@ class RunHooks:
             except queue.Empty:
                 return
             try:
-                self._after_stage(node)
+                self._after_stage(run, node)
             except Exception as exc:  # noqa: BLE001 - reported as the run's failure
                 self._record(node.path, exc)
                 stop()
 
     # -- after it ---------------------------------------------------------------------
 
-    def after_run(self, stage_failed: bool) -> None:
+    def after_run(self, run: context.Run, stage_failed: bool) -> None:
         """The run ended: close the nested pipelines that did not finish (a cancelled or
         failed run), then run the root's ``after_run`` hooks. A failing hook is recorded
         unless a stage failed first."""
         for scope in self._graph.scopes()[1:]:
             try:
-                self._close_scope(scope)
+                self._close_scope(run, scope)
             except Exception as exc:  # noqa: BLE001 - reported as the run's failure
                 if not stage_failed:
                     self._record(scope.path, exc)
         root = self._graph.root
         for hook in root.hooks.of(_hooks.AFTER_RUN):
             try:
-                self._call(root, hook)
+                _call(run, root, hook)
             except Exception as exc:  # noqa: BLE001
                 if not stage_failed:
                     self._record(None, exc)
@@ -126,13 +130,9 @@ class RunHooks:
         if self.error is None:
             self.error = (where, exc)
 
-    def _call(self, scope: Scope, hook: _hooks.Hook) -> None:
-        with context.running_hooks_of(self._run):
-            scope.bind(hook)()
-
-    def _after_stage(self, node: Node) -> None:
+    def _after_stage(self, run: context.Run, node: Node) -> None:
         for hook in node.scope.hooks.of(_hooks.AFTER, node.local):
-            self._call(node.scope, hook)
+            _call(run, node.scope, hook)
         # A nested pipeline finishes with its last stage: its after hooks run then.
         for scope in node.scope.lineage():
             if scope.parent is None:
@@ -141,9 +141,9 @@ class RunHooks:
                 self._scope_left[id(scope)] -= 1
                 finished = self._scope_left[id(scope)] == 0
             if finished:
-                self._close_scope(scope)
+                self._close_scope(run, scope)
 
-    def _close_scope(self, scope: Scope) -> None:
+    def _close_scope(self, run: context.Run, scope: Scope) -> None:
         with self._scope_lock:
             if id(scope) in self._scopes_closed:
                 return
@@ -152,6 +152,11 @@ class RunHooks:
         assert parent is not None, "the root pipeline is closed by after_run"
         local = scope.path.rsplit(".", 1)[-1]
         for hook in scope.hooks.of(_hooks.AFTER_RUN):
-            self._call(scope, hook)
+            _call(run, scope, hook)
         for hook in parent.hooks.of(_hooks.AFTER, local):
-            self._call(parent, hook)
+            _call(run, parent, hook)
+
+
+def _call(run: context.Run, scope: Scope, hook: _hooks.Hook) -> None:
+    with context.running_hooks_of(run):
+        scope.bind(hook)()
