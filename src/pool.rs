@@ -173,17 +173,24 @@ fn serve(first: Work) {
         // one that waited for this work finds the thread parked.
         let parked = park(&slot);
         drop(done);
-        match parked.and_then(|()| next_work(&slot)) {
+        if !parked {
+            return;
+        }
+        match next_work(&slot) {
             Some(next) => work = next,
             None => return,
         }
     }
 }
 
-/// Offer this thread to the next `spawn_named`; None when enough threads wait already.
-fn park(slot: &Arc<Slot>) -> Option<()> {
+/// Offer this thread to the next `spawn_named`; false when enough threads wait already.
+fn park(slot: &Arc<Slot>) -> bool {
     let mut threads = parked().threads.lock().unwrap();
-    (threads.len() < MAX_PARKED).then(|| threads.push(slot.clone()))
+    if threads.len() >= MAX_PARKED {
+        return false;
+    }
+    threads.push(slot.clone());
+    true
 }
 
 /// The next work for this parked thread, or None when none came within [`LINGER`] (the
