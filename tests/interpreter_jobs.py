@@ -49,11 +49,11 @@ class Snapshot(mg.Task):
     @mg.before_worker(stage="work")
     def connect(self):
         self.connection = f"connection in interpreter {_interpreter_id()}"
-        _append(self.folder, "before_worker", self.connection)
+        _log_hook(self.folder, "open", self.connection)
 
     @mg.after_worker(stage="work")
     def disconnect(self):
-        _append(self.folder, "after_worker", self.connection)
+        _log_hook(self.folder, "close", self.connection)
 
     @mg.processor(strategy="interpreters", interpreters=2)
     def work(self, x):
@@ -163,9 +163,11 @@ def _interpreter_id() -> int:
     return int(_interpreters.get_current()[0]) if _interpreters is not None else 0
 
 
-def _append(folder: str, name: str, line: str) -> None:
-    with open(os.path.join(folder, name), "a") as f:
-        f.write(line + "\n")
+def _log_hook(folder: str, event: str, connection: str) -> None:
+    """One line per hook call, in the order they ran: a short append is one ``write``,
+    so two subinterpreters' lines never interleave."""
+    with open(os.path.join(folder, "worker_hooks"), "a") as f:
+        f.write(f"{event} {connection}\n")
 
 
 def misroute(item):
