@@ -100,7 +100,9 @@ class TestOnRay:
         p.on_error(mg.WorkerError)(lambda error, item, stage: failed.append((item, str(error))))
         began = time.monotonic()
         assert p.run().status == "ok"
-        assert time.monotonic() - began < 4, "a dead actor is noticed at once, not waited for"
+        # The bound leaves room for starting two actors on a loaded machine (one run took
+        # 5 s in CI; 1.5 s is usual); a run that waited for the killed item takes 60 s.
+        assert time.monotonic() - began < 20, "a dead actor is noticed at once, not waited for"
         lost = [item for item, _ in failed]
         assert 3 in lost and "Ray actor" in failed[0][1]
         assert sorted(got + lost) == list(range(8)), "every item once: done, or failed"
