@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from benchmarks.workload import (
     Workload,
     minigun_impl,
     minigun_on_ray,
+    round_by_round,
     start_ray,
 )
 
@@ -282,11 +284,23 @@ def _ideal(params: Params, best: Mapping[str, float]) -> float | None:
 
 
 def _notes(params: Params, results: Mapping[str, Measurement]) -> list[str]:
-    return [
+    notes = [
         f"{params['loops']:,} loop iterations per item (~{params['ms']:g} ms here),"
         f" {params['cpus']} worker(s); ideal = serial / {params['cpus']}"
         " (measured by the 'serial' row)"
     ]
+    # The process strategies sit within a few percent of multiprocessing.Pool, less than
+    # this machine's speed drifts between rounds: the ratios of each round say more.
+    pool = results["multiprocessing.Pool.imap"]
+    for subject in ("minigun spawn_fork", "minigun fork_ipc"):
+        ratios = round_by_round(results[subject], pool)
+        if ratios:
+            notes.append(
+                f"{subject} against multiprocessing.Pool.imap, round by round: median"
+                f" {statistics.median(ratios):.2f}x ({ratios[0]:.2f}x to {ratios[-1]:.2f}x"
+                f" over {len(ratios)} round(s))"
+            )
+    return notes
 
 
 WORKLOADS = (

@@ -100,6 +100,16 @@ class Measurement:
         return min(self.runs) if self.runs else None
 
 
+def round_by_round(subject: Measurement, baseline: Measurement) -> list[float]:
+    """The subject's speed-up over the baseline in each round (the baseline's time over the
+    subject's), sorted. The runner alternates implementations within a round, so the two
+    times of a round were taken minutes closer together than two best-of times may be:
+    on a shared machine whose speed drifts, these ratios spread less."""
+    if subject.status != OK or baseline.status != OK:
+        return []
+    return sorted(b / s for s, b in zip(subject.runs, baseline.runs, strict=False))
+
+
 def minigun_impl(name: str, run: Callable[[Params], int], processes: bool = False) -> Impl:
     """A minigun implementation: it imports minigun inside ``run`` (so that no baseline's
     peak RSS includes minigun), and its process imports it before the clock starts."""
