@@ -103,8 +103,9 @@ class Measurement:
 def round_by_round(subject: Measurement, baseline: Measurement) -> list[float]:
     """The subject's speed-up over the baseline in each round (the baseline's time over the
     subject's), sorted. The runner alternates implementations within a round, so the two
-    times of a round were taken minutes closer together than two best-of times may be:
-    on a shared machine whose speed drifts, these ratios spread less."""
+    times of a round were taken at most a round apart, where the two best times may come
+    from the first round and the last: on a shared machine whose speed drifts, a round's
+    ratio compares like with like."""
     if subject.status != OK or baseline.status != OK:
         return []
     return sorted(b / s for s, b in zip(subject.runs, baseline.runs, strict=False))
