@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 import threading
 import time
@@ -132,6 +133,48 @@ def test_an_item_does_not_wait_in_a_buffer_while_the_producer_blocks():
     p.consumer(sink)
     p.run()
     assert got == ["first", "second"]
+
+
+def _flusher_wakeups() -> int:
+    """Voluntary context switches of the threads named as the run's flusher, so far."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                if comm.read().strip() != "minigun-flusher":
+                    continue
+            with open(f"/proc/self/task/{tid}/status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue  # the thread ended meanwhile
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_around_a_slow_stage_the_flusher_sleeps_between_items():
+    """Each item of a producer that takes 30 ms per item waits in its buffer for the
+    flusher, which then dozes until the next: a handful of wake-ups per item (the bell, a
+    look or two until the item is 1 ms old, two empty looks), not a look every 0.5 ms all
+    along (60 per item), nor twenty empty looks before each doze (about 25)."""
+    counts = []
+
+    def gen():
+        for i in range(12):
+            time.sleep(0.03)
+            yield i
+
+    def sink(i):
+        if i in (1, 11):
+            counts.append(_flusher_wakeups())
+
+    p = mg.Pipeline("slow producer")
+    p.producer(gen, name="gen")
+    p.consumer(sink, name="sink")
+    p.run()
+    per_item = (counts[1] - counts[0]) / 10
+    assert 0 < per_item < 12, per_item
 
 
 def _sleeps(x: int) -> int:
