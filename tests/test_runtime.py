@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ import minigun as mg
 free_threaded = pytest.mark.skipif(
     getattr(sys, "_is_gil_enabled", lambda: True)(), reason="needs a free-threaded CPython"
 )
+linux = pytest.mark.skipif(sys.platform != "linux", reason="a Linux interface")
 
 
 @free_threaded
@@ -138,7 +138,7 @@ def test_an_item_does_not_wait_in_a_buffer_while_the_producer_blocks():
 def _flusher_wakeups() -> int:
     """Voluntary context switches of the threads named as the run's flusher, so far."""
     total = 0
-    for tid in os.listdir("/proc/self/task"):
+    for tid in os_threads():
         try:
             with open(f"/proc/self/task/{tid}/comm") as comm:
                 if comm.read().strip() != "minigun-flusher":
@@ -152,7 +152,7 @@ def _flusher_wakeups() -> int:
     return total
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@linux
 def test_around_a_slow_stage_the_flusher_sleeps_between_items():
     """Each item of a producer that takes 30 ms per item waits in its buffer for the
     flusher, which then dozes until the next: a handful of wake-ups per item (the bell, a
@@ -258,8 +258,6 @@ def test_a_callable_object_stage_is_called_the_way_python_calls_it(strategy, kin
 
 # -- timer slack (Linux) -------------------------------------------------------------------
 
-linux = pytest.mark.skipif(sys.platform != "linux", reason="a Linux interface")
-
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 
 
@@ -324,6 +322,7 @@ def _run_recording_threads(seen: list[tuple[int, bool, float]]) -> None:
     p.run()
 
 
+@linux
 def test_a_run_right_after_another_takes_its_threads_with_nothing_kept_from_it():
     """A runtime thread whose work is done parks for 5 ms, and the next run's workers
     take the parked threads instead of starting new ones; what the earlier workers kept
