@@ -2,7 +2,9 @@
 accumulators, builder hooks with plain functions, mg.emit / mg.trigger, config=."""
 
 import collections
+import functools
 import gc
+import inspect
 import threading
 import time
 
@@ -64,6 +66,55 @@ def test_builder_consumer_accepts_a_builtin(capsys):
     p.consumer(print)
     p.run()
     assert capsys.readouterr().out.split() == ["hello", "world"]
+
+
+def test_bound_methods_and_marked_functions_run_in_the_form_of_what_a_call_runs():
+    """A stage's form (plain, generator, async) is read off the function a call runs: a
+    bound method's function, a coroutine mark's (3.12+), a ``functools.wraps`` chain's end."""
+
+    class Source:
+        def numbers(self):
+            yield from range(3)
+
+        def both_signs(self, x):
+            yield x
+            yield -x
+
+        async def doubled(self, x):
+            return 2 * x
+
+        def plus_one(self, x):
+            return x + 1
+
+    def awaiting(x):  # a plain def whose calls return an awaitable
+        return Source().doubled(x)
+
+    if hasattr(inspect, "markcoroutinefunction"):
+        awaiting = inspect.markcoroutinefunction(awaiting)
+    else:  # before 3.12 only an async def is async
+        awaiting = Source().doubled
+
+    source, out = Source(), Collector()
+
+    @functools.wraps(source.both_signs)
+    def wrapped_generator(x):
+        return source.both_signs(x)
+
+    p = mg.Pipeline("forms")
+    p.producer(source.numbers, name="numbers")
+    p.processor(source.both_signs, name="both_signs")
+    p.processor(wrapped_generator, name="wrapped")
+    p.processor(source.doubled, name="doubled")
+    p.processor(awaiting, name="awaiting")
+    p.processor(source.plus_one, name="plus_one")
+    p.consumer(out.add, name="sink")
+    result = p.run()
+    assert result.status == "ok"
+    assert out.counter() == collections.Counter(
+        4 * x * sign * sign2 + 1 for x in range(3) for sign in (1, -1) for sign2 in (1, -1)
+    )
+    assert result.stats["doubled"].strategy == result.stats["awaiting"].strategy == "async"
+    assert result.stats["plus_one"].strategy == "threads"
 
 
 # Builtins of every kind whose parameters come from a text signature: functions, bound and

@@ -87,6 +87,8 @@ LOADED_ON_FIRST_USE = [
     "minigun.interpreters",
     "minigun.ray_executor",
     "asyncio",
+    "inspect",
+    "dataclasses",
     "logging",
     "pickle",
     "random",
@@ -118,6 +120,50 @@ def test_import_minigun_leaves_executors_and_heavy_modules_to_their_first_use():
     assert at_import == [], f"import minigun loaded {at_import}"
     # The check sees a module once it is loaded: a fork_ipc run loads its executor.
     assert "minigun.fork_ipc" in after_a_fork_run
+
+
+def test_a_task_of_plain_methods_runs_without_inspect_or_dataclasses():
+    # Together a fifth of ``import minigun`` on 3.11: a stage that is a plain function or a
+    # method has its form and parameters read off its code object instead.
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import minigun as mg
+
+        class Evens(mg.Stage):
+            def process(self, x):
+                if x % 2 == 0:
+                    yield x
+
+        class Job(mg.Task):
+            @mg.producer
+            def numbers(self, start=0):
+                yield from range(start, start + 10)
+
+            evens = Evens()
+
+            @mg.accumulator(max_size=2)
+            def pairs(self, batch):
+                yield sum(batch)
+
+            @mg.processor(threads=2)
+            def double(self, x, *, factor=2):
+                return x * factor
+
+            @mg.consumer
+            def sink(self, x):
+                pass
+
+        result = Job().run()
+        assert result.status == "ok" and result.stats["sink"].items_in == 3, result.summary()
+        print(json.dumps([m for m in ("inspect", "dataclasses") if m in sys.modules]))
+        """
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def test_the_first_threads_run_of_a_process_loads_no_module():

@@ -15,14 +15,17 @@ step by step on a loop of their own, in their worker thread.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context
-from .callables import ASYNC_FLAGS, called_function, plain_code_flags
+from .callables import (
+    called_function,
+    is_async_function,
+    is_async_generator_function,
+    unwrapped,
+)
 from .config import RetryPolicy
 from .graph import Node
 from .plan import StagePlan
@@ -31,22 +34,7 @@ from .work import Run, StageCode, Work
 if TYPE_CHECKING:
     import asyncio
 else:
-
-    class _ImportedOnFirstUse:
-        """A module imported when first used. asyncio costs about a quarter of
-        ``import minigun`` (it loads ssl), which most jobs, having no async stage, would
-        pay for nothing."""
-
-        def __init__(self, name: str) -> None:
-            self._name = name
-            self._module: Any = None
-
-        def __getattr__(self, attr: str) -> Any:
-            if self._module is None:
-                self._module = importlib.import_module(self._name)
-            return getattr(self._module, attr)
-
-    asyncio = _ImportedOnFirstUse("asyncio")
+    from .lazy_import import asyncio
 
 #: What a chunk call returns: retries made, the items that failed with their exception,
 #: and each item's latency (see minigun.work).
@@ -59,16 +47,13 @@ _PEEK = 0.005
 
 
 def is_async(fn: Callable[..., Any] | None) -> bool:
-    flags = plain_code_flags(fn)
-    if flags is not None:
-        return bool(flags & ASYNC_FLAGS)
-    fn = called_function(inspect.unwrap(fn)) if fn is not None else None
-    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+    """Whether what a call of ``fn`` runs (through wrappers and ``__call__``) is ``async``."""
+    return fn is not None and is_async_function(called_function(unwrapped(fn)))
 
 
 def _is_async_generator(fn: Callable[..., Any]) -> bool:
     """Whether a call of ``fn`` makes an async generator (rather than a coroutine)."""
-    return inspect.isasyncgenfunction(called_function(inspect.unwrap(fn)))
+    return is_async_generator_function(called_function(unwrapped(fn)))
 
 
 async def _body(fn: Callable[..., Any], generates: bool, item: Any) -> None:

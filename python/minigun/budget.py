@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import log
 
 
-@dataclass(frozen=True)
-class WorkerKind:
+class WorkerKind(NamedTuple):
     """One kind of budgeted worker: the limit that bounds it and the strategies using it."""
 
     #: The pipeline setting that bounds the workers alive at once in a scope.

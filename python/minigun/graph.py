@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import config as _config
@@ -32,18 +31,26 @@ from .stage import NestedStage, Stage
 Ref = tuple["Scope", str]
 
 
-@dataclass(eq=False)
 class Scope:
     """One pipeline of the tree, with the Task instance its stages see as ``self``."""
 
-    pipeline: Any
-    owner: Any
-    path: str
-    parent: Scope | None
-    settings: dict[str, Any]
-    hooks: HookSet
-    members: dict[str, Stage] = field(default_factory=dict)
-    children: dict[str, Scope] = field(default_factory=dict)
+    def __init__(
+        self,
+        pipeline: Any,
+        owner: Any,
+        path: str,
+        parent: Scope | None,
+        settings: dict[str, Any],
+        hooks: HookSet,
+    ) -> None:
+        self.pipeline = pipeline
+        self.owner = owner
+        self.path = path
+        self.parent = parent
+        self.settings = settings
+        self.hooks = hooks
+        self.members: dict[str, Stage] = {}
+        self.children: dict[str, Scope] = {}
 
     def qualified(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -72,19 +79,22 @@ class Scope:
         return out
 
 
-@dataclass(eq=False)
 class Node:
     """One stage of the flat graph."""
 
-    index: int
-    path: str
-    local: str
-    stage: Stage
-    scope: Scope
-    downstream: list[int] = field(default_factory=list)
-    upstream: list[int] = field(default_factory=list)
-    #: ``emit(to=name)``: each accepted name and the downstream positions it reaches.
-    route_names: dict[str, list[int]] = field(default_factory=dict)
+    def __init__(self, index: int, path: str, local: str, stage: Stage, scope: Scope) -> None:
+        self.index = index
+        self.path = path
+        self.local = local
+        self.stage = stage
+        self.scope = scope
+        self.downstream: list[int] = []
+        self.upstream: list[int] = []
+        #: ``emit(to=name)``: each accepted name and the downstream positions it reaches.
+        self.route_names: dict[str, list[int]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Node {self.index} {self.path!r}>"
 
 
 class MisroutedEmit(NamedTuple):
@@ -113,11 +123,13 @@ class MisroutedEmit(NamedTuple):
         )
 
 
-@dataclass(eq=False)
 class Graph:
-    root: Scope
-    nodes: list[Node]
-    by_path: dict[str, Node]
+    """The flat graph of a pipeline tree: its stages as nodes, in definition order."""
+
+    def __init__(self, root: Scope, nodes: list[Node], by_path: dict[str, Node]) -> None:
+        self.root = root
+        self.nodes = nodes
+        self.by_path = by_path
 
     def scopes(self) -> list[Scope]:
         return [self.root, *self.root.descendants()]

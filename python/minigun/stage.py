@@ -8,18 +8,28 @@ nested pipelines (:class:`NestedStage`) and custom subclasses that override
 from __future__ import annotations
 
 import copy
-import inspect
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar
 
 from . import strategies
-from .callables import ASYNC_FLAGS, called_function, plain_code_flags
+from .callables import (
+    CO_VARARGS,
+    called_function,
+    is_async_function,
+    is_generator_function,
+    unwrapped,
+)
 from .config import DEFAULT_QUEUE_SIZE, DEFAULT_RETRY_BACKOFF
 from .context import emit as _emit
 from .context import trigger as _trigger
 from .errors import DefinitionError
 from .kinds import ACCUMULATOR, PIPELINE, PROCESSOR, PRODUCER
+
+if TYPE_CHECKING:
+    import inspect
+else:
+    from .lazy_import import inspect
 
 _UNSET: Any = object()
 
@@ -201,13 +211,12 @@ class Stage:
 
     @property
     def is_generator(self) -> bool:
-        return inspect.isgeneratorfunction(type(self).process)
+        return is_generator_function(type(self).process)
 
     @property
     def is_async(self) -> bool:
         """A custom Stage whose ``process`` is ``async def`` (or an async generator)."""
-        process = type(self).process
-        return inspect.iscoroutinefunction(process) or inspect.isasyncgenfunction(process)
+        return is_async_function(type(self).process)
 
     # -- what subclasses override -----------------------------------------------------
 
@@ -313,7 +322,7 @@ def _parameters(fn: Callable[..., Any]) -> _Parameters | None:
         keyword_defaults = fn.__kwdefaults__ or {}
         return _Parameters(
             positional=[(names[i], i >= first_default) for i in range(count)],
-            varargs=bool(code.co_flags & inspect.CO_VARARGS),
+            varargs=bool(code.co_flags & CO_VARARGS),
             kw_required=[name for name in keyword_only if name not in keyword_defaults],
         )
     if type(fn) in _BUILTIN_KINDS or (isinstance(fn, type) and not fn.__flags__ & _HEAP_TYPE):
@@ -500,13 +509,8 @@ class FunctionStage(Stage):
         self.__dict__["__wrapped__"] = fn
         # The form is that of what a call runs: a callable object's __call__.
         called = called_function(fn)
-        flags = plain_code_flags(called)
-        if flags is not None:
-            asynchronous = bool(flags & ASYNC_FLAGS)
-            self._generator = bool(flags & inspect.CO_GENERATOR)
-        else:
-            asynchronous = inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called)
-            self._generator = inspect.isgeneratorfunction(inspect.unwrap(called))
+        asynchronous = is_async_function(called)
+        self._generator = is_generator_function(unwrapped(called))
         if asynchronous and self.kind == PROCESSOR:
             if self.strategy not in (None, "async"):
                 raise DefinitionError(
@@ -582,10 +586,14 @@ class NestedStage(Stage):
         self.target = target
 
 
+def _keyword_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The parameters a plain function takes by name, in order, read off its code."""
+    code = fn.__code__
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
 #: Options every stage takes (``Stage.__init__``'s keywords, API.md section 3).
-STAGE_OPTIONS = frozenset(
-    p for p in inspect.signature(Stage.__init__).parameters if p not in ("self", "name")
-)
+STAGE_OPTIONS = frozenset(_keyword_names(Stage.__init__)) - {"self", "name"}
 #: What the decorators and builder methods take: the stage options plus the accumulator
 #: and producer ones.
 FUNCTION_STAGE_OPTIONS = STAGE_OPTIONS | {"name", "max_size", "max_wait", "key", "total"}

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from .kinds import PRODUCER
 
 
-@dataclass(frozen=True)
-class StageStats:
+class StageStats(NamedTuple):
     """Counters of one stage. Latencies are in seconds, throughput in items per second.
 
     ``busy_fraction`` is the share of its workers' time the stage spent on its items (time
     waiting for input, or for room in a full downstream queue, is not busy): the stage
     closest to 1.0 is the bottleneck. It is ``None`` for a stage that runs no user code.
+
+    An immutable record (a named tuple): ``stats._asdict()`` gives its fields as a dict,
+    ``stats._replace(errors=0)`` a copy with some changed.
     """
 
     items_in: int = 0
@@ -65,20 +66,14 @@ class StageStats:
                 values["busy_fraction"] = min(1.0, busy / (active * info.threads))
             else:
                 values["busy_fraction"] = 0.0
-        # What ``cls(**values)`` makes, without the frozen ``__init__`` setting each field
-        # through ``object.__setattr__`` (a third of the time here): a run's stats are made
-        # for every stage at its end, and a pipeline built per call pays for it each call.
-        stats = object.__new__(cls)
-        stats.__dict__.update(_DEFAULTS, **values)
-        return stats
+        return cls(**values)
 
     @property
     def is_producer(self) -> bool:
         return self.kind == PRODUCER
 
 
-_FIELDS = tuple(StageStats.__dataclass_fields__)
-_DEFAULTS = {name: f.default for name, f in StageStats.__dataclass_fields__.items()}
+_FIELDS = StageStats._fields
 
 
 class StageInfo(NamedTuple):
@@ -94,15 +89,42 @@ class StageInfo(NamedTuple):
     runs_code: bool
 
 
-@dataclass
 class RunResult:
-    """What a run did: ``status`` ("ok", "failed" or "cancelled"), ``duration`` in seconds
-    and ``stats`` per stage (nested stages by dotted path)."""
+    """What a run did: ``status`` ("ok", "failed" or "cancelled"), ``duration`` in seconds,
+    ``stats`` per stage (nested stages by dotted path) and the ``error`` a failed run
+    raised."""
 
-    status: str
-    duration: float
-    stats: dict[str, StageStats] = field(default_factory=dict)
-    error: BaseException | None = None
+    __slots__ = ("status", "duration", "stats", "error")
+
+    def __init__(
+        self,
+        status: str,
+        duration: float,
+        stats: dict[str, StageStats] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        self.status = status
+        self.duration = duration
+        self.stats: dict[str, StageStats] = {} if stats is None else stats
+        self.error = error
+
+    def __repr__(self) -> str:
+        return (
+            f"RunResult(status={self.status!r}, duration={self.duration!r}, "
+            f"stats={self.stats!r}, error={self.error!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RunResult:
+            return NotImplemented
+        return (self.status, self.duration, self.stats, self.error) == (
+            other.status,
+            other.duration,
+            other.stats,
+            other.error,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value
 
     @property
     def ok(self) -> bool:
@@ -123,7 +145,7 @@ class RunResult:
             "bottleneck": self.bottleneck,
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
             "stages": {
-                name: {k: _finite(v) for k, v in asdict(s).items()}
+                name: {k: _finite(v) for k, v in s._asdict().items()}
                 for name, s in self.stats.items()
             },
         }

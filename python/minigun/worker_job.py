@@ -23,8 +23,7 @@ import io
 import pickle
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import RetryPolicy
 from .errors import DefinitionError
@@ -39,8 +38,7 @@ Call = Callable[[Any], Any]
 Close = Callable[[], Any] | None
 
 
-@dataclass(frozen=True)
-class WorkerJob:
+class WorkerJob(NamedTuple):
     """One stage's code, as a subinterpreter worker rebuilds it."""
 
     path: str

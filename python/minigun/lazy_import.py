@@ -1,0 +1,31 @@
+"""Standard-library modules that minigun imports when it first uses them, not when it is
+imported: what ``import minigun`` costs every process that imports it (docs/performance.md,
+W5-import).
+
+Each proxy stands for a module that only some runs need: ``asyncio`` (about a quarter of
+the package's import, with the ssl it loads) for async stages, ``inspect`` (with ``ast``,
+``dis`` and ``tokenize``) for callables that are not plain functions. Modules that use one
+import the real module under ``TYPE_CHECKING``, so type checkers see it as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class ImportedOnFirstUse:
+    """A module imported the first time one of its attributes is read."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+asyncio: Any = ImportedOnFirstUse("asyncio")
+inspect: Any = ImportedOnFirstUse("inspect")
