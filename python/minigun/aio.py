@@ -20,12 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context
-from .callables import (
-    called_function,
-    is_async_function,
-    is_async_generator_function,
-    unwrapped,
-)
+from .callables import called_function, is_async_generator_function, unwrapped
 from .config import RetryPolicy
 from .graph import Node
 from .plan import StagePlan
@@ -44,11 +39,6 @@ ChunkOutcome = tuple[int, list[tuple[Any, BaseException]], list[float]]
 #: whether items wait in the stage's input.
 _POLL = 0.05
 _PEEK = 0.005
-
-
-def is_async(fn: Callable[..., Any] | None) -> bool:
-    """Whether what a call of ``fn`` runs (through wrappers and ``__call__``) is ``async``."""
-    return fn is not None and is_async_function(called_function(unwrapped(fn)))
 
 
 def _is_async_generator(fn: Callable[..., Any]) -> bool:

@@ -100,3 +100,9 @@ def is_async_generator_function(fn: object) -> bool:
     if flags is not None:
         return bool(flags & CO_ASYNC_GENERATOR)
     return inspect.isasyncgenfunction(fn)
+
+
+def runs_async(fn: Callable[..., Any] | None) -> bool:
+    """Whether what a call of ``fn`` runs (through ``functools.wraps`` chains and a
+    class's ``__call__``) is ``async``: a coroutine or an async generator function."""
+    return fn is not None and is_async_function(called_function(unwrapped(fn)))

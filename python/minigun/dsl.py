@@ -9,7 +9,7 @@ a redefined method replacing its base stage in place) and builds one
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn, Protocol, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
@@ -18,7 +18,6 @@ from .context import trigger as _trigger
 from .errors import DefinitionError
 from .graph import compile_graph
 from .kinds import ACCUMULATOR, PROCESSOR, PRODUCER
-from .mermaid import render
 from .pipeline import Pipeline
 from .run import Run
 from .stage import (
@@ -29,6 +28,13 @@ from .stage import (
     StageOptions,
 )
 from .stats import RunResult
+
+if TYPE_CHECKING:
+    from . import mermaid
+else:
+    from .lazy_import import ImportedOnFirstUse
+
+    mermaid = ImportedOnFirstUse("minigun.mermaid")  # loaded by the first to_mermaid()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -257,4 +263,4 @@ class Task:
         """A Mermaid ``flowchart`` of the job's graph."""
         cls = self_or_cls if isinstance(self_or_cls, type) else type(self_or_cls)
         owner = None if isinstance(self_or_cls, type) else self_or_cls
-        return render(compile_graph(cls.root_pipeline, owner))
+        return mermaid.render(compile_graph(cls.root_pipeline, owner))

@@ -7,14 +7,13 @@ builds one of these per Task class (``Task.root_pipeline``); both run on the sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Unpack, overload
+from typing import TYPE_CHECKING, Any, Unpack, overload
 
 from . import config as _config
 from . import hooks as _hooks
 from .errors import DefinitionError
 from .graph import compile_graph
 from .kinds import ACCUMULATOR, PROCESSOR, PRODUCER
-from .mermaid import render
 from .run import Run
 from .stage import (
     AccumulatorOptions,
@@ -24,6 +23,13 @@ from .stage import (
     StageOptions,
 )
 from .stats import RunResult
+
+if TYPE_CHECKING:
+    from . import mermaid
+else:
+    from .lazy_import import ImportedOnFirstUse
+
+    mermaid = ImportedOnFirstUse("minigun.mermaid")  # loaded by the first to_mermaid()
 
 
 class Pipeline:
@@ -245,4 +251,4 @@ class Pipeline:
 
     def to_mermaid(self) -> str:
         """A Mermaid ``flowchart`` of the graph, nested pipelines as subgraphs."""
-        return render(compile_graph(self, None))
+        return mermaid.render(compile_graph(self, None))

@@ -13,10 +13,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import aio, context, log
+from . import context, log
 from . import hooks as _hooks
+from .callables import runs_async
 from .config import CapWarnings
 from .errors import DefinitionError, PipelineError, RoutingError
 from .executors import executor_for
@@ -24,12 +25,21 @@ from .graph import Graph, Node, compile_graph
 from .kinds import ACCUMULATOR, PRODUCER
 from .native import RuntimeKind, StageSpec, ext
 from .plan import StagePlan, plan_stages
-from .progress import ProgressView
 from .run_hooks import RunHooks
 from .stage import FunctionStage, worker_copy
 from .stats import RunResult, StageInfo, StageStats
 from .strategies import PER_ITEM
 from .work import Call, Close, StageCode, Start, finish_run
+
+if TYPE_CHECKING:
+    from . import aio, progress
+    from .progress import ProgressView
+else:
+    from .lazy_import import ImportedOnFirstUse
+
+    # Loaded by the first run with an async producer or accumulator, or with progress=.
+    aio = ImportedOnFirstUse("minigun.aio")
+    progress = ImportedOnFirstUse("minigun.progress")
 
 _POLL = 0.05
 
@@ -131,7 +141,7 @@ class Run:
             start = _custom_worker_factory(stage)
         if stage.kind == PRODUCER and self._show_progress:
             call = self._count_total(node, call)
-        if call is not None and aio.is_async(call):
+        if call is not None and runs_async(call):
             if stage.kind == PRODUCER:
                 call = aio.drive_producer(call)
             elif stage.kind == ACCUMULATOR:
@@ -147,7 +157,7 @@ class Run:
         total = getattr(node.stage, "total", None)
         if total is not None:
             self._totals[node.path] = total
-        if total is not None or call is None or node.stage.is_generator or aio.is_async(call):
+        if total is not None or call is None or node.stage.is_generator or runs_async(call):
             return call
         produce = call
 
@@ -178,7 +188,9 @@ class Run:
         self._runtime.start()
         if self._show_progress:
             stream = None if self._show_progress is True else self._show_progress
-            self._progress = ProgressView(lambda: self.stats, lambda: self._totals, stream).start()
+            self._progress = progress.ProgressView(
+                lambda: self.stats, lambda: self._totals, stream
+            ).start()
 
     def _after_finished_stages(self) -> None:
         self._hooks.after_finished_stages(self, self._runtime.cancel)
