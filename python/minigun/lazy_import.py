@@ -4,8 +4,10 @@ W5-import).
 
 Each proxy stands for a module that only some runs need: ``asyncio`` (about a quarter of
 the package's import, with the ssl it loads) for async stages, ``inspect`` (with ``ast``,
-``dis`` and ``tokenize``) for callables that are not plain functions. Modules that use one
-import the real module under ``TYPE_CHECKING``, so type checkers see it as it is.
+``dis`` and ``tokenize``) for callables that are not plain functions, ``copy`` for a custom
+Stage that copies itself, ``weakref`` for the executors that keep state per run, ``math``
+for a run's JSON. Modules that use one import the real module under ``TYPE_CHECKING``, so
+type checkers see it as it is.
 """
 
 from __future__ import annotations
@@ -28,4 +30,7 @@ class ImportedOnFirstUse:
 
 
 asyncio: Any = ImportedOnFirstUse("asyncio")
+copy: Any = ImportedOnFirstUse("copy")
 inspect: Any = ImportedOnFirstUse("inspect")
+math: Any = ImportedOnFirstUse("math")
+weakref: Any = ImportedOnFirstUse("weakref")

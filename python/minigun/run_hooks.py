@@ -11,8 +11,8 @@ queues its ``after`` hooks for that thread.
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from . import context
@@ -40,7 +40,8 @@ class RunHooks:
         self._scope_left = {id(s): len(graph.nodes_in(s)) for s in graph.scopes()}
         self._scopes_closed: set[int] = set()
         self._scope_lock = threading.Lock()
-        self._finished_stages: queue.SimpleQueue[Node] = queue.SimpleQueue()
+        #: Appended to by worker threads, emptied by the thread that drives the run.
+        self._finished_stages: deque[Node] = deque()
 
     # -- before the run ---------------------------------------------------------------
 
@@ -88,15 +89,15 @@ class RunHooks:
     def stage_finished(self, node: Node) -> None:
         """A stage's last worker stopped (called on that worker's thread): queue its
         ``after`` hooks for the thread that drives the run."""
-        self._finished_stages.put(node)
+        self._finished_stages.append(node)
 
     def after_finished_stages(self, run: context.Run, stop: Callable[[], None]) -> None:
         """Run the ``after`` hooks of the stages that finished since the last call; a
         failing hook is recorded and ``stop`` stops the run."""
         while True:
             try:
-                node = self._finished_stages.get_nowait()
-            except queue.Empty:
+                node = self._finished_stages.popleft()
+            except IndexError:
                 return
             try:
                 self._after_stage(run, node)

@@ -9,7 +9,6 @@ nested pipelines (:class:`NestedStage`) and custom subclasses that override
 # reach ``typing`` as types rather than as strings, each of which it would compile when the
 # class is made (about 20 µs a field, paid by every ``import minigun``).
 
-import copy
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar
@@ -29,9 +28,10 @@ from .errors import DefinitionError
 from .kinds import ACCUMULATOR, PIPELINE, PROCESSOR, PRODUCER
 
 if TYPE_CHECKING:
+    import copy
     import inspect
 else:
-    from .lazy_import import inspect
+    from .lazy_import import copy, inspect
 
 _UNSET: Any = object()
 

@@ -9,11 +9,15 @@ formats them. The same formatting serves the live progress view (``progress.py``
 # reach ``typing`` as types rather than as strings, each of which it would compile when the
 # class is made (about 20 µs a field, paid by every ``import minigun``).
 
-import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .kinds import PRODUCER
+
+if TYPE_CHECKING:
+    import math
+else:
+    from .lazy_import import math
 
 
 class StageInfo(NamedTuple):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import DefinitionError, UnsupportedStrategy
+
+if TYPE_CHECKING:
+    from importlib import util as importlib_util
+else:
+    from .lazy_import import ImportedOnFirstUse
+
+    importlib_util = ImportedOnFirstUse("importlib.util")  # only to look for an extra
 
 CANONICAL = {
     "inline": "inline",
@@ -58,7 +65,7 @@ def _module_exists(name: str) -> bool:
     if name in sys.modules:
         return sys.modules[name] is not None  # None: import is blocked
     try:
-        return importlib.util.find_spec(name) is not None
+        return importlib_util.find_spec(name) is not None
     except (ImportError, ValueError):  # a parent package is missing or blocked
         return False
 

@@ -24,13 +24,17 @@ A combination an executor cannot honour is refused when the stage is defined (se
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Generic, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from .callables import direct_call
 from .graph import Graph, Node
 from .plan import StagePlan
+
+if TYPE_CHECKING:
+    import weakref
+else:
+    from .lazy_import import weakref
 
 #: What one worker calls per item (per batch for an accumulator; once for a producer).
 Call = Callable[..., Any]
