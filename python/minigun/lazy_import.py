@@ -1,13 +1,18 @@
-"""Standard-library modules that minigun imports when it first uses them, not when it is
-imported: what ``import minigun`` costs every process that imports it (docs/performance.md,
-W5-import).
+"""Modules that minigun imports when it first uses them, not when it is imported: what
+``import minigun`` costs every process that imports it (docs/performance.md, W5-import).
 
-Each proxy stands for a module that only some runs need: ``asyncio`` (about a quarter of
-the package's import, with the ssl it loads) for async stages, ``inspect`` (with ``ast``,
-``dis`` and ``tokenize``) for callables that are not plain functions, ``copy`` for a custom
-Stage that copies itself, ``weakref`` for the executors that keep state per run, ``math``
-for a run's JSON. Modules that use one import the real module under ``TYPE_CHECKING``, so
-type checkers see it as it is.
+:class:`ImportedOnFirstUse` stands for a module that only some runs need. The standard
+library's are here: ``asyncio`` (about a quarter of the package's import, with the ssl it
+loads) for async stages, ``inspect`` (with ``ast``, ``dis`` and ``tokenize``) for callables
+that are not plain functions, ``copy`` for a custom Stage that copies itself, ``weakref``
+for the executors that keep state per run, ``math`` for a run's JSON. minigun's own
+(``aio``, ``progress``, ``mermaid``) are made where they are used. Modules that use one
+import the real module under ``TYPE_CHECKING``, so type checkers see it as it is.
+
+A forked child inherits what its parent imported, and imports the rest itself, once per
+child: the modules here are first used in the parent, but for ``copy``, which a spawn_fork
+child may use to copy a custom Stage (``spawn_fork`` imports it for its own use, so its
+children find it loaded).
 """
 
 from __future__ import annotations
