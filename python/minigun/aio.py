@@ -91,6 +91,12 @@ class _AsyncWorker:
         self.slots = asyncio.Semaphore(concurrency)
         #: Items started and not finished (running, or waiting for a slot).
         self.in_flight: set[asyncio.Task[None]] = set()
+        #: What the window awaits while items are in flight: resolved when one finishes
+        #: (``_finished``) or when it should look at the run and its input again.
+        self._wake: asyncio.Future[None] | None = None
+        #: A BaseException that is not an Exception (KeyboardInterrupt, SystemExit) that
+        #: escaped an item: it fails the call, as it would fail a threads worker.
+        self._escaped: BaseException | None = None
         # What finished since the last call returned.
         self.retries = 0
         self.failures: list[tuple[Any, BaseException]] = []
@@ -119,21 +125,21 @@ class _AsyncWorker:
         for item in items:
             task = self.loop.create_task(self._one(item))
             self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
+            task.add_done_callback(self._finished)
         while self.in_flight:
             room = len(self.in_flight) < self.concurrency
             # With a slot free, look at the input often: a waiting item should start now.
-            done, _ = await asyncio.wait(
-                self.in_flight,
-                timeout=_PEEK if room else _POLL,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for task in done:
-                # Only what is not an Exception gets here (a KeyboardInterrupt, a
-                # SystemExit): it fails the call, as it would fail a threads worker.
-                error = None if task.cancelled() else task.exception()
-                if error is not None:
-                    raise error
+            # One future per wait, resolved by the first item to finish or by the timer:
+            # ``asyncio.wait`` would hook into and out of every task in flight each time.
+            wake = self._wake = self.loop.create_future()
+            timer = self.loop.call_later(_PEEK if room else _POLL, _resolve, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self._wake = None
+            if self._escaped is not None:
+                raise self._escaped
             if self.stopping():
                 raise RuntimeError("the run is stopping")  # close() cancels the rest
             if len(self.in_flight) < self.concurrency and self.input_waiting():
@@ -141,6 +147,13 @@ class _AsyncWorker:
         outcome = (self.retries, self.failures, self.latencies)
         self.retries, self.failures, self.latencies = 0, [], []
         return outcome
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._escaped = task.exception()  # only a non-Exception gets out of _attempts
+        if self._wake is not None:
+            _resolve(self._wake)
 
     async def _one(self, item: Any) -> None:
         async with self.slots:
@@ -168,6 +181,11 @@ class _AsyncWorker:
             else:
                 context.release_emits(held, keep=True)
             return
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def async_executor(run: Run, node: Node, plan: StagePlan, code: StageCode) -> Work:
