@@ -18,7 +18,14 @@
 //! polls.
 //!
 //! The count is a hint, never a lock: a wrong count costs a poll, not a result.
+//!
+//! A chunk-mode call (an async, process, subinterpreter or Ray stage) is not counted
+//! ([`uncounted`]): it spends its time waiting for work done elsewhere, often with the GIL
+//! let go inside Python (an event loop's `epoll`, a `select` on a pipe), where the count
+//! cannot see it. Counted, it made every other worker that wanted the GIL poll to the
+//! limit and then quiet polling for everyone.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
@@ -133,9 +140,29 @@ impl Handoff {
         self.pollers.fetch_sub(1, Ordering::Relaxed);
         outcome
     }
+
+    /// `f` with this thread's hold of the GIL, if it is counted, not counted.
+    fn uncounted<R>(&self, f: impl FnOnce() -> R) -> R {
+        let counted = COUNTED.replace(false);
+        if counted {
+            self.released();
+        }
+        let result = f();
+        if counted {
+            self.held();
+        }
+        COUNTED.set(counted);
+        result
+    }
 }
 
 static HANDOFF: OnceLock<Handoff> = OnceLock::new();
+
+thread_local! {
+    /// Whether this thread's hold of the GIL is counted (inside [`attach`], outside
+    /// [`uncounted`]): [`detach`] uncounts and recounts only a counted hold.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
 
 fn handoff() -> &'static Handoff {
     HANDOFF.get_or_init(|| Handoff::new(POLL_LIMIT, QUIET_AFTER_TIMEOUT))
@@ -160,11 +187,20 @@ pub fn attach<R>(f: impl FnOnce(Python<'_>) -> R) -> R {
     handoff.await_release();
     let result = Python::attach(|py| {
         handoff.held();
-        f(py)
+        let outer = COUNTED.replace(true);
+        let result = f(py);
+        COUNTED.set(outer);
+        result
     });
     // Counted after the GIL is released, so a poller that sees the count drop finds it free.
     handoff.released();
     result
+}
+
+/// Inside a worker's hold: `f` runs with the hold uncounted, for code that waits with
+/// the GIL let go where [`detach`] cannot see it (the module docs say why).
+pub fn uncounted<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
+    handoff().uncounted(f)
 }
 
 /// `py.detach` for a worker: the wait does not count as a hold, and getting the GIL back
@@ -172,11 +208,11 @@ pub fn attach<R>(f: impl FnOnce(Python<'_>) -> R) -> R {
 pub fn detach<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> R {
     let handoff = handoff();
     py.detach(|| {
-        handoff.released();
-        let result = f();
-        handoff.await_release();
-        handoff.held();
-        result
+        handoff.uncounted(|| {
+            let result = f();
+            handoff.await_release();
+            result
+        })
     })
 }
 
@@ -235,6 +271,30 @@ mod tests {
         handoff.held();
         handoff.held();
         assert_eq!(handoff.await_release(), Wait::Skipped);
+    }
+
+    #[test]
+    fn an_uncounted_stretch_of_a_counted_hold_is_not_polled_on() {
+        let handoff = polling(LONG);
+        handoff.held();
+        COUNTED.set(true);
+        let polled = handoff.uncounted(|| {
+            // A detach inside the call leaves the count alone.
+            assert_eq!(
+                handoff.uncounted(|| handoff.holders.load(Ordering::Relaxed)),
+                0
+            );
+            let waiter = handoff.clone();
+            thread::spawn(move || waiter.await_release())
+                .join()
+                .unwrap()
+        });
+        assert_eq!(polled, Wait::Skipped);
+        assert_eq!(handoff.holders.load(Ordering::Relaxed), 1);
+        assert!(COUNTED.get());
+        COUNTED.set(false);
+        // Outside a counted hold, nothing is uncounted.
+        handoff.uncounted(|| assert_eq!(handoff.holders.load(Ordering::Relaxed), 1));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::accumulate::{Batcher, Limits};
 use crate::call::call_one;
 use crate::channel::{Recv, MAX_CHUNK, TARGET_CHUNK_NANOS, TARGET_CHUNK_NANOS_REMOTE};
 use crate::emit::{self, Channel, Emitter, EmitterSlot, Item};
+use crate::gil;
 use crate::item::{end_worker, handle_failure, open_worker, process_one, Stop, WorkerCall};
 use crate::pool::{join_all, refused_error, spawn_named, Semaphore, WorkHandle};
 use crate::scheduler::{CallMode, Failure, Kind, StageShared};
@@ -177,7 +178,9 @@ fn run_processor(stage: &StageShared) {
                     let n = items.len();
                     let started = Instant::now();
                     let result = if stage.mode == CallMode::Chunk {
-                        run_chunk(py, stage, call, items)
+                        // Work done elsewhere, waited for with the GIL let go inside the
+                        // call: not a hold for the other workers to poll on (gil.rs).
+                        gil::uncounted(py, || run_chunk(py, stage, call, items))
                     } else {
                         run_items(py, stage, call, emitter, &input, items)
                     };
