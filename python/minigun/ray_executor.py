@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from . import log
 from . import worker_loop as loop
 from .budget import BudgetPlan, Outcome, Slots, WorkerKind
 from .errors import DefinitionError, WorkerError
@@ -53,6 +54,9 @@ GRACE_UNSTARTED = 0.25
 #: run stopping among short tasks cancels many of them at about their end. Now most of
 #: those end within it, and are not cancelled.
 SETTLE = 0.1
+#: The longest a run's end waits for Ray to report its actors gone: a kill is asynchronous,
+#: and an actor's name stays listed until Ray's control store has ended it (tens of ms).
+GONE_TIMEOUT = 5.0
 
 #: ``max_ray_tasks`` per scope, shared by the spawn_ray stages in it (no actor counts).
 RAY_TASKS = WorkerKind("max_ray_tasks", "", "spawn_ray", "Ray tasks", "spawn_ray")
@@ -102,6 +106,8 @@ class _RaySession:
         self.plan = BudgetPlan(run.graph, run.plans, RAY_TASKS)
         self.slots = Slots(self.plan)
         self._actors: set[Any] = set()
+        #: The names of every actor the run created, alive or not.
+        self._names: set[str] = set()
         self._lock = threading.Lock()
 
     def new_actor(self, job: WorkerJob) -> Any:
@@ -112,6 +118,7 @@ class _RaySession:
         actor = self.actor_class.options(name=name, max_concurrency=3).remote(job)
         with self._lock:
             self._actors.add(actor)
+            self._names.add(name)
         return actor
 
     def kill(self, actor: Any) -> None:
@@ -142,14 +149,25 @@ class _RaySession:
         self.kill(actor)
 
     def finish(self) -> None:
-        """Kill what the run left (a cancelled run's actors), then disconnect if the run
-        connected."""
+        """Kill what the run left (a cancelled run's actors) and wait until Ray no longer
+        lists any actor of the run, then disconnect if the run connected: when ``run()``
+        returns, none of its actors is alive (docs/ray.md)."""
         with self._lock:
             left, self._actors = list(self._actors), set()
         for actor in left:
             self.abandon(actor)
+        self._wait_gone()
         if self.connected_here:
             _ray().shutdown()
+
+    def _wait_gone(self) -> None:
+        ray = _ray()
+        deadline = time.monotonic() + GONE_TIMEOUT
+        while listed := self._names & set(ray.util.list_named_actors()):
+            if time.monotonic() > deadline:
+                log.warning("Ray still lists actor(s) %s after killing them", sorted(listed))
+                return
+            time.sleep(0.01)
 
 
 _runs: PerRun[_RaySession] = PerRun(_RaySession, finish=_RaySession.finish)
