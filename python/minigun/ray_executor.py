@@ -161,6 +161,8 @@ class _RaySession:
             _ray().shutdown()
 
     def _wait_gone(self) -> None:
+        if not self._names:
+            return  # spawn_ray's tasks only: no actor to ask Ray about
         ray = _ray()
         deadline = time.monotonic() + GONE_TIMEOUT
         while listed := self._names & set(ray.util.list_named_actors()):
