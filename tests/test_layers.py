@@ -79,6 +79,15 @@ def test_only_native_imports_the_extension():
     assert importers == {"native"}
 
 
+def _printed_last(script: str) -> object:
+    """What ``script``, run in a fresh interpreter, printed last as JSON."""
+    done = subprocess.run(
+        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 #: Loaded only by the runs that need them: each costs import time every user would pay.
 LOADED_ON_FIRST_USE = [
     "minigun.forking",
@@ -120,11 +129,7 @@ def test_import_minigun_leaves_executors_and_heavy_modules_to_their_first_use():
         print(json.dumps([at_import, [m for m in watched if m in sys.modules]]))
         """
     )
-    done = subprocess.run(
-        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    at_import, after_a_fork_run = json.loads(done.stdout.splitlines()[-1])
+    at_import, after_a_fork_run = _printed_last(script)
     assert at_import == [], f"import minigun loaded {at_import}"
     # The check sees a module once it is loaded: a fork_ipc run loads its executor.
     assert "minigun.fork_ipc" in after_a_fork_run
@@ -167,11 +172,7 @@ def test_a_task_of_plain_methods_runs_without_inspect_or_dataclasses():
         print(json.dumps([m for m in ("inspect", "dataclasses") if m in sys.modules]))
         """
     )
-    done = subprocess.run(
-        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert _printed_last(script) == []
 
 
 def test_the_first_threads_run_of_a_process_loads_no_module():
@@ -190,8 +191,4 @@ def test_the_first_threads_run_of_a_process_loads_no_module():
         print(json.dumps(sorted(set(sys.modules) - before)))
         """
     )
-    done = subprocess.run(
-        [PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert _printed_last(script) == []
