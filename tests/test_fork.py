@@ -1009,6 +1009,48 @@ def test_a_child_writing_to_the_original_stdout_never_waits_for_a_lock_held_at_t
     ]
 
 
+STREAM_SETTINGS_JOB = """
+import sys
+import minigun as mg
+
+def run(tag):
+    p = mg.Pipeline("prints", config={"max_processes": 1})
+    p.producer(lambda: range(2), name="gen")
+
+    @p.processor(strategy=sys.argv[1], processes=1)
+    def shout(x):
+        sys.stdout.write(f"{tag}{x}:\\u00e9;")  # no newline, no flush: the child flushes
+        return x
+
+    p.consumer(lambda x: None, name="sink")
+    p.run()
+
+sys.stdout.reconfigure(encoding="ascii", errors="backslashreplace")
+run("a")
+sys.stdout.reconfigure(errors="replace")
+run("b")
+"""
+
+
+@pytest.mark.parametrize("strategy", ["spawn_fork", "fork_ipc"])
+def test_a_child_writes_with_the_std_stream_settings_of_its_run_and_each_write_once(
+    tmp_path, strategy
+):
+    """A child's sys.stdout is made in the parent and kept for later children: it
+    follows the parent's stdout settings as they change between runs, and what one child
+    wrote is never written again by the next."""
+    script = tmp_path / "job.py"
+    script.write_text(STREAM_SETTINGS_JOB)
+    done = subprocess.run(
+        [PYTHON, str(script), strategy],
+        env=subprocess_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"a0:\\xe9;a1:\\xe9;b0:?;b1:?;"
+
+
 class ThreadsThenFork(mg.Task):
     """Forks while other threads run: what 3.12+ warns about."""
 

@@ -27,7 +27,8 @@ touched any of them could wait forever. minigun's rule is therefore:
   (PyO3's pending-decref pool, a run's mutexes). What the child itself creates is
   collected as usual.
 * The child never touches the std streams it inherited (another thread may have held
-  their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2.
+  their locks at the fork): it gets fresh ``sys.stdout``/``sys.stderr`` over fds 1 and 2,
+  which the parent made for its children and never writes to.
 * Pipes are created and forks happen under one lock, and each child closes the parent's
   fds that the fork gate listed (every live child's pipes and pidfds, the runs' wake-up
   fds), so a pipe's end of stream is seen as soon as its child exits. Those fds are closed
@@ -38,16 +39,19 @@ touched any of them could wait forever. minigun's rule is therefore:
   (the parent coordinates a Ctrl-C) and takes SIGTERM as "stop now, gracefully": the item
   in hand is interrupted with :class:`ChildTerminated`, no further item starts, and the
   worker is closed before the child exits (the parent SIGKILLs it after a grace period).
+  These calls go to ``_signal``, the C module under ``signal``: ``signal``'s wrappers turn
+  every number they return into an enum member, and in a child each object touched is a
+  page copied (a third of the faults of the child's set-up, before).
 * The "multi-threaded fork" DeprecationWarning of Python 3.12+ is filtered for forks made
   by this module only (the filter matches this module's name).
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found,unused-ignore]  # signal's C module
 import gc
 import io
 import os
-import signal
 import sys
 import threading
 import warnings
@@ -154,7 +158,7 @@ def fork_child(
     the fork lock, and its result is returned."""
     _quiet_fork_warning()
     _refuse_beside_running_subinterpreters()
-    blocked = {signal.SIGINT, signal.SIGTERM}
+    blocked = {_signal.SIGINT, _signal.SIGTERM}
     with _fork_lock:
         r, w = os.pipe()  # child -> parent
         fds = [r, w]
@@ -165,8 +169,8 @@ def fork_child(
             _grow_pipe(w)
             # Signals stay blocked across the fork so the child cannot take a Ctrl-C before
             # it has set SIGINT to "ignore"; this thread gets its mask back right after.
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-            streams = _std_stream_settings()
+            mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, blocked)
+            streams = _child_streams()
             # No minigun thread creates or deletes its thread state during the fork, and
             # no listed fd is closed before the child has closed its copy.
             inherited = ext.fork_gate_close()
@@ -180,7 +184,7 @@ def fork_child(
                     _child_entry(own, inherited + theirs, mask, streams, child_main, args)
             finally:
                 ext.fork_gate_open()
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -210,14 +214,11 @@ def _refuse_beside_running_subinterpreters() -> None:
         )
 
 
-# -- the child side: pure Python, never the extension ------------------------------------
-
-#: In a child: the std streams it inherited, kept alive and untouched until os._exit.
-_inherited_streams: list[Any] = []
+# -- the std streams a child gets ----------------------------------------------------------
 
 
 class _StreamSettings(NamedTuple):
-    """What a child needs to make its own copy of one of the parent's std streams."""
+    """What a fresh copy of one of the parent's std streams is made from."""
 
     name: str
     fd: int
@@ -226,53 +227,79 @@ class _StreamSettings(NamedTuple):
     line_buffering: bool
 
 
-def _std_stream_settings() -> list[_StreamSettings]:
-    """In the parent, before a fork: the settings of ``sys.__stdout__`` and
-    ``sys.__stderr__``. Read here because the child must not read them: on free-threaded
-    CPython reading a stream's attribute takes the stream's lock, which another parent
-    thread may hold (inside a write) at the instant of the fork, and then holds forever in
-    the child (seen: a child blocked in ``TextIOWrapper.errors``)."""
-    settings = []
+class _ChildStream(NamedTuple):
+    """A std stream made in the parent for its children, never written to there."""
+
+    name: str
+    stream: Any
+
+
+#: In the parent: the streams made for children, by stream name, with their settings.
+_streams_for_children: dict[str, tuple[_StreamSettings, _ChildStream]] = {}
+
+
+def _child_streams() -> list[_ChildStream]:
+    """In the parent, before a fork (under the fork lock): a ``sys.__stdout__`` and a
+    ``sys.__stderr__`` for the child, over fds 1 and 2.
+
+    The child must not use the streams it inherits: another parent thread may have been
+    inside a write or flush (holding the buffer's lock, and on free-threaded builds the
+    stream's own) at the instant of the fork, and the child would wait for that lock
+    forever. It must not even read their settings, which on free-threaded CPython takes
+    the stream's lock (seen: a child blocked in ``TextIOWrapper.errors``).
+
+    So the parent reads the settings and makes the child's streams. It makes them once
+    per settings and keeps them for every later child: no parent thread ever writes to
+    them, so each child inherits them unlocked and empty, and does not pay for building
+    them (a codec lookup and six objects, each page it touches a page copied)."""
+    streams = []
     for name, fd in (("stdout", 1), ("stderr", 2)):
         original = getattr(sys, f"__{name}__")
         if original is None:
             continue
         try:
-            settings.append(
-                _StreamSettings(
-                    name, fd, original.encoding, original.errors, original.line_buffering
-                )
+            settings = _StreamSettings(
+                name, fd, original.encoding, original.errors, original.line_buffering
             )
         except Exception:  # noqa: BLE001 - not a usable text stream: keep what there is
             continue
-    return settings
+        made = _streams_for_children.get(name)
+        if made is None or made[0] != settings:
+            try:
+                stream = io.TextIOWrapper(
+                    io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
+                    encoding=settings.encoding,
+                    errors=settings.errors,
+                    line_buffering=settings.line_buffering,
+                )
+            except Exception:  # noqa: BLE001 - no such fd: keep what there is
+                continue
+            made = _streams_for_children[name] = (settings, _ChildStream(name, stream))
+        streams.append(made[1])
+    return streams
 
 
-def _fresh_std_streams(settings: list[_StreamSettings]) -> None:
-    """In a child: give it its own ``sys.__stdout__`` and ``sys.__stderr__`` over fds 1
-    and 2, and make them ``sys.stdout`` / ``sys.stderr`` where those were the originals.
+# -- the child side: pure Python, never the extension ------------------------------------
 
-    The inherited stream objects may be locked forever: another parent thread may have
-    been inside a write or flush (holding the buffer's lock, and on free-threaded builds
-    the stream's own) at the instant of the fork. The child never touches them, not even
-    to read their settings (``_std_stream_settings`` read those in the parent), so it
-    cannot block on them (and never writes out what the parent had buffered, which the
-    parent writes itself). The originals are replaced even when ``sys.stdout`` was
+#: In a child: the std streams it inherited, kept alive and untouched until os._exit.
+_inherited_streams: list[Any] = []
+
+#: In a child: the streams :func:`_install_std_streams` gave it.
+_own_streams: list[Any] = []
+
+
+def _install_std_streams(streams: list[_ChildStream]) -> None:
+    """In a child: make the streams the parent made for it (:func:`_child_streams`) its
+    ``sys.__stdout__`` and ``sys.__stderr__``, and its ``sys.stdout`` / ``sys.stderr``
+    where those were the originals.
+
+    The child never writes out what the parent had buffered in the inherited streams (the
+    parent writes that itself). The originals are replaced even when ``sys.stdout`` was
     replaced (as pytest's capture does): code that writes to ``sys.__stdout__`` must not
     block either. Streams the user put in ``sys.stdout`` or ``sys.stderr`` are left
     there."""
-    for name, fd, encoding, errors, line_buffering in settings:
+    for name, stream in streams:
         original = getattr(sys, f"__{name}__")
-        try:
-            raw = io.FileIO(fd, "w", closefd=False)
-            stream = io.TextIOWrapper(
-                io.BufferedWriter(raw),
-                encoding=encoding,
-                errors=errors,
-                line_buffering=line_buffering,
-            )
-        except Exception:  # noqa: BLE001 - no such fd: keep what there is
-            continue
         _inherited_streams.append(original)  # never finalized: that would flush it
         _own_streams.append(stream)
         if getattr(sys, name) is original:
@@ -280,13 +307,9 @@ def _fresh_std_streams(settings: list[_StreamSettings]) -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-#: In a child: the streams :func:`_fresh_std_streams` made for it.
-_own_streams: list[Any] = []
-
-
 def flush_child_streams() -> None:
     """Flush the child's ``sys.stdout`` and ``sys.stderr``, and the streams over fds 1 and
-    2 made for it (see :func:`_fresh_std_streams`)."""
+    2 made for it (see :func:`_child_streams`)."""
     streams = [sys.stdout, sys.stderr]
     streams += [s for s in _own_streams if s is not sys.stdout and s is not sys.stderr]
     for stream in streams:
@@ -301,7 +324,7 @@ def _child_entry(
     own: tuple[int, ...],
     inherited: list[int],
     mask: Any,
-    streams: list[_StreamSettings],
+    streams: list[_ChildStream],
     child_main: Callable[..., int],
     args: tuple[Any, ...],
 ) -> None:
@@ -324,15 +347,15 @@ _FREEZE_IN_CHILD = "t" not in getattr(sys, "abiflags", "")  # "t": free-threaded
 
 
 def _child_setup(
-    own: tuple[int, ...], inherited: list[int], mask: Any, streams: list[_StreamSettings]
+    own: tuple[int, ...], inherited: list[int], mask: Any, streams: list[_ChildStream]
 ) -> None:
     global _fork_lock
     if _FREEZE_IN_CHILD:
         gc.freeze()
-    _fresh_std_streams(streams)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _install_std_streams(streams)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, _on_sigterm)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     for fd in inherited:
         if fd not in own:
             try:
