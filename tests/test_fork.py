@@ -957,6 +957,15 @@ def test_a_terminal_spawn_fork_stage_sends_values_back_only_with_use_ipc(use_ipc
     assert result.stats["last"].items_out == (8 if use_ipc else 0)
 
 
+def run_job(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``source`` as a script in a fresh interpreter, its output captured as bytes."""
+    script = tmp_path / "job.py"
+    script.write_text(source)
+    return subprocess.run(
+        [PYTHON, str(script), *args], env=subprocess_env(), capture_output=True, timeout=60
+    )
+
+
 BLOCKED_STDOUT_JOB = """
 import io, os, sys, threading, time
 import minigun as mg
@@ -993,18 +1002,11 @@ def test_a_child_writing_to_the_original_stdout_never_waits_for_a_lock_held_at_t
 ):
     """sys.stdout replaced (as under pytest) and another thread inside a write to
     sys.__stdout__ at the fork: the child's print to sys.__stdout__ goes out over fd 1."""
-    script = tmp_path / "job.py"
-    script.write_text(BLOCKED_STDOUT_JOB)
-    done = subprocess.run(
-        [PYTHON, str(script), strategy],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_job(tmp_path, BLOCKED_STDOUT_JOB, strategy)
     assert done.returncode == 0, done.stderr
-    assert "delivered [0, 1, 2, 3]" in done.stdout
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("child")) == [
+    stdout = done.stdout.decode()
+    assert "delivered [0, 1, 2, 3]" in stdout
+    assert sorted(line for line in stdout.splitlines() if line.startswith("child")) == [
         f"child says {x}" for x in range(4)
     ]
 
@@ -1039,14 +1041,7 @@ def test_a_child_writes_with_the_std_stream_settings_of_its_run_and_each_write_o
     """A child's sys.stdout is made in the parent and kept for later children: it
     follows the parent's stdout settings as they change between runs, and what one child
     wrote is never written again by the next."""
-    script = tmp_path / "job.py"
-    script.write_text(STREAM_SETTINGS_JOB)
-    done = subprocess.run(
-        [PYTHON, str(script), strategy],
-        env=subprocess_env(),
-        capture_output=True,
-        timeout=60,
-    )
+    done = run_job(tmp_path, STREAM_SETTINGS_JOB, strategy)
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"a0:\\xe9;a1:\\xe9;b0:?;b1:?;"
 
