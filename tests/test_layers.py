@@ -110,6 +110,7 @@ LOADED_ON_FIRST_USE = [
     "pickle",
     "random",
     "difflib",
+    "signal",
 ]
 
 

@@ -7,9 +7,9 @@ the Rust runtime, runs the hooks around it, and waits without holding the GIL in
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found,unused-ignore]  # signal's C module
 import contextlib
 import functools
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -437,6 +437,12 @@ def _short(item: Any) -> str:
 
 
 def _install_signal_handlers() -> Any:
+    """Make SIGTERM raise in the main thread while a run waits there; the handler it
+    replaces (None where there is nothing to restore).
+
+    Through ``_signal``, the C module under ``signal``: ``signal.signal`` turns the handler
+    it returns into a ``Handlers`` member where it can, and for a function, such as this
+    handler when it is restored, that costs an exception (3.6 µs of every run, before)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -444,11 +450,11 @@ def _install_signal_handlers() -> Any:
         raise _Terminated()
 
     try:
-        return signal.signal(signal.SIGTERM, on_term)
+        return _signal.signal(_signal.SIGTERM, on_term)
     except (ValueError, OSError):
         return None
 
 
 def _restore_signal_handlers(previous: Any) -> None:
     if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        _signal.signal(_signal.SIGTERM, previous)
