@@ -7,7 +7,7 @@ formats them. The same formatting serves the live progress view (``progress.py``
 
 # No ``from __future__ import annotations`` here: the fields of this module's typed records
 # reach ``typing`` as types rather than as strings, each of which it would compile when the
-# class is made (about 20 µs a field, paid by every ``import minigun``).
+# class is made (20 to 70 µs a field, paid by every ``import minigun``).
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
