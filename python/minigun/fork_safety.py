@@ -298,6 +298,9 @@ def _install_std_streams(streams: list[_ChildStream]) -> None:
     replaced (as pytest's capture does): code that writes to ``sys.__stdout__`` must not
     block either. Streams the user put in ``sys.stdout`` or ``sys.stderr`` are left
     there."""
+    # They are this process's own streams now, written to: a child it forks in turn gets
+    # streams made for it.
+    _streams_for_children.clear()
     for name, stream in streams:
         original = getattr(sys, f"__{name}__")
         _inherited_streams.append(original)  # never finalized: that would flush it
