@@ -230,12 +230,12 @@ class _StreamSettings(NamedTuple):
 class _ChildStream(NamedTuple):
     """A std stream made in the parent for its children, never written to there."""
 
-    name: str
+    settings: _StreamSettings
     stream: Any
 
 
-#: In the parent: the streams made for children, by stream name, with their settings.
-_streams_for_children: dict[str, tuple[_StreamSettings, _ChildStream]] = {}
+#: In the parent: the streams made for children, by stream name.
+_streams_for_children: dict[str, _ChildStream] = {}
 
 
 def _child_streams() -> list[_ChildStream]:
@@ -264,7 +264,7 @@ def _child_streams() -> list[_ChildStream]:
         except Exception:  # noqa: BLE001 - not a usable text stream: keep what there is
             continue
         made = _streams_for_children.get(name)
-        if made is None or made[0] != settings:
+        if made is None or made.settings != settings:
             try:
                 stream = io.TextIOWrapper(
                     io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
@@ -274,8 +274,8 @@ def _child_streams() -> list[_ChildStream]:
                 )
             except Exception:  # noqa: BLE001 - no such fd: keep what there is
                 continue
-            made = _streams_for_children[name] = (settings, _ChildStream(name, stream))
-        streams.append(made[1])
+            made = _streams_for_children[name] = _ChildStream(settings, stream)
+        streams.append(made)
     return streams
 
 
@@ -301,7 +301,8 @@ def _install_std_streams(streams: list[_ChildStream]) -> None:
     # They are this process's own streams now, written to: a child it forks in turn gets
     # streams made for it.
     _streams_for_children.clear()
-    for name, stream in streams:
+    for settings, stream in streams:
+        name = settings.name
         original = getattr(sys, f"__{name}__")
         _inherited_streams.append(original)  # never finalized: that would flush it
         _own_streams.append(stream)
