@@ -1362,6 +1362,56 @@ def test_sigterm_stops_the_run_and_exits_143(tmp_path):
     assert "RUN_RETURNED" not in lines
 
 
+def _doubled_by_builder():
+    p = mg.Pipeline("doubled")
+    p.producer(lambda: range(3), name="source")
+    p.processor(lambda x: x * 2, name="double")
+    out = []
+    p.consumer(out.append, name="sink")
+    p.run()
+    return sorted(out)
+
+
+class _Doubled(mg.Task):
+    @mg.producer
+    def source(self):
+        yield from range(3)
+
+    @mg.processor
+    def double(self, x):
+        return x * 2
+
+    @mg.consumer
+    def sink(self, x):
+        self.out.append(x)
+
+
+def _doubled_by_task():
+    task = _Doubled()
+    task.out = []
+    task.run()
+    return sorted(task.out)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("run", [_doubled_by_builder, _doubled_by_task], ids=["builder", "task"])
+def test_a_run_gives_back_the_sigterm_handler_it_found(run):
+    """run() handles SIGTERM only while it waits: the process's own handler, a function
+    or SIG_IGN, is the handler again once it returns."""
+
+    def mine(signum, frame):
+        raise AssertionError("not called")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for handler in (mine, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, handler)
+            assert run() == [0, 2, 4]
+            assert signal.getsignal(signal.SIGTERM) == handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 _STUCK_SCRIPT = textwrap.dedent(
     """
     import time
