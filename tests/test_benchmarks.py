@@ -94,7 +94,8 @@ def test_ratios_and_ideal_are_given(quick_run: tuple[str, dict[str, Any], str]) 
         assert minigun["x_ideal"] > 0, key
     assert any("over a bare interpreter" in note for note in by_key["W5-import"]["notes"])
     round_by_round = [note for note in by_key["W3"]["notes"] if "round by round" in note]
-    assert len(round_by_round) == 2 and all("over 1 round(s)" in n for n in round_by_round)
+    assert len(round_by_round) == 3 and all("over 1 round(s)" in n for n in round_by_round)
+    assert any("spawn_fork against os.fork per batch" in n for n in round_by_round)
     assert len(by_key["MEM"]["notes"]) == 4
 
 
