@@ -87,15 +87,19 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measured process: this one's, with the repository on the path
+    (the children import this package; forkserver and spawn pools re-import it too)."""
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def measure_once(
     workload: Workload, impl: Impl, params: Params, timeout: float
 ) -> tuple[str, float | None, str, float | None, float | None]:
     """One fresh-process run: (status, seconds, detail, max RSS MB, children's peak PSS MB)."""
     with tempfile.TemporaryDirectory(prefix="minigun-bench-") as scratch:
         result_path = Path(scratch) / "result.json"
-        # The children import this package (forkserver and spawn pools re-import it too).
-        path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         command = [
             sys.executable,
             "-m",
@@ -113,7 +117,7 @@ def measure_once(
             child = subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env=env,
+                env=child_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
@@ -128,11 +132,11 @@ def measure_once(
                     time.sleep(PSS_SAMPLE_SECONDS)
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_group(child.pid)
+            kill_group(child.pid)
             child.wait()
             return TIMEOUT, None, f"no result after {timeout:g} s", None, None
         # Whatever the run left behind (a peer's stray worker) must not load the next one.
-        _kill_group(child.pid)
+        kill_group(child.pid)
         stderr = errors_path.read_text(errors="replace")
         pss_mb = peak_pss / 1024 if impl.processes else None
         if child.returncode == EXIT_NOT_INSTALLED:
@@ -145,7 +149,7 @@ def measure_once(
         return OK, result["seconds"], "", result["max_rss_kb"] / 1024, pss_mb
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -202,3 +202,46 @@ def test_a_run_that_hangs_or_fails_is_recorded_not_dropped(
     assert results["miscounts"].status == "failed"
     assert "expected 10" in results["miscounts"].detail
     assert results["missing peer"].status == "not installed"
+
+
+HANDOFF_IMPLEMENTATIONS = {
+    "multiprocessing.Pool, a task per batch",
+    "os.fork per batch",
+    "minigun spawn_fork",
+    "minigun fork_ipc",
+}
+
+
+def test_the_handoff_probe_times_every_implementation_between_its_batches(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "handoffs.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.handoffs", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    params = report["params"]
+    batches = -(-params["n"] // params["batch"])
+    assert set(report["runs"]) == HANDOFF_IMPLEMENTATIONS
+    for name, runs in report["runs"].items():
+        (run,) = runs
+        assert run["batches"] == batches, name
+        assert 0 < run["median_ms"] <= run["sum_ms"], name
+        assert run["first_batch_ms"] > 0 and run["wall_s"] > 0, name
+        assert any(line.strip().startswith(name) for line in done.stdout.splitlines()), name
+
+
+def test_a_handoff_runs_from_a_batch_end_to_the_start_it_freed_a_cpu_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    handoffs = importlib.import_module("benchmarks.handoffs").handoffs
+    # Two CPUs: the third batch waits for the first end, the fourth for the second, ...
+    spans = [(0.0, 10.0), (0.5, 12.0), (11.0, 20.0), (13.0, 25.0), (20.5, 30.0)]
+    assert handoffs(spans, cpus=2) == [1.0, 1.0, 0.5]
+    assert handoffs(spans[:2], cpus=2) == []
