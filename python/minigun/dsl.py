@@ -105,7 +105,8 @@ def accumulator(fn: Any = None, /, **options: Any) -> Any:
             raise
         # The stage's name is not known yet: the error names it once it is.
         return _MisdefinedAccumulator(options)
-    stage._auto_named = options.get("name") is None
+    if options.get("name") is None:
+        stage.name_after_body()
     return stage
 
 

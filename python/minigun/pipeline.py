@@ -136,10 +136,11 @@ class Pipeline:
         """
         if fn is not None:
             return self._added(FunctionStage(ACCUMULATOR, fn, takes_self=False, **options))
-        auto = options.get("name") is None
+        named = options.get("name") is not None
         options.setdefault("name", "accumulator")
         stage = FunctionStage(ACCUMULATOR, None, takes_self=False, **options)
-        stage._auto_named = auto
+        if not named:
+            stage.name_after_body()
         return self._added(stage)
 
     def _added(self, stage: FunctionStage) -> FunctionStage:

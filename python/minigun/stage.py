@@ -553,6 +553,11 @@ class FunctionStage(Stage):
             raise TypeError(f"accumulator {self.name!r} has no body to call")
         return self.fn(*args, **kwargs)
 
+    def name_after_body(self) -> None:
+        """Take the name of the function this body-less accumulator is given as its body
+        (it was added without ``name=``)."""
+        self._auto_named = True
+
     _auto_named = False
     #: The strategy is "async" because the body is an async function (not asked for).
     _auto_async = False
