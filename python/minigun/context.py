@@ -27,6 +27,7 @@ class Run(Protocol):
     def trigger(self, name: str) -> None: ...
     def cancel(self) -> None: ...
     def stop_for_exit(self, grace: float) -> None: ...
+    def detach_runtime(self, stand_in: Any) -> Any: ...
 
 
 _native_emit = ext.emit
@@ -88,6 +89,14 @@ def set_child_emitter(fn: Callable[[Any, str | None], None] | None) -> None:
     """In a worker process: route ``emit`` through ``fn`` (``None`` restores the default)."""
     global _child_emit
     _child_emit = fn
+
+
+def runs_after_fork() -> list[Run]:
+    """In a forked child: the runs it inherited from its parent. The registry gets a fresh
+    lock first: the parent's may have been held by another of its threads at the fork."""
+    global _runs_lock
+    _runs_lock = threading.Lock()
+    return list(_active_runs)
 
 
 def register_run(run: Run) -> None:

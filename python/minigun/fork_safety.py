@@ -392,10 +392,8 @@ _inherited_runtimes: list[Any] = []
 
 def _detach_runs() -> None:
     parent = os.getppid()
-    context._runs_lock = threading.Lock()
-    for run in list(context._active_runs):
+    for run in context.runs_after_fork():
         try:
-            _inherited_runtimes.append(getattr(run, "_runtime", None))
-            setattr(run, "_runtime", _ParentRuntime(parent))  # noqa: B010 - a Protocol's run
-        except Exception:  # noqa: BLE001
+            _inherited_runtimes.append(run.detach_runtime(_ParentRuntime(parent)))
+        except Exception:  # noqa: BLE001 - a child must start whatever its parent's runs are
             pass

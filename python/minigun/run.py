@@ -319,6 +319,13 @@ class Run:
         """The Rust runtime of this run (fork executors wait on its shutdown signal)."""
         return self._runtime
 
+    def detach_runtime(self, stand_in: Any) -> ext.Runtime:
+        """In a forked child: put ``stand_in`` where the run's runtime was (the runtime is
+        the parent's), and return the runtime, which the child keeps alive: freeing it
+        would run the extension's code there."""
+        runtime, self._runtime = self._runtime, stand_in
+        return runtime
+
     def input_waiting(self, node: Node) -> bool:
         """Whether items wait in the input queue of ``node`` now (cheap: one atomic read)."""
         return self._runtime.input_waiting(node.index)
