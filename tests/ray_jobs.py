@@ -42,10 +42,9 @@ def slow(item):
     return item
 
 
-class SlowToOpenAndClose(mg.Stage):
-    """A custom stage whose workers take their time to open and to close, recording each
-    token (``opens`` when open() begins, ``closes`` when close() ends) in ``folder``: a
-    cancel lands mid-open or mid-close more often than not."""
+class RecordsWorkers(mg.Stage):
+    """A custom stage recording each worker's token in ``folder``: in ``opens`` when its
+    open() begins, in ``closes`` when its close() ends."""
 
     def __init__(self, name: str, *, folder: str, **options: object) -> None:
         super().__init__(name, **options)
@@ -58,6 +57,17 @@ class SlowToOpenAndClose(mg.Stage):
     def open(self) -> None:
         self.token = f"{os.getpid()}-{time.monotonic_ns()}"
         self._record("opens")
+
+    def close(self) -> None:
+        self._record("closes")
+
+
+class SlowToOpenAndClose(RecordsWorkers):
+    """Workers that take their time to open and to close: a cancel lands mid-open or
+    mid-close more often than not."""
+
+    def open(self) -> None:
+        super().open()
         time.sleep(0.3)
 
     def process(self, item):
@@ -66,4 +76,31 @@ class SlowToOpenAndClose(mg.Stage):
 
     def close(self) -> None:
         time.sleep(0.3)
-        self._record("closes")
+        super().close()
+
+
+def _arrive_late(seconds: float) -> ArrivesLate:
+    time.sleep(seconds)
+    return ArrivesLate(seconds)
+
+
+class ArrivesLate:
+    """Takes ``seconds`` to unpickle: an actor given one comes up that much later."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[object, tuple[float]]:
+        return _arrive_late, (self.seconds,)
+
+
+class LateToComeUp(RecordsWorkers):
+    """Workers whose Ray actor comes up ``late`` seconds after its process does (the
+    stage, which the actor unpickles as it starts, holds an :class:`ArrivesLate`)."""
+
+    def __init__(self, name: str, *, folder: str, late: float, **options: object) -> None:
+        super().__init__(name, folder=folder, **options)
+        self.late = ArrivesLate(late)
+
+    def process(self, item):
+        return item

@@ -150,6 +150,30 @@ class TestOnRay:
             (tmp_path / "opens").unlink()
             closes_file.unlink(missing_ok=True)
 
+    def test_an_actor_cancelled_as_it_comes_up_closes_whatever_it_opened(self, tmp_path):
+        # The run is cancelled once its actor exists, while it starts; it comes up `late`
+        # seconds after their processes do, around when a stopping run stops waiting for
+        # an actor that is not up. An actor that is not up was sent nothing and opened
+        # nothing; one that is up may be opening its worker, and must close it.
+        for late in [0.15 + 0.02 * step for step in range(13)]:
+            p = mg.Pipeline("p")
+            p.producer(lambda: itertools.count(), name="source")
+            p.add(jobs.LateToComeUp("work", folder=str(tmp_path), late=late, strategy="ray"))
+            p.consumer(lambda item: None, name="sink")
+            run = p.start()
+            assert wait_until(lambda: minigun_ray_actors() != [], timeout=20)
+            began = time.monotonic()
+            run.cancel()
+            assert run.wait(timeout=10).status == "cancelled"
+            assert time.monotonic() - began < 2, f"actors {late} s late"
+            opens_file, closes_file = tmp_path / "opens", tmp_path / "closes"
+            opens = opens_file.read_text().split() if opens_file.exists() else []
+            closes = closes_file.read_text().split() if closes_file.exists() else []
+            assert sorted(closes) == sorted(opens), f"actors {late} s late"
+            opens_file.unlink(missing_ok=True)
+            closes_file.unlink(missing_ok=True)
+        assert wait_until(lambda: minigun_ray_actors() == [], timeout=5), minigun_ray_actors()
+
 
 def test_without_ray_the_strategy_is_refused_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an uninstalled module looks like

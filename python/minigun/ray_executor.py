@@ -45,9 +45,6 @@ _POLL = 0.05
 #: Seconds a stopping run's actor gets to leave its chunk and close its worker (a custom
 #: Stage's close()) before it is killed.
 GRACE = 1.0
-#: Seconds an actor gets to exist at all: one still waiting for a process of its own has
-#: not run its first call, so it opened no worker and is killed at once after these.
-GRACE_UNSTARTED = 0.25
 #: Seconds a stopping run's spawn_ray task gets to end on its own before it is cancelled.
 #: A cancel that lands while Ray takes in the task's reply aborts Ray's driver (Ray 2.60:
 #: "Check failed: ... Tried to complete task that was not pending"); without this wait, a
@@ -106,46 +103,54 @@ class _RaySession:
         self.plan = BudgetPlan(run.graph, run.plans, RAY_TASKS)
         self.slots = Slots(self.plan)
         self._actors: set[Any] = set()
+        #: Of those, the actors that are up (sent their first message, or about to be).
+        self._up: set[Any] = set()
         #: The names of every actor the run created, alive or not.
         self._names: set[str] = set()
         self._lock = threading.Lock()
 
     def new_actor(self, job: WorkerJob) -> Any:
+        """A new actor for ``job``, not yet known to be up: send it nothing before
+        :meth:`is_up` says it is."""
         # Named, so the Ray dashboard (and ray.util.list_named_actors) shows whose it is.
-        # Three concurrent calls: the chunk, abandon() reaching it mid-chunk (ray_worker)
-        # and __ray_ready__ answering beside both (abandon above).
+        # Two concurrent calls: the chunk, and abandon() reaching it mid-chunk (ray_worker).
         name = f"minigun:{job.path}:{uuid.uuid4().hex[:12]}"
-        actor = self.actor_class.options(name=name, max_concurrency=3).remote(job)
+        actor = self.actor_class.options(name=name, max_concurrency=2).remote(job)
         with self._lock:
             self._actors.add(actor)
             self._names.add(name)
         return actor
 
+    def is_up(self, actor: Any) -> None:
+        """``actor``'s process is up (Ray's ``__ray_ready__`` answered): it may be sent
+        messages now, and the first of them opens its worker."""
+        with self._lock:
+            self._up.add(actor)
+
     def kill(self, actor: Any) -> None:
         with self._lock:
             self._actors.discard(actor)
+            self._up.discard(actor)
         try:
             _ray().kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - gone already
             pass
 
     def abandon(self, actor: Any) -> None:
-        """End the actor of a stopping run: it leaves its chunk before the next item and
-        closes its worker, for up to GRACE seconds; then it is killed.
+        """End the actor of a stopping run.
 
-        Whether it runs is asked of the actor itself (``__ray_ready__``, answered once
-        its process is up), not guessed from whether it ever replied: an actor deep in
-        its first chunk has opened its worker without replying yet, and must get the
-        whole grace to close it."""
-        ray = _ray()
-        began = time.monotonic()
-        try:
-            told = actor.abandon.remote()
-            alive = actor.__ray_ready__.remote()
-            if ray.wait([told, alive], num_returns=1, timeout=GRACE_UNSTARTED)[0]:
-                ray.wait([told], timeout=max(0.0, GRACE - (time.monotonic() - began)))
-        except Exception:  # noqa: BLE001 - dead already: killing it is all there is
-            pass
+        An actor that is up may be in a chunk, its worker opened, even if it never
+        replied: it is told to leave the chunk before the next item and close its worker,
+        gets up to GRACE seconds for it, and is then killed. An actor that is not up was
+        sent nothing (nothing is, before it is up), so it opened nothing: it is killed at
+        once, however long Ray would take to start it."""
+        with self._lock:
+            up = actor in self._up
+        if up:
+            try:
+                _ray().wait([actor.abandon.remote()], timeout=GRACE)
+            except Exception:  # noqa: BLE001 - dead already: killing it is all there is
+                pass
         self.kill(actor)
 
     def finish(self) -> None:
@@ -261,25 +266,44 @@ class _ActorWorker:
     def _where(self) -> str:
         return "Ray actor"
 
-    def call(self, items: list[Any]) -> Outcome:
+    def _start(self) -> BaseException | None:
+        """Make the actor and wait until it is up: None, or why it could not start."""
         calls = self.calls
-        if self.actor is None:
-            if calls.run.stopping:
-                raise ext.RunStopping(f"stage {calls.path!r}: the run is stopping")
-            self.actor = calls.session.new_actor(self.job)
-        ref, items, refused = calls.submit(self.actor.handle, items)
-        if ref is None:
-            return 0, refused
-        reply = ChunkReply(calls.path, self._where, items, ext.emit)
+        if calls.run.stopping:
+            raise ext.RunStopping(f"stage {calls.path!r}: the run is stopping")
+        self.actor = calls.session.new_actor(self.job)
+        _, failed = self._wait(self.actor.__ray_ready__.remote())
+        if failed is None:
+            calls.session.is_up(self.actor)
+        return failed
+
+    def _wait(self, ref: Any) -> tuple[Any, BaseException | None]:
+        """``(the result of ref, None)``, or ``(None, the error)`` when the actor died or
+        its call broke (the actor is then dropped). The run stopping first abandons the
+        actor and raises RunStopping."""
+        calls = self.calls
         try:
-            frames = calls.wait(ref)
+            return calls.wait(ref), None
         except ext.RunStopping:
             self._drop(stopping=True)
             raise
         except Exception as exc:  # noqa: BLE001 - the actor died or its call broke
             self._drop()
-            lost = calls.lost(exc, "Ray actor")
-            return 0, [(item, lost) for item in items]
+            return None, calls.lost(exc, "Ray actor")
+
+    def call(self, items: list[Any]) -> Outcome:
+        calls = self.calls
+        if self.actor is None:
+            failed = self._start()
+            if failed is not None:
+                return 0, [(item, failed) for item in items]
+        ref, items, refused = calls.submit(self.actor.handle, items)
+        if ref is None:
+            return 0, refused
+        reply = ChunkReply(calls.path, self._where, items, ext.emit)
+        frames, lost = self._wait(ref)
+        if lost is not None:
+            return 0, refused + [(item, lost) for item in items]
         tag, broken = calls.read(frames, reply, self._where())
         failures = refused + reply.failures
         if broken is not None:  # the worker broke (a fatal reply): its chunk is lost

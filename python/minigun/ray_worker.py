@@ -28,10 +28,10 @@ Message = tuple[str, Any]
 class StageActor:
     """One long-lived worker of a stage, in a Ray actor.
 
-    The parent creates it with ``max_concurrency=3``, so that :meth:`abandon` can run
+    The parent creates it with ``max_concurrency=2``, so that :meth:`abandon` can run
     while :meth:`handle` works through a chunk (the chunk then ends before its next item,
-    and the worker is closed before the parent kills the actor), and Ray's own readiness
-    call beside both. The parent sends one message at a time, so nothing else runs
+    and the worker is closed before the parent kills the actor). The parent sends its
+    first message once the actor is up, and one message at a time, so nothing else runs
     concurrently."""
 
     def __init__(self, job: WorkerJob) -> None:
