@@ -37,6 +37,16 @@ def kill_my_actor_at_3(item):
     return item
 
 
+def kill_my_actor_from_30(item):
+    """Items take 10 ms (so the ones after them queue up and travel in chunks); from item
+    30 on, each has its actor killed, as kill_my_actor_at_3 does."""
+    if item >= 30:
+        ray.kill(ray.get_runtime_context().current_actor)
+        time.sleep(60)
+    time.sleep(0.01)
+    return item
+
+
 def slow(item):
     time.sleep(0.02)
     return item

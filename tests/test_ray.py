@@ -108,6 +108,25 @@ class TestOnRay:
         assert sorted(got + lost) == list(range(8)), "every item once: done, or failed"
         assert minigun_ray_actors() == []
 
+    def test_items_ray_cannot_serialize_still_fail_when_their_chunks_actor_dies(self):
+        # Every other item is a lock, and from item 30 on every item kills its actor, so
+        # chunks that lose their actor hold locks too: those fail for what they are, the
+        # chunk's other items with the actor.
+        failed, got = [], []
+        locks = [threading.Lock() for _ in range(40)]
+        items = [x for pair in zip(range(40), locks, strict=True) for x in pair]
+        p = mg.Pipeline("p")
+        p.producer(lambda: items, name="source")
+        p.processor(jobs.kill_my_actor_from_30, name="work", strategy="ray")
+        p.consumer(got.append, name="sink")
+        p.on_error(mg.WorkerError)(lambda error, item, stage: failed.append((item, str(error))))
+        assert p.run().status == "ok"
+        refused = [item for item, message in failed if "cannot be pickled" in message]
+        died = [item for item, message in failed if "Ray actor" in message]
+        assert set(died) >= set(range(30, 40))
+        assert sorted(map(id, refused)) == sorted(map(id, locks)), "every lock fails once"
+        assert sorted(got + died) == list(range(40)), "every other item once"
+
     @pytest.mark.parametrize("strategy", ["ray", "spawn_ray"])
     def test_cancel_ends_the_runs_actors_and_tasks(self, strategy):
         p = mg.Pipeline("p")
