@@ -23,6 +23,7 @@ import time
 
 import pytest
 from _mg_helpers import minigun_ray_actors, subprocess_env, wait_until
+from conformance.forms import worker_events
 
 import minigun as mg
 from minigun.ray_executor import SETTLE
@@ -31,6 +32,15 @@ try:
     import ray_jobs as jobs
 except (ImportError, mg.UnsupportedStrategy):  # no Ray here: the Ray tests skip
     jobs = None
+
+
+def _opened_and_closed(folder):
+    """The worker tokens a stage of ray_jobs.RecordsWorkers recorded in ``folder``, opened
+    and closed; the records are then cleared for the next run."""
+    tokens = worker_events(str(folder), "opens"), worker_events(str(folder), "closes")
+    for kind in ("opens", "closes"):
+        (folder / kind).unlink(missing_ok=True)
+    return tokens
 
 
 def _pipeline(fn, strategy="ray", **options):
@@ -162,17 +172,14 @@ class TestOnRay:
             time.sleep(max(0.0, lands_at - settle))
             run.cancel()
             assert run.wait(timeout=10).status == "cancelled"
-            opens = (tmp_path / "opens").read_text().split()
-            closes_file = tmp_path / "closes"
-            closes = closes_file.read_text().split() if closes_file.exists() else []
+            opens, closes = _opened_and_closed(tmp_path)
+            assert opens, f"cancelled at {lands_at} s: no worker opened"
             assert sorted(closes) == sorted(opens), f"cancelled at {lands_at} s"
-            (tmp_path / "opens").unlink()
-            closes_file.unlink(missing_ok=True)
 
     def test_an_actor_cancelled_as_it_comes_up_closes_whatever_it_opened(self, tmp_path):
-        # The run is cancelled once its actor exists, while it starts; it comes up `late`
-        # seconds after their processes do, around when a stopping run stops waiting for
-        # an actor that is not up. An actor that is not up was sent nothing and opened
+        # The run is cancelled once its actor exists, while it starts; the actor comes up
+        # `late` seconds after its process does, around when a stopping run stopped waiting
+        # for an actor that is not up. An actor that is not up was sent nothing and opened
         # nothing; one that is up may be opening its worker, and must close it.
         for late in [0.15 + 0.02 * step for step in range(13)]:
             p = mg.Pipeline("p")
@@ -185,12 +192,8 @@ class TestOnRay:
             run.cancel()
             assert run.wait(timeout=10).status == "cancelled"
             assert time.monotonic() - began < 2, f"actors {late} s late"
-            opens_file, closes_file = tmp_path / "opens", tmp_path / "closes"
-            opens = opens_file.read_text().split() if opens_file.exists() else []
-            closes = closes_file.read_text().split() if closes_file.exists() else []
+            opens, closes = _opened_and_closed(tmp_path)
             assert sorted(closes) == sorted(opens), f"actors {late} s late"
-            opens_file.unlink(missing_ok=True)
-            closes_file.unlink(missing_ok=True)
         assert wait_until(lambda: minigun_ray_actors() == [], timeout=5), minigun_ray_actors()
 
 
