@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,22 +103,19 @@ def measure_one(name: str, params: Params, log: Path) -> dict[str, Any]:
 def run_fresh(name: str, params: Params, timeout: float) -> dict[str, Any]:
     """One measurement of ``name`` in a fresh process (killed with its children after
     ``timeout`` seconds)."""
-    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"minigun-handoffs-{os.getpid()}.log"
-    scratch.unlink(missing_ok=True)
     command = [sys.executable, "-m", "benchmarks.handoffs", "--one", name, json.dumps(params)]
-    env = {**child_env(), LOG_ENV: str(scratch)}
-    child = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, start_new_session=True, text=True
-    )
-    try:
-        out, _ = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(child.pid)
-        child.communicate()
-        raise SystemExit(f"{name}: no result after {timeout:g} s") from None
-    finally:
-        kill_group(child.pid)
-        scratch.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="minigun-handoffs-") as scratch:
+        env = {**child_env(), LOG_ENV: str(Path(scratch) / "spans.log")}
+        child = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, start_new_session=True, text=True
+        )
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"{name}: no result after {timeout:g} s") from None
+        finally:
+            kill_group(child.pid)  # and whatever it left (a pool's stray worker)
+            child.wait()
     if child.returncode != 0:
         raise SystemExit(f"{name}: exit {child.returncode}")
     result: dict[str, Any] = json.loads(out.splitlines()[-1])
